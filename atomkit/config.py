@@ -1,0 +1,49 @@
+"""Dataclass configs. Each validates itself on construction."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """How a video is cut into clips and what each clip is sampled to."""
+
+    length_s: float = 10.0  # window length in seconds (paper: 10 s)
+    stride_s: float = 5.0  # hop between window starts (paper: 5 s, so windows overlap by half)
+    frames: int = 6  # frames sampled per clip (paper: 6)
+    size: int = 224  # frames are resized (short side) and centre-cropped to size x size
+
+    def __post_init__(self):
+        if not self.length_s > 0:
+            raise InputError(f"window length must be > 0 s, got {self.length_s}")
+        if not 0 < self.stride_s:
+            raise InputError(f"window stride must be > 0 s, got {self.stride_s}")
+        if self.frames < 1:
+            raise InputError(f"frames per clip must be >= 1, got {self.frames}")
+        if self.size < 16:
+            raise InputError(f"frame size must be >= 16 px, got {self.size}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Decoding of captions and scripts by the language decoder."""
+
+    max_new_tokens: int = 23  # paper: captions traced with at most 23 new tokens
+    num_beams: int = 4  # paper: beam search with 4 beams
+    script_max_new_tokens: int = 160  # the assembly script is longer than a caption
+    script_num_beams: int = 1  # greedy for the script: JSON is long and beam search is slow
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "num_beams", "script_max_new_tokens", "script_num_beams"):
+            if getattr(self, name) < 1:
+                raise InputError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def cache_dir() -> Path:
+    """Where converted weights are cached: $ATOMKIT_CACHE, else ~/.cache/atomkit."""
+    env = os.environ.get("ATOMKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "atomkit"
