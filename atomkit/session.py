@@ -1,0 +1,176 @@
+"""Session: the resident modules of one model spec, loaded once on first use and reused by every
+subtask and prompt until ``close()`` (ATOM's persistent module reuse)."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import DecodeConfig, WindowConfig
+from .errors import AtomkitError
+from .registry import MODULES, LoadOptions, get_spec
+
+
+def default_device() -> str:
+    """CUDA when present, else CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def module_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """(parameter count, bytes of parameters and buffers) of a module."""
+    params = sum(p.numel() for p in module.parameters())
+    size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return params, size
+
+
+@dataclass
+class LoadStats:
+    """How one module was loaded: wall time, size, and how many times it was loaded."""
+
+    module: str
+    seconds: float
+    params: int
+    bytes: int
+    loads: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Session:
+    """The encoder, decoder and embedder of one model spec, resident and shared.
+
+    Modules load lazily on first use and stay loaded. Loading is guarded per module, so several
+    threads may ask for the same module at once and it still loads exactly once. Each module also
+    has a run lock (``use``): calls into one module are serialised, calls into different modules
+    (the encoder for clip i+1 while the decoder captions clip i) run concurrently.
+
+    Example:
+        >>> with atomkit.Session("default") as s:            # doctest: +SKIP
+        ...     caps = s.caption(["data/videos"])
+        ...     hits = s.retrieve(caps, "a dog jumps", k=3)
+        ...     s.load_report()["decoder"]["loads"]
+        1
+    """
+
+    def __init__(self, model: str = "default", *, device: str | None = None, weights: str | Path | None = None,
+                 random_weights: bool = False, cache: str | Path | None = None,
+                 decode: DecodeConfig | None = None, window: WindowConfig | None = None):
+        self.spec = get_spec(model)
+        self.options = LoadOptions(device=device or default_device(),
+                                   weights=Path(weights) if weights else None,
+                                   random_weights=random_weights,
+                                   cache=Path(cache) if cache else None)
+        self.decode = decode or DecodeConfig()
+        self.window = window or WindowConfig()
+        self.stats: dict[str, LoadStats] = {}
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._load_locks = {m: threading.Lock() for m in MODULES}
+        self._run_locks = {m: threading.RLock() for m in MODULES}
+        self._closed = False
+
+    # -- modules -----------------------------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        return self.spec.name
+
+    @property
+    def random_weights(self) -> bool:
+        return self.spec.is_random(self.options)
+
+    def get(self, module: str) -> torch.nn.Module:
+        """The resident module, loading it first if this is its first use."""
+        if self._closed:
+            raise AtomkitError(f"session for {self.model!r} is closed; open a new Session")
+        loaded = self._modules.get(module)
+        if loaded is not None:
+            return loaded
+        if module not in self._load_locks:
+            raise ValueError(f"unknown module {module!r}; modules are {MODULES}")
+        with self._load_locks[module]:
+            if module not in self._modules:
+                t0 = time.perf_counter()
+                mod = self.spec.load(module, self.options)
+                if self.options.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                params, size = module_bytes(mod)
+                prev = self.stats.get(module)
+                self.stats[module] = LoadStats(module, time.perf_counter() - t0, params, size,
+                                               loads=(prev.loads + 1) if prev else 1)
+                self._modules[module] = mod
+        return self._modules[module]
+
+    @contextlib.contextmanager
+    def use(self, module: str) -> Iterator[torch.nn.Module]:
+        """Hold the module's run lock while calling into it."""
+        mod = self.get(module)
+        with self._run_locks[module]:
+            yield mod
+
+    @property
+    def encoder(self):
+        return self.get("encoder")
+
+    @property
+    def decoder(self):
+        return self.get("decoder")
+
+    @property
+    def embedder(self):
+        return self.get("embedder")
+
+    def loaded(self) -> list[str]:
+        return [m for m in MODULES if m in self._modules]
+
+    def load_report(self) -> dict[str, dict]:
+        """Per loaded module: seconds, params, bytes, loads (how many times it was loaded)."""
+        return {m: s.to_dict() for m, s in self.stats.items()}
+
+    def unload(self, module: str) -> None:
+        """Drop one module (the reload baseline does this; a reused session never needs to)."""
+        with self._load_locks[module], self._run_locks[module]:
+            self._modules.pop(module, None)
+        _free_memory()
+
+    def close(self) -> None:
+        """Release every module. The session cannot be used afterwards."""
+        for m in list(self._modules):
+            self.unload(m)
+        self._closed = True
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session(model={self.model!r}, device={self.options.device!r}, loaded={self.loaded()})"
+
+    # -- tasks (thin conveniences over atomkit.tasks) -----------------------------------------------
+    def caption(self, paths, **kwargs):
+        from .tasks import caption
+
+        return caption(self, paths, **kwargs)
+
+    def retrieve(self, source, query: str, **kwargs):
+        from .tasks import retrieve
+
+        return retrieve(self, source, query, **kwargs)
+
+    def assemble(self, source, prompt: str, out_dir, **kwargs):
+        from .tasks import assemble
+
+        return assemble(self, source, prompt, out_dir, **kwargs)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

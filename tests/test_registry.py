@@ -1,0 +1,92 @@
+"""Registry: names, errors, and the architectures behind each spec (tiny random-weight ones)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atomkit
+from atomkit.errors import ModelNotFound, UnknownModel
+from atomkit.registry import LoadOptions, get_spec, llama32_1b_config
+from atomkit.weights import PAPER_WEIGHTS_ENV, paper_weights
+
+
+def test_available_models_lists_real_and_tiny_specs():
+    names = atomkit.available_models()
+    assert names[:2] == ["default", "atom-paper"]
+    assert {"tiny-default", "tiny-paper"} <= set(names)
+    assert all(get_spec(n).test_only == n.startswith("tiny") for n in names)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(UnknownModel) as err:
+        atomkit.Session("clip-l14-llama")
+    msg = str(err.value)
+    assert "clip-l14-llama" in msg
+    for name in atomkit.available_models():
+        assert name in msg
+
+
+def test_unknown_module_name():
+    with pytest.raises(ValueError, match="encoder"):
+        get_spec("tiny-default").load("projector", LoadOptions())
+
+
+def test_atom_paper_without_weights_says_what_to_supply(monkeypatch):
+    monkeypatch.delenv(PAPER_WEIGHTS_ENV, raising=False)
+    s = atomkit.Session("atom-paper", device="cpu")
+    with pytest.raises(ModelNotFound) as err:
+        s.get("encoder")
+    msg = str(err.value)
+    assert PAPER_WEIGHTS_ENV in msg and "--weights" in msg and "--random-weights" in msg
+    assert "open_clip_vit_l14.safetensors" in msg and "llama-3.2-1b" in msg and "projector.safetensors" in msg
+    assert s.loaded() == []
+
+
+def test_atom_paper_weights_folder_missing_one_file(tmp_path):
+    (tmp_path / "open_clip_vit_l14.safetensors").write_bytes(b"x")
+    (tmp_path / "llama-3.2-1b").mkdir()
+    (tmp_path / "llama-3.2-1b" / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFound) as err:
+        paper_weights(tmp_path)
+    assert str(tmp_path / "projector.safetensors") in str(err.value)
+    (tmp_path / "projector.safetensors").write_bytes(b"x")
+    assert set(paper_weights(tmp_path)) == {"clip", "llama", "projector"}
+
+
+def test_llama32_1b_architecture_size():
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        lm = LlamaForCausalLM(llama32_1b_config())
+    n = sum(p.numel() for p in lm.parameters())  # tied embeddings are counted once
+    assert 1.23e9 < n < 1.25e9
+
+
+def test_tiny_paper_visual_prefix_caption():
+    """The visual-prefix path: projected frame features are spliced into the prompt embeddings."""
+    with atomkit.Session("tiny-paper", device="cpu", decode=atomkit.DecodeConfig(max_new_tokens=5, num_beams=2)) as s:
+        frames = torch.randint(0, 255, (1, 3, 6, 224, 224), dtype=torch.uint8)
+        enc = s.encoder.encode(frames)
+        assert enc.features.shape == (6, 32) and enc.concepts == []
+        text = s.decoder.render(s.decoder.caption_messages(enc))
+        emb = s.decoder.prefix_embeds(text, enc.features)
+        n_text = s.decoder._ids(text.replace("<video>", "")).shape[1]
+        assert emb.shape == (1, n_text + 6, 64)
+        new = s.decoder.generate_ids(inputs_embeds=emb, max_new_tokens=5, num_beams=2)
+        assert new.shape == (5,)  # random weights: exactly max_new_tokens, no early stop
+        assert isinstance(s.decoder.caption(enc, s.decode), str)
+
+
+def test_tiny_default_encoder_concepts_are_imagenet_labels(tiny_session):
+    frames = torch.randint(0, 255, (1, 3, 6, 224, 224), dtype=torch.uint8)
+    enc = tiny_session.encoder.encode(frames)
+    labels = set(atomkit.modules.encoder.imagenet_labels())
+    assert enc.features.shape == (6, 1280)
+    assert len(enc.concepts) == 5 and all(c in labels for c, _ in enc.concepts)
+    probs = [p for _, p in enc.concepts]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_encoder_rejects_wrong_frame_tensor(tiny_session):
+    with pytest.raises(ValueError, match="uint8"):
+        tiny_session.encoder.encode(torch.zeros(1, 3, 6, 224, 224))

@@ -1,0 +1,87 @@
+"""Session: modules load once, stay resident across subtasks and prompts, and are thread safe."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import atomkit
+from atomkit.errors import AtomkitError
+
+
+def test_modules_load_lazily_and_once():
+    s = atomkit.Session("tiny-default", device="cpu")
+    assert s.loaded() == []
+    enc = s.encoder
+    assert s.loaded() == ["encoder"]
+    assert s.encoder is enc and s.get("encoder") is enc
+    rep = s.load_report()["encoder"]
+    assert rep["loads"] == 1 and rep["params"] > 4e6 and rep["bytes"] >= 4 * rep["params"] and rep["seconds"] > 0
+    s.close()
+    with pytest.raises(AtomkitError, match="closed"):
+        s.get("encoder")
+
+
+def test_concurrent_first_use_loads_once():
+    s = atomkit.Session("tiny-default", device="cpu")
+    barrier = threading.Barrier(8)
+    got, errors = [], []
+
+    def worker():
+        try:
+            barrier.wait()
+            got.append(s.get("encoder"))
+        except Exception as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(got) == 8 and all(m is got[0] for m in got)
+    assert s.load_report()["encoder"]["loads"] == 1
+    s.close()
+
+
+def test_reuse_across_subtasks_and_prompts(tiny_session, tiny_captions, tmp_path):
+    """caption, retrieve and assemble for several prompts: each module is loaded exactly once."""
+    for i, prompt in enumerate(["make a highlight reel", "find the clip with a bike", "show the rabbit"]):
+        hits = tiny_session.retrieve(tiny_captions, prompt, k=2)
+        assert len(hits) == 2
+        tiny_session.assemble(tiny_captions, prompt, tmp_path / str(i), k=2)
+    tiny_session.caption([atomkit.sample_videos()[0]])
+    report = tiny_session.load_report()
+    assert set(report) == {"encoder", "decoder", "embedder"}
+    assert all(r["loads"] == 1 for r in report.values())
+
+
+def test_concurrent_tasks_on_one_session(tiny_session, samples):
+    """Several threads captioning and retrieving at once give the same results as one thread."""
+    video = [samples["carphone_pristine.mp4"]]
+    expected = tiny_session.caption(video).clips[0].caption
+    results, errors = [], []
+
+    def worker():
+        try:
+            caps = tiny_session.caption(video)
+            results.append(caps.clips[0].caption)
+            tiny_session.retrieve(caps, "a man in a car", k=1)
+        except Exception as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [expected] * 4
+
+
+def test_context_manager_closes():
+    with atomkit.Session("tiny-default", device="cpu") as s:
+        s.get("encoder")
+    assert s.loaded() == []
+    with pytest.raises(AtomkitError):
+        s.encoder

@@ -1,0 +1,84 @@
+"""Tasks over a Session with tiny random-weight models: batches, skipping, retrieval, assembly outputs."""
+from __future__ import annotations
+
+import json
+
+import av
+import pytest
+import torch
+
+import atomkit
+from atomkit.errors import InputError
+from atomkit.tasks import Captions, CaptionedClip, Index
+from atomkit.video import Clip
+
+
+def test_caption_all_sample_clips(tiny_captions, samples):
+    assert tiny_captions.skipped == []
+    ids = [c.id for c in tiny_captions.clips]
+    assert sorted(ids) == sorted(f"{p.stem}#00" for p in samples.values())  # every sample is <= one window
+    for c in tiny_captions.clips:
+        assert isinstance(c.caption, str) and len(c.concepts) == 5
+
+
+def test_caption_skips_corrupt_and_missing_inputs(tiny_session, mixed_folder):
+    caps = tiny_session.caption([mixed_folder, mixed_folder / "nope.mp4"])
+    assert sorted(c.clip.video.name for c in caps.clips) == ["bunny.mp4", "carphone.mp4"]
+    skipped = {s.path: s.reason for s in caps.skipped}
+    assert str(mixed_folder / "broken.mp4") in skipped
+    assert skipped[str(mixed_folder / "nope.mp4")] == "file not found"
+    json.dumps(caps.to_dict())  # serialisable as it is
+
+
+def _captions(texts: list[str]) -> Captions:
+    clips = [CaptionedClip(Clip(video=atomkit.sample_videos()[0], index=i, start_s=0.0, end_s=1.0), t)
+             for i, t in enumerate(texts)]
+    return Captions("hand-made", clips, [])
+
+
+def test_retrieve_ranks_by_caption_similarity(tiny_session):
+    """The embedder is the real all-MiniLM-L6-v2 in every spec, so ranking is meaningful here."""
+    caps = _captions(["a plate of pasta on a table", "a dog jumps over a fence", "cars on a highway at night"])
+    hits = tiny_session.retrieve(caps, "the dog jumping", k=2)
+    assert [h.rank for h in hits] == [1, 2]
+    assert hits[0].clip.caption == "a dog jumps over a fence"
+    assert hits[0].score > hits[1].score
+    idx = atomkit.index(tiny_session, caps)
+    assert isinstance(idx, Index) and idx.vectors.shape == (3, 384)
+    assert torch.allclose(idx.vectors.norm(dim=1), torch.ones(3), atol=1e-4)
+    assert tiny_session.retrieve(idx, "the dog jumping", k=1)[0].clip.id == hits[0].clip.id
+
+
+@pytest.mark.parametrize("bad", ["", "   ", None])
+def test_empty_query_or_prompt_is_an_input_error(tiny_session, tiny_captions, bad, tmp_path):
+    with pytest.raises(InputError, match="empty"):
+        tiny_session.retrieve(tiny_captions, bad)
+    with pytest.raises(InputError, match="empty"):
+        tiny_session.assemble(tiny_captions, bad, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_assemble_writes_reel_script_and_captions(tiny_session, tiny_captions, tmp_path):
+    asm = tiny_session.assemble(tiny_captions, "make a highlight reel", tmp_path, k=3)
+    assert asm.reel == tmp_path / "reel.mp4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.json", "reel.mp4", "script.json"]
+    script = json.loads((tmp_path / "script.json").read_text())
+    # random weights write noise, never a valid script: the ranked order is used and the reason recorded
+    assert script["source"] == "fallback" and script["problems"]
+    assert [e["clip_id"] for e in script["entries"]] == [h["id"] for h in script["retrieved"]]
+    assert script["random_weights"] is True
+    caps = json.loads((tmp_path / "captions.json").read_text())
+    assert len(caps["clips"]) == len(tiny_captions.clips)
+    with av.open(str(asm.reel)) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    expected = sum(h.clip.clip.duration_s for h in asm.hits)
+    assert abs(asm.reel_info["duration_s"] - expected) < 0.3
+    assert frames > 10
+
+
+def test_assemble_with_nothing_captioned(tiny_session, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(InputError, match="bad.mp4"):
+        tiny_session.assemble([bad], "make a highlight reel", tmp_path / "out")
+    assert not (tmp_path / "out" / "reel.mp4").exists()
