@@ -4,10 +4,11 @@
     >>> with atomkit.Session("default") as s:                 # doctest: +SKIP
     ...     reel = s.assemble(atomkit.sample_videos(), "make a highlight reel", "out/")
 """
+from . import io
 from .config import DecodeConfig, WindowConfig
 from .errors import (AssemblyError, AtomkitError, InputError, ModelNotFound, PipelineError, ScriptError,
                      UnknownModel, VideoError)
-from .executor import SequentialExecutor
+from .executor import PipelinedExecutor, SequentialExecutor
 from .registry import available_models, get_spec
 from .session import Session
 from .tasks import Assembly, Captions, CaptionedClip, Hit, Index, Skipped, assemble, caption, index, retrieve
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssemblyError", "Assembly", "AtomkitError", "CaptionedClip", "Captions", "Clip", "DecodeConfig", "Hit",
-    "Index", "InputError", "ModelNotFound", "PipelineError", "ScriptError", "SequentialExecutor", "Session",
+    "Index", "InputError", "ModelNotFound", "PipelineError", "PipelinedExecutor", "ScriptError", "SequentialExecutor", "Session",
     "Skipped", "UnknownModel", "VideoError", "VideoInfo", "WindowConfig", "assemble", "available_models",
     "caption", "clips", "get_spec", "index", "probe", "retrieve", "sample_frames", "sample_videos",
 ]

@@ -1,0 +1,71 @@
+"""The `atomkit` CLI, in process, with tiny random-weight models (fast)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atomkit.cli import build_parser, main
+
+TINY = ["--models", "tiny-default", "--device", "cpu", "--max-new-tokens", "4", "--beams", "1", "-q"]
+
+
+def test_help_lists_commands_and_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("caption", "retrieve", "assemble", "models", "samples"):
+        assert cmd in out
+    assert "examples:" in out and "ATOMKIT_PAPER_WEIGHTS" in out
+    sub = build_parser()._subparsers._group_actions[0].choices["assemble"].format_help()
+    assert "--prompt" in sub and "--out" in sub and "--models" in sub
+
+
+def test_models_and_samples(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("default") and "tiny-paper" in out
+    assert main(["samples"]) == 0
+    assert "bikes.mp4" in capsys.readouterr().out
+
+
+def test_assemble_folder_with_corrupt_file(mixed_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["assemble", str(mixed_folder), "--prompt", "make a highlight reel", "--out", str(out), "--json", *TINY])
+    assert code == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "broken.mp4" in captured.err  # reported by name, with its reason
+    assert [s["path"] for s in result["skipped"]] == [str(mixed_folder / "broken.mp4")]
+    assert sorted(p.name for p in out.iterdir()) == ["captions.json", "reel.mp4", "script.json"]
+    assert {o.split("#")[0] for o in result["order"]} == {"bunny", "carphone"}
+    assert all(r["loads"] == 1 for r in result["load"].values())
+
+
+def test_caption_and_retrieve_json(samples, tmp_path, capsys):
+    video = str(samples["carphone_pristine.mp4"])
+    assert main(["caption", video, "--json", "--out", str(tmp_path), *TINY]) == 0
+    caps = json.loads(capsys.readouterr().out)
+    assert [c["id"] for c in caps["clips"]] == ["carphone_pristine#00"]
+    assert json.loads((tmp_path / "captions.json").read_text())["clips"][0]["id"] == "carphone_pristine#00"
+    assert main(["retrieve", video, "--query", "a man in a car", "-k", "3", "--json", *TINY]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 1 and hits[0]["rank"] == 1
+
+
+def test_all_inputs_bad_exits_nonzero(tmp_path, capsys):
+    bad = tmp_path / "x.mp4"
+    bad.write_bytes(b"")
+    assert main(["caption", str(bad), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "x.mp4" in err and "empty file" in err
+
+
+def test_typed_errors_exit_2(samples, capsys):
+    assert main(["caption", str(samples["bikes.mp4"]), "--models", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'nope'" in err and "default" in err
+    assert main(["assemble", str(samples["bikes.mp4"]), "--prompt", "  ", *TINY]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["caption", str(samples["bikes.mp4"]), "--window", "0", *TINY]) == 2

@@ -1,0 +1,71 @@
+"""Real default models (EfficientNet-Lite0, SmolLM2-135M-Instruct, all-MiniLM-L6-v2) on the real sample videos."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+
+import atomkit
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def real_captions(real_session):
+    return real_session.caption(atomkit.sample_videos())
+
+
+def test_real_captions_describe_what_the_encoder_saw(real_session, real_captions):
+    assert real_captions.skipped == [] and len(real_captions.clips) == 4
+    tok = real_session.decoder.tokenizer
+    for c in real_captions.clips:
+        words = c.caption.split()
+        assert len(words) >= 3, c.caption
+        assert len(tok(c.caption, add_special_tokens=False)["input_ids"]) <= real_session.decode.max_new_tokens
+        assert c.concepts[0][1] > 0.05  # a trained classifier is confident about something
+    # the carphone clips show a man in a suit and tie: the concept bridge must carry that into the caption
+    carphone = real_captions.by_id()["carphone_pristine#00"]
+    assert "tie" in " ".join(l for l, _ in carphone.concepts[:3])
+    assert "tie" in carphone.caption.lower()
+
+
+def test_real_retrieval_and_reuse(real_session, real_captions, tmp_path):
+    hits = real_session.retrieve(real_captions, "a man wearing a tie", k=4)
+    assert hits[0].clip.id.startswith("carphone")
+    for i, prompt in enumerate(["make a highlight reel", "find the man in the car"]):
+        asm = real_session.assemble(real_captions, prompt, tmp_path / str(i), k=2)
+        assert asm.reel.is_file() and asm.reel_info["duration_s"] > 0
+        assert set(asm.script.order) <= {h.clip.id for h in asm.hits}
+    assert all(r["loads"] == 1 for r in real_session.load_report().values())
+
+
+def test_cli_assemble_folder_with_corrupt_file(mixed_folder, tmp_path):
+    """The issue's acceptance check, as a user runs it: two good videos and a corrupt one."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "atomkit.cli", "assemble", str(mixed_folder), "--prompt",
+                           "make a highlight reel", "--out", str(out), "-q"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "broken.mp4" in proc.stderr
+    script = json.loads((out / "script.json").read_text())
+    assert {e["clip_id"].split("#")[0] for e in script["entries"]} <= {"bunny", "carphone"}
+    with av.open(str(out / "reel.mp4")) as c:
+        assert c.duration and c.duration > 0
+        assert sum(1 for _ in c.decode(video=0)) > 30
+    assert len(json.loads((out / "captions.json").read_text())["clips"]) == 2
+
+
+def test_converted_decoder_cache_is_reused(real_session):
+    from atomkit.weights import smollm2_converted
+
+    folder = smollm2_converted(real_session.options.cache)
+    assert (folder / "model.safetensors").is_file() and (folder / "atomkit.json").is_file()
+    mtime = (folder / "model.safetensors").stat().st_mtime
+    assert smollm2_converted(real_session.options.cache) == folder
+    assert (folder / "model.safetensors").stat().st_mtime == mtime  # not rebuilt
