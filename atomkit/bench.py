@@ -1,0 +1,327 @@
+"""The ATOM comparison, measured: resident modules + pipelined executor ("reuse") against the paper's
+sequential reload baseline ("no_reuse": a separate model loaded and unloaded for every subtask, again
+for every prompt; Figure 2a), on the same videos and prompts in one process.
+
+Both paths produce the same captions and scripts (checked); only scheduling and loading differ. Times
+exclude a warm-up run; CUDA is synchronised before every clock read. Stitching the reel with moviepy is
+identical in both paths and not part of the model pipeline, so it is not timed here.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .executor import PipelinedExecutor, SequentialExecutor
+from .memory import MemoryMonitor, release_memory
+from .session import Session
+from .tasks import caption, index, retrieve, write_script
+
+PROMPTS = [
+    "make a highlight reel",
+    "find the clip with a person talking",
+    "show the animals",
+    "a short video about vehicles and movement",
+    "pick the most colourful moments",
+]
+STAGES = ("frames", "encode", "decode")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _clock(device: str) -> float:
+    _sync(device)
+    return time.perf_counter()
+
+
+def _summary(samples: Sequence[float]) -> dict:
+    xs = [round(x, 4) for x in samples]
+    return {"samples": xs, "median": round(statistics.median(xs), 4) if xs else None, "total": round(sum(xs), 4)}
+
+
+def stage_times(trace: list[tuple[int, int, float, float]]) -> tuple[list[float], list[float]]:
+    """Per item: L_E (frame decoding + encoding) and L_D (caption decoding) from an executor trace."""
+    by_item: dict[int, list[float]] = {}
+    for s, n, t0, t1 in trace:
+        by_item.setdefault(n, [0.0, 0.0, 0.0])[s] += t1 - t0
+    items = [by_item[n] for n in sorted(by_item)]
+    return [f + e for f, e, _ in items], [d for _, _, d in items]
+
+
+class _Recorder:
+    """Collects the component samples of one path."""
+
+    def __init__(self, device: str, monitor: MemoryMonitor):
+        self.device, self.mon = device, monitor
+        self.loads: list[float] = []
+        self.encode: list[float] = []
+        self.decode: list[float] = []
+        self.index: list[float] = []
+        self.script: list[float] = []
+        self.weights_peak = 0
+        self.captions: dict[str, str] = {}
+        self.scripts: list[list[str]] = []
+        self.traces: list = []
+
+    def load(self, session: Session, *modules: str) -> None:
+        for m in modules:
+            with self.mon.phase("load", m):
+                t0 = _clock(self.device)
+                session.get(m)
+                self.loads.append(_clock(self.device) - t0)
+        resident = sum(session.stats[m].bytes for m in session.loaded())
+        self.weights_peak = max(self.weights_peak, resident)
+
+    def caption(self, session: Session, videos, executor):
+        with self.mon.phase("run", "caption"):
+            caps = caption(session, videos, executor=executor)
+        _sync(self.device)
+        le, ld = stage_times(executor.trace)
+        self.encode += le
+        self.decode += ld
+        self.traces.append(executor.trace)
+        self.captions.update({c.id: c.caption for c in caps.clips})
+        return caps
+
+    def retrieve(self, session: Session, caps, prompt: str, k: int):
+        with self.mon.phase("run", "index"):
+            t0 = _clock(self.device)
+            idx = index(session, caps)
+            hits = retrieve(session, idx, prompt, k=k)
+            self.index.append(_clock(self.device) - t0)
+        return hits
+
+    def write_script(self, session: Session, prompt: str, hits):
+        with self.mon.phase("run", "script"):
+            t0 = _clock(self.device)
+            script = write_script(session, prompt, hits)
+            self.script.append(_clock(self.device) - t0)
+        self.scripts.append(script.order)
+        return script
+
+
+def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorder, depth: int = 2) -> dict:
+    """ATOM: load the three modules once; every subtask of every prompt reuses them; encode // decode."""
+    retrieval, assembly = [], []
+    t0 = _clock(rec.device)
+    session = Session(**model)
+    rec.load(session, "encoder", "decoder", "embedder")
+    startup = _clock(rec.device) - t0
+    for prompt in prompts:
+        t0 = _clock(rec.device)
+        caps = rec.caption(session, videos, PipelinedExecutor(depth=depth, trace=True))
+        hits = rec.retrieve(session, caps, prompt, k)
+        retrieval.append(_clock(rec.device) - t0)
+        rec.write_script(session, prompt, hits)
+        assembly.append(_clock(rec.device) - t0)
+    session.close()
+    release_memory()
+    return {"startup": startup, "retrieval": retrieval, "assembly": assembly}
+
+
+def run_no_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorder) -> dict:
+    """Figure 2a: per prompt, load the captioning model (encoder + decoder), caption, unload; load the
+    embedder, index and retrieve, unload; load a separate language model, write the script, unload."""
+    retrieval, assembly = [], []
+    for prompt in prompts:
+        t0 = _clock(rec.device)
+        captioner = Session(**model)
+        rec.load(captioner, "encoder", "decoder")
+        caps = rec.caption(captioner, videos, SequentialExecutor(trace=True))
+        captioner.close()
+        release_memory()
+        indexer = Session(**model)
+        rec.load(indexer, "embedder")
+        hits = rec.retrieve(indexer, caps, prompt, k)
+        indexer.close()
+        release_memory()
+        retrieval.append(_clock(rec.device) - t0)
+        writer = Session(**model)
+        rec.load(writer, "decoder")
+        rec.write_script(writer, prompt, hits)
+        writer.close()
+        release_memory()
+        assembly.append(_clock(rec.device) - t0)
+    return {"startup": 0.0, "retrieval": retrieval, "assembly": assembly}
+
+
+def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2) -> dict:
+    """Sequential vs pipelined captioning on one resident session: L_E, L_D, N and eta."""
+    session = Session(**model)
+    for m in ("encoder", "decoder"):
+        session.get(m)
+    device = session.options.device
+    caption(session, videos[:1], executor=SequentialExecutor())  # warm-up
+    seq_walls, par_walls, le, ld = [], [], [], []
+    seq_trace = par_trace = None
+    for _ in range(repeats):
+        ex = SequentialExecutor(trace=True)
+        t0 = _clock(device)
+        n = len(caption(session, videos, executor=ex).clips)
+        seq_walls.append(_clock(device) - t0)
+        e, d = stage_times(ex.trace)
+        le += e
+        ld += d
+        seq_trace = [(s, i, a - t0, b - t0) for s, i, a, b in ex.trace]
+        ex = PipelinedExecutor(depth=depth, trace=True)
+        t0 = _clock(device)
+        caption(session, videos, executor=ex)
+        par_walls.append(_clock(device) - t0)
+        par_trace = [(s, i, a - t0, b - t0) for s, i, a, b in ex.trace]
+    session.close()
+    release_memory()
+    L_E, L_D = statistics.median(le), statistics.median(ld)
+    L_seq, L_par = statistics.median(seq_walls), statistics.median(par_walls)
+    ideal = n * max(L_E, L_D)
+    eta = (L_seq - L_par) / (L_seq - ideal) if L_seq > ideal else None
+    return {
+        "N": n, "L_E": round(L_E, 4), "L_D": round(L_D, 4),
+        "L_E_samples": [round(x, 4) for x in le], "L_D_samples": [round(x, 4) for x in ld],
+        "sequential_s": round(L_seq, 4), "pipelined_s": round(L_par, 4),
+        "sequential_samples": [round(x, 4) for x in seq_walls], "pipelined_samples": [round(x, 4) for x in par_walls],
+        "ideal_s": round(ideal, 4), "eta": round(eta, 3) if eta is not None else None,
+        "max_possible_saving": round(1 - ideal / L_seq, 3) if L_seq else None,
+        "torch_threads": torch.get_num_threads(), "depth": depth,
+        "timeline": {"sequential": seq_trace, "pipelined": par_trace},
+    }
+
+
+def device_info(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": device, "cuda": None}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int = 3, device: str | None = None,
+              weights=None, random_weights: bool = False, decode=None, warmup: bool = True,
+              overlap_repeats: int = 2, progress: bool = True) -> dict:
+    """Run both paths on the same videos and prompts; return the JSON-ready result."""
+    from tqdm.auto import tqdm
+
+    from .session import default_device
+    from .video import sample_videos
+
+    device = device or default_device()
+    videos = list(videos) if videos else sample_videos()
+    prompt_list = [PROMPTS[i % len(PROMPTS)] for i in range(prompts)]
+    spec = dict(model=model, device=device, weights=weights, random_weights=random_weights, decode=decode)
+    steps = tqdm(total=3 + warmup, desc="bench", unit="step", disable=not progress)
+    if warmup:  # imports, page cache, kernel selection: excluded from every number below
+        steps.set_postfix_str("warm-up")
+        run_reuse(spec, videos, prompt_list[:1], k, _Recorder(device, MemoryMonitor(device)))
+        steps.update()
+    paths, recs, mems = {}, {}, {}
+    for name, runner in (("no_reuse", run_no_reuse), ("reuse", run_reuse)):
+        steps.set_postfix_str(name)
+        release_memory()
+        with MemoryMonitor(device) as mon:
+            rec = _Recorder(device, mon)
+            paths[name] = runner(spec, videos, prompt_list, k, rec)
+        recs[name], mems[name] = rec, mon
+        steps.update()
+    steps.set_postfix_str("overlap")
+    overlap = measure_overlap(spec, videos, repeats=overlap_repeats)
+    steps.update()
+    steps.close()
+
+    def comp(attr: str) -> dict:
+        return {name: _summary(getattr(recs[name], attr)) for name in recs}
+
+    e2e = {task: {name: round(paths[name]["startup"] + sum(paths[name][task]), 4) for name in paths}
+           for task in ("retrieval", "assembly")}
+    for task in e2e:
+        e2e[task]["ratio"] = round(e2e[task]["reuse"] / e2e[task]["no_reuse"], 4)
+    memory = {}
+    for name, mon in mems.items():
+        memory[name] = {"model_weights_mib": round(recs[name].weights_peak / 2**20, 1), **mon.split()}
+    memory["inputs_mib_per_clip"] = round(3 * 6 * 224 * 224 / 2**20, 2)  # uint8 frames; at most depth+2 in flight
+    return {
+        "model": model, "random_weights": bool(random_weights or model.startswith("tiny")),
+        "prompts": prompt_list, "videos": [str(v) for v in videos], "k": k,
+        "clips": overlap["N"],
+        "components": {"model_loading": comp("loads"), "video_encoding": comp("encode"),
+                       "caption_generation": comp("decode"), "indexing": comp("index"),
+                       "script_generation": comp("script")},
+        "end_to_end": e2e,
+        "overlap": overlap,
+        "memory": memory,
+        "outputs_identical": {"captions": recs["reuse"].captions == recs["no_reuse"].captions,
+                              "scripts": recs["reuse"].scripts == recs["no_reuse"].scripts},
+        "device": device_info(device),
+    }
+
+
+def table(result: dict) -> str:
+    """The comparison in the layout of the paper's Table 3 (seconds; totals over all prompts)."""
+    c, e = result["components"], result["end_to_end"]
+    rows = [("Model loading", c["model_loading"]), ("Video encoding", c["video_encoding"]),
+            ("Caption generation", c["caption_generation"]), ("Indexing", c["indexing"]),
+            ("Script generation", c["script_generation"])]
+    lines = [f"{'Component (s, total)':28s} {'w/o reuse':>10s} {'ATOM':>10s} {'change':>8s}", "-" * 60]
+    for label, d in rows:
+        a, b = d["no_reuse"]["total"], d["reuse"]["total"]
+        lines.append(f"{label:28s} {a:10.2f} {b:10.2f} {_pct(a, b):>8s}")
+    lines.append("-" * 60)
+    for task in ("retrieval", "assembly"):
+        a, b = e[task]["no_reuse"], e[task]["reuse"]
+        lines.append(f"{'End-to-end ' + task:28s} {a:10.2f} {b:10.2f} {_pct(a, b):>8s}")
+    o = result["overlap"]
+    lines.append(f"overlap: N={o['N']} L_E={o['L_E']:.3f}s L_D={o['L_D']:.3f}s seq={o['sequential_s']:.2f}s "
+                 f"par={o['pipelined_s']:.2f}s ideal={o['ideal_s']:.2f}s eta={o['eta']}")
+    m = result["memory"]
+    lines.append(f"peak memory (MiB): w/o reuse {m['no_reuse']['peak_mib']}, ATOM {m['reuse']['peak_mib']}")
+    return "\n".join(lines)
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{(b - a) / a * 100:+.1f}%" if a else "n/a"
+
+
+def plot_timeline(result: dict, path: str | Path) -> Path:
+    """PNG of encoder/decoder busy intervals over time, sequential above pipelined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    o = result["overlap"]
+    colors = {0: "#9ecae1", 1: "#3182bd", 2: "#e6550d"}
+    fig, axes = plt.subplots(2, 1, figsize=(11, 4.2), sharex=True)
+    for ax, name in zip(axes, ("sequential", "pipelined")):
+        trace = o["timeline"][name] or []
+        for s in range(3):
+            spans = [(a, b - a) for st, _, a, b in trace if st == s]
+            ax.broken_barh(spans, (2 - s - 0.4, 0.8), facecolors=colors[s], edgecolor="white", linewidth=0.5)
+        ax.set_yticks([2, 1, 0], list(STAGES))
+        wall = o[f"{name}_s"]
+        ax.set_title(f"{name}: {wall:.2f} s for {o['N']} clips", fontsize=10, loc="left")
+    axes[-1].set_xlabel("seconds")
+    fig.suptitle(f"{result['model']}: L_E={o['L_E']:.2f}s  L_D={o['L_D']:.2f}s  ideal N·max={o['ideal_s']:.2f}s  "
+                 f"eta={o['eta']}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
