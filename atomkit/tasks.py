@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .assemble import stitch
 from .errors import InputError, VideoError
-from .executor import SequentialExecutor
+from .executor import auto_executor
 from .io import write_json_atomic
 from .script import SCRIPT_ANSWER_PREFIX, Script, parse_script, script_messages
 from .video import Clip, clips as cut_clips, find_videos, sample_frames
@@ -136,7 +136,7 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
         return w
 
     done: list[CaptionedClip] = []
-    executor = executor or SequentialExecutor()
+    executor = executor or auto_executor(session.options.device)
     bar = tqdm(total=len(todo), desc=f"captioning ({executor.name})", unit="clip", disable=not progress)
     try:
         for w in executor.map(todo, [load, encode, decode]):

@@ -56,12 +56,12 @@ def smollm2_converted(cache: Path | None = None) -> Path:
 
     The GGUF file is Q4_1; transformers dequantises it on every load (seconds). The converted copy
     lives in ``$ATOMKIT_CACHE/smollm2-135m-instruct`` and loads by mmap. It is rebuilt when the GGUF
-    file changes (size and mtime are recorded beside it). Written to a temporary folder and renamed,
+    file's content changes (its SHA-256 is recorded beside it). Written to a temporary folder and renamed,
     so an interrupted conversion never leaves a half-written cache.
     """
     gguf = smollm2_gguf()
     target = (cache or cache_dir()) / "smollm2-135m-instruct"
-    stamp = {"source": str(gguf), "size": gguf.stat().st_size, "mtime": int(gguf.stat().st_mtime)}
+    stamp = {"sha256": _sha256(gguf)}  # by content: two checkouts' venvs share one cache
     meta = target / "atomkit.json"
     if meta.is_file() and json.loads(meta.read_text()).get("stamp") == stamp:
         return target
@@ -92,6 +92,16 @@ def smollm2_converted(cache: Path | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def paper_weights(weights: str | Path | None) -> dict[str, Path]:

@@ -209,3 +209,23 @@ def test_not_iterable_items():
 
 def test_no_stages_passes_items_through():
     assert list(PipelinedExecutor().map(iter(range(3)), [])) == [0, 1, 2]
+
+
+def test_per_stage_torch_thread_budgets():
+    """Each worker runs with its own torch thread count; the caller's count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    seen = {}
+
+    def stage(i):
+        def f(x):
+            seen[i] = torch.get_num_threads()
+            return x
+        f.__name__ = f"s{i}"
+        return f
+
+    out = list(PipelinedExecutor(threads=[1, None, 2]).map(range(3), [stage(0), stage(1), stage(2)]))
+    assert out == [0, 1, 2]
+    assert seen[0] == 1 and seen[2] == 2
+    assert torch.get_num_threads() == before
