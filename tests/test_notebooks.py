@@ -28,3 +28,15 @@ def test_01_modular_pipeline(tmp_path):
     assert {m: r["loads"] for m, r in summary["load"].items()} == {"encoder": 1, "decoder": 1, "embedder": 1}
     assert (out / "reel.mp4").stat().st_size > 1000 and summary["reel"]["duration_s"] > 0
     assert summary["script"]["entries"] and summary["hits"][0]["rank"] == 1
+
+
+def test_04_latency(tmp_path):
+    out = run("04_latency.ipynb", tmp_path)
+    result = json.loads((out / "bench.json").read_text())
+    assert result["model"] == "tiny-default" and result["random_weights"] is True
+    assert set(result["end_to_end"]) == {"retrieval", "assembly"}
+    for task in result["end_to_end"].values():
+        assert task["reuse"] > 0 and task["no_reuse"] > 0
+    assert result["overlap"]["N"] == 2 and result["overlap"]["L_D"] > 0
+    assert result["outputs_identical"] == {"captions": True, "scripts": True}
+    assert Path(result["timeline_png"]).read_bytes()[:4] == b"\x89PNG"
