@@ -41,22 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atomkit", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("caption", help="caption every clip of the videos", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders of videos")
-    _common(p)
-    p = sub.add_parser("retrieve", help="rank clips against a query", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders of videos")
-    p.add_argument("--query", required=True, help='what to find, e.g. "the dog jumps"')
-    p.add_argument("-k", type=int, default=5, help="how many clips to return (default: 5)")
-    _common(p)
-    p = sub.add_parser("assemble", help="make a video from the clips that best fit a prompt", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders of videos")
-    p.add_argument("--prompt", required=True, help='what to make, e.g. "make a highlight reel"')
-    p.add_argument("-k", type=int, default=5, help="how many retrieved clips the script may use (default: 5)")
-    _common(p)
+    tasks = {
+        "caption": ("caption every clip of the videos", []),
+        "retrieve": ("rank clips against a query",
+                     [("--query", 'what to find, e.g. "the dog jumps"'), ("-k", "how many clips to return")]),
+        "assemble": ("make a video from the clips that best fit a prompt",
+                     [("--prompt", 'what to make, e.g. "make a highlight reel"'),
+                      ("-k", "how many retrieved clips the script may use")]),
+    }
+    for name, (help_text, extra) in tasks.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders of videos")
+        for flag, text in extra:
+            if flag == "-k":
+                p.add_argument("-k", type=int, default=5, help=f"{text} (default: 5)")
+            else:
+                p.add_argument(flag, required=True, help=text)
+        _common(p)
     p = sub.add_parser("bench", help="ATOM reuse + pipelining vs the sequential reload baseline (JSON, table, plot)",
                        description="Runs both paths on the same videos and prompts in one process and writes "
                        "components, end-to-end times, overlap efficiency, memory and device info as JSON, "
