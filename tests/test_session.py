@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 import atomkit
 from atomkit.errors import AtomkitError
@@ -85,3 +86,18 @@ def test_context_manager_closes():
     assert s.loaded() == []
     with pytest.raises(AtomkitError):
         s.encoder
+
+
+def test_quantized_session_counts_real_bytes():
+    """quant='int8' quantizes each module as it loads; the load report counts the int8 storage."""
+    fp32 = atomkit.Session("tiny-default", device="cpu")
+    int8 = atomkit.Session("tiny-default", device="cpu", quant="int8")
+    a, b = fp32.get("decoder"), int8.get("decoder")
+    assert b.lm.model.embed_tokens.weight is b.lm.lm_head.weight  # the tie survives quantization
+    ratio = int8.load_report()["decoder"]["bytes"] / fp32.load_report()["decoder"]["bytes"]
+    assert ratio < 0.35, ratio
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    assert b.generate_ids(ids, max_new_tokens=3, num_beams=1).shape == (3,)
+    with pytest.raises(atomkit.InputError, match="int8"):
+        atomkit.Session("tiny-default", quant="fp8")
+    fp32.close(), int8.close()
