@@ -81,6 +81,9 @@ def caption_agreement(references: dict[str, str], candidates: dict[str, str], *,
     if tokens is None:
         tokens = _simple_tokenize(texts)
         result["tokenizer"] = "simple (lowercase words; Java or the PTB jar is not available)"
+    # A caption with no words left after tokenization (punctuation only, empty output) would crash
+    # pycocoevalcap's CIDEr; it is scored as one out-of-vocabulary word instead.
+    tokens = [t if t.strip() else "<empty>" for t in tokens]
     gts = {k: [tokens[i]] for i, k in enumerate(keys)}
     res = {k: [tokens[n + i]] for i, k in enumerate(keys)}
 

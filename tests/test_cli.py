@@ -69,3 +69,12 @@ def test_typed_errors_exit_2(samples, capsys):
     assert main(["assemble", str(samples["bikes.mp4"]), "--prompt", "  ", *TINY]) == 2
     assert "prompt is empty" in capsys.readouterr().err
     assert main(["caption", str(samples["bikes.mp4"]), "--window", "0", *TINY]) == 2
+
+
+def test_quantize_writes_report(samples, tmp_path, capsys):
+    assert main(["quantize", str(samples["carphone_pristine.mp4"]), str(samples["bikes.mp4"]),
+                 "--models", "tiny-default", "--quant", "int8", "--beams", "1", "--out", str(tmp_path), "-q"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["scheme"] == "int8" and set(report["modules"]) == {"encoder", "decoder", "embedder"}
+    assert all(m["linear_embedding_ratio"] <= 0.30 for m in report["modules"].values())
+    assert "SQNR" in capsys.readouterr().out

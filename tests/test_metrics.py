@@ -101,3 +101,8 @@ def test_rank_agreement_partial():
     assert not math.isnan(rank_agreement(["a", "a", "b"], ["b", "a"], k=2)["kendall_tau"])
     with pytest.raises(InputError):
         rank_agreement(["a"], ["a"], k=0)
+
+
+def test_captions_without_words_are_scored_not_crashed():
+    r = caption_agreement({"a": "...", "b": "a dog runs"}, {"a": "!!", "b": "a dog runs"})
+    assert r["n"] == 2 and r["bleu4"] is not None and r["cider"] is not None
