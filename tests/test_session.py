@@ -23,24 +23,31 @@ def test_modules_load_lazily_and_once():
         s.get("encoder")
 
 
-def test_concurrent_first_use_loads_once():
-    s = atomkit.Session("tiny-default", device="cpu")
-    barrier = threading.Barrier(8)
-    got, errors = [], []
+def run_threads(n: int, fn) -> list:
+    """Run ``fn`` in ``n`` threads released together; return their results, re-raising any error."""
+    barrier = threading.Barrier(n)
+    results, errors = [], []
 
     def worker():
         try:
             barrier.wait()
-            got.append(s.get("encoder"))
-        except Exception as e:  # collected and asserted below
+            results.append(fn())
+        except Exception as e:  # collected and re-raised below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
+    threads = [threading.Thread(target=worker) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_concurrent_first_use_loads_once():
+    s = atomkit.Session("tiny-default", device="cpu")
+    got = run_threads(8, lambda: s.get("encoder"))
     assert len(got) == 8 and all(m is got[0] for m in got)
     assert s.load_report()["encoder"]["loads"] == 1
     s.close()
@@ -62,22 +69,13 @@ def test_concurrent_tasks_on_one_session(tiny_session, samples):
     """Several threads captioning and retrieving at once give the same results as one thread."""
     video = [samples["carphone_pristine.mp4"]]
     expected = tiny_session.caption(video).clips[0].caption
-    results, errors = [], []
 
     def worker():
-        try:
-            caps = tiny_session.caption(video)
-            results.append(caps.clips[0].caption)
-            tiny_session.retrieve(caps, "a man in a car", k=1)
-        except Exception as e:  # collected and asserted below
-            errors.append(e)
+        caps = tiny_session.caption(video)
+        assert len(tiny_session.retrieve(caps, "a man in a car", k=1)) == 1
+        return caps.clips[0].caption
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and results == [expected] * 4
+    assert run_threads(4, worker) == [expected] * 4
 
 
 def test_context_manager_closes():
