@@ -181,7 +181,7 @@ def _run(args) -> int:
         path = write_json_atomic(Path(args.out) / "report.json", report)
         for m, r in report["modules"].items():
             print(f"{m:9s} Linear+Embedding {r['linear_embedding_bytes_fp32'] / 2**20:7.1f} -> "
-                  f"{r['linear_embedding_bytes'] / 2**20:6.1f} MiB (x{r['linear_embedding_ratio']})  SQNR {r['sqnr_db']} dB")
+                  f"{r['linear_embedding_bytes'] / 2**20:6.1f} MiB (x{r['linear_embedding_ratio']})  SQNR {r['sqnr_db'] if r['sqnr_db'] is not None else 'inf (identical)'} dB")
         c = report["pipeline"]["captions"]
         print(f"captions vs fp32: BLEU-4 {c['bleu4']:.3f}  CIDEr {c['cider']:.3f}  identical {c['identical_share']:.0%}")
         print(f"wrote {path}")

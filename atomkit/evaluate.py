@@ -7,6 +7,8 @@ CIDEr, share identical) and retrieval rank agreement for a few queries.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .metrics import caption_agreement, rank_agreement
@@ -22,7 +24,9 @@ def module_outputs(session, frames: torch.Tensor, captions: list[str]) -> dict[s
     """The three modules' outputs on the same real inputs."""
     with session.use("encoder") as enc:
         out = enc(enc.preprocess(frames))
-        features = (out[0] if isinstance(out, tuple) else out).float()
+        # the last output: class probabilities for EfficientNet (its quantized Linear feeds them; its
+        # pooled features come from convolutions, which the paper's scheme leaves in float), else features
+        features = (out[-1] if isinstance(out, tuple) else out).float()
     with session.use("decoder") as dec:
         prompt = dec.render([{"role": "user", "content": "Describe a clip: " + captions[0]}])
         logits = dec.lm(input_ids=dec._ids(prompt)).logits.float()
@@ -41,8 +45,13 @@ def compare_modules(ref, test, frames: torch.Tensor, captions: list[str]) -> dic
         out[m] = {"bytes_fp32": wa["total"], "bytes": wb["total"],
                   "linear_embedding_bytes_fp32": la, "linear_embedding_bytes": lb,
                   "linear_embedding_ratio": round(lb / la, 4) if la else None,
-                  "sqnr_db": round(sqnr_db(a[m], b[m]), 2)}
+                  "sqnr_db": _finite(sqnr_db(a[m], b[m]))}
     return out
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: identical outputs (infinite SQNR) are written as null."""
+    return round(x, 2) if math.isfinite(x) else None
 
 
 def compare_pipelines(ref, test, ref_caps: Captions, test_caps: Captions, k: int = 3) -> dict:
