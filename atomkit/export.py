@@ -1,0 +1,398 @@
+"""Export the three modules to ExecuTorch ``.pte`` programs lowered to XNNPACK (the on-device path).
+
+Each ``export_*`` runs ``torch.export.export`` -> ``executorch.exir.to_edge_transform_and_lower(ep,
+partitioner=[XnnpackPartitioner()])`` -> ``.to_executorch()``, writes ``<name>.pte`` and a sidecar
+``<name>.json`` (shapes, versions, delegation, parity) atomically, and checks the program against
+the eager module on the example input:
+
+* encoder: ``forward(x float (frames, 3, size, size)) -> (features, probs)`` (or features alone);
+* embedder: ``forward(input_ids, attention_mask (B, seq_len) int64) -> (B, D)`` unit vectors, the
+  transformer plus mean pooling and L2 norm; tokenisation (pad/truncate to seq_len) stays on the host;
+* decoder: ``forward(input_ids (1, L), cache_position (L,)) -> logits (1, 1, vocab)`` of the last
+  position, over a static KV cache of ``max_seq_len`` held inside the program
+  (``transformers.integrations.executorch.TorchExportableModuleWithStaticCache``). L is dynamic
+  (1..max_seq_len-1) when that exports, so a prompt is prefilled in one call; batch is 1 (greedy).
+
+Parity tolerance: SQNR >= 40 dB for fp32 programs, >= 20 dB for quantized ones, against the fp32
+eager module. ``trace_encoder_torchscript`` is the paper's deprecated PyTorch Mobile path, kept for
+comparison only; ``load_times`` measures load + first inference of eager / TorchScript / ``.pte``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import atomic_path, write_json_atomic
+
+SQNR_MIN_DB = {"fp32": 40.0, "quantized": 20.0}
+
+
+@dataclass
+class ExportResult:
+    path: Path  # the .pte program
+    sidecar: Path  # <name>.json next to it
+    delegation: dict
+    parity: dict
+    seconds: float  # export + lowering + serialisation (parity run excluded)
+
+
+# -- reports -----------------------------------------------------------------------------------------
+def delegation_report(edge_program_manager, method: str = "forward") -> dict:
+    """Ops inside XNNPACK delegates vs left outside (on portable CPU kernels), by op name."""
+    import operator
+
+    def _op_name(target) -> str:
+        return (getattr(target, "__name__", None) or str(target)).removeprefix("aten.")
+
+    gm = edge_program_manager.exported_program(method).graph_module
+    inside: dict[str, int] = {}
+    outside: dict[str, int] = {}
+    subgraphs = 0
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.name.startswith("lowered_module"):
+            subgraphs += 1
+            for sub in getattr(gm, node.target).original_module.graph.nodes:
+                if sub.op == "call_function" and sub.target is not operator.getitem:
+                    inside[_op_name(sub.target)] = inside.get(_op_name(sub.target), 0) + 1
+        elif node.op == "call_function" and node.target is not operator.getitem:
+            name = _op_name(node.target)
+            if name != "executorch_call_delegate":
+                outside[name] = outside.get(name, 0) + 1
+    return {"delegated_ops": sum(inside.values()), "non_delegated_ops": sum(outside.values()),
+            "delegate_subgraphs": subgraphs, "outside_ops": dict(sorted(outside.items())),
+            "inside_ops": dict(sorted(inside.items()))}
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantisation-noise ratio in dB (capped at 300 dB for identical outputs)."""
+    ref, out = ref.double(), out.double()
+    noise, signal = (ref - out).pow(2).sum().item(), ref.pow(2).sum().item()
+    return 300.0 if noise == 0 else min(300.0, 10 * math.log10(max(signal, 1e-300) / noise))
+
+
+def parity(refs: dict[str, torch.Tensor], outs: dict[str, torch.Tensor], quantized: bool) -> dict:
+    tol = SQNR_MIN_DB["quantized" if quantized else "fp32"]
+    per = {k: {"max_abs_diff": float((refs[k].float() - outs[k].float()).abs().max()),
+               "sqnr_db": round(sqnr_db(refs[k], outs[k]), 2),  # and the share of rows with the same argmax:
+               "top1_agreement": float((refs[k].argmax(-1) == outs[k].argmax(-1)).float().mean())} for k in refs}
+    return {"tolerance": f"SQNR >= {tol} dB vs the fp32 eager module", "sqnr_min_db": tol,
+            "outputs": per, "passed": all(v["sqnr_db"] >= tol for v in per.values())}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+    return {pkg: v(pkg) for pkg in ("torch", "torchao", "executorch", "transformers")}
+
+
+def _spec(t: torch.Tensor) -> dict:
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+
+
+# -- the common pipeline -----------------------------------------------------------------------------
+def _quantized(module: nn.Module, quant: str) -> nn.Module:
+    if quant == "none":
+        return module
+    from .quant import quantize_module  # the project's int8/int4 schemes (torchao); the caller's copy stays fp32
+
+    module = copy.deepcopy(module)
+    for m in module.modules():  # padding_idx only matters for gradients, and it stops ExecuTorch's
+        if isinstance(m, nn.Embedding):  # fusion of dequantize + embedding into embedding_byte
+            m.padding_idx = None
+    return quantize_module(module, quant)
+
+
+def _lower(module: nn.Module, args: tuple, dynamic_shapes=None, strict: bool = False,
+           init_buffers: list[str] | None = None, quantized: bool = False):
+    """torch.export -> edge + XNNPACK -> ExecuTorch program manager; (etpm, delegation report).
+
+    ``init_buffers``: name patterns of mutated buffers (KV caches) whose initial zeros are written into
+    the program; ExecuTorch otherwise serialises only their shape and dtype (undefined contents).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=strict)
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        report = delegation_report(edge)  # before to_executorch, which consumes the edge program
+        passes = [InitializedMutableBufferPass(init_buffers)] if init_buffers else []
+        # quantized: fuse torchao dequantize_affine + embedding into quantized_decomposed::embedding_byte
+        et = edge.to_executorch(ExecutorchBackendConfig(passes=passes, do_quant_fusion_and_const_prop=quantized))
+    return et, report
+
+
+def _write(et, out_dir: Path, name: str) -> Path:
+    path = Path(out_dir) / f"{name}.pte"
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        et.write_to_file(f)
+    return path
+
+
+def _sidecar(path: Path, report: dict, **fields) -> Path:
+    meta = dict(fields, delegation={k: v for k, v in report.items() if k != "inside_ops"}, versions=_versions(),
+                file_bytes=path.stat().st_size, program=path.name,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return write_json_atomic(path.with_suffix(".json"), meta)
+
+
+def read_sidecar(path: Path) -> dict:
+    side = Path(path).with_suffix(".json")
+    return json.loads(side.read_text()) if side.exists() else {}
+
+
+def _finish(et, report, out_dir, name, *, t0, model, module, quant, inputs, run_eager, extra=None) -> ExportResult:
+    from .runtime import load_method
+
+    path = _write(et, out_dir, name)
+    seconds = time.perf_counter() - t0
+    method = load_method(path)
+    refs = run_eager()
+    outs = dict(zip(refs, method.execute(list(inputs.values()))))
+    par = parity(refs, outs, quant != "none")
+    side = _sidecar(path, report, name=name, model=model, module=module, quant=quant,
+                    inputs={k: _spec(v) for k, v in inputs.items()},
+                    outputs={k: _spec(v) for k, v in outs.items()},
+                    parity=par, export_seconds=round(seconds, 2), **(extra or {}))
+    return ExportResult(path, side, report, par, seconds)
+
+
+# -- encoder -----------------------------------------------------------------------------------------
+def export_encoder(encoder, out_dir, *, name: str, quant: str = "none", frames: int = 6, size: int = 224,
+                   model: str | None = None) -> ExportResult:
+    """The encoder's forward on float (frames, 3, size, size); frames are independent, so the runtime
+    pads/chunks any clip length to ``frames``."""
+    t0 = time.perf_counter()
+    encoder = encoder.eval()
+    x = torch.randn(frames, 3, size, size, generator=torch.Generator().manual_seed(0))
+    et, report = _lower(_quantized(encoder, quant).cpu(), (x,), quantized=quant != "none")
+
+    def run_eager():
+        with torch.inference_mode():
+            out = encoder.cpu()(x)
+        out = out if isinstance(out, tuple) else (out,)
+        return dict(zip(("features", "probs"), out))
+
+    return _finish(et, report, out_dir, name, t0=t0, model=model or type(encoder).__name__, module="encoder",
+                   quant=quant, inputs={"x": x}, run_eager=run_eager,
+                   extra={"frames": frames, "size": size, "mean": list(encoder.mean), "std": list(encoder.std)})
+
+
+# -- embedder ----------------------------------------------------------------------------------------
+class PooledEmbedding(nn.Module):
+    """sentence-transformers' Transformer + mean Pooling + Normalize as one tensor-in/tensor-out module."""
+
+    def __init__(self, auto_model: nn.Module):
+        super().__init__()
+        self.auto_model = auto_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.auto_model(input_ids=input_ids, attention_mask=attention_mask,
+                                 token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+
+def pooled_embedding(embedder) -> PooledEmbedding:
+    st = embedder.model
+    modes = [getattr(m, "pooling_mode", None) for m in st if type(m).__name__ == "Pooling"]
+    if modes and modes[0] not in ("mean", ("mean",), ["mean"]):
+        raise ValueError(f"only mean pooling is exportable here, the model pools with {modes[0]!r}")
+    return PooledEmbedding(st[0].auto_model).eval()
+
+
+def tokenize_fixed(tokenizer, texts: list[str], seq_len: int, dynamic: bool = False) -> tuple[torch.Tensor, ...]:
+    """Host-side tokenisation for the embedder program: truncate to seq_len and pad to exactly seq_len
+    (static program) or to the longest text, at least 2 tokens (``dynamic``: a dynamic-length program)."""
+    t = tokenizer(list(texts), padding="longest" if dynamic else "max_length", truncation=True,
+                  max_length=seq_len, return_tensors="pt")
+    ids, mask = t["input_ids"].long(), t["attention_mask"].long()
+    if ids.shape[1] < 2:
+        ids, mask = (torch.nn.functional.pad(v, (0, 2 - v.shape[1])) for v in (ids, mask))
+    return ids, mask
+
+
+def export_embedder(embedder, out_dir, *, name: str, quant: str = "none", seq_len: int = 128,
+                    batch: int = 1, dynamic_seq: bool = False, model: str | None = None) -> ExportResult:
+    """The transformer + pooling at a static (batch, seq_len); the runtime pads the last batch.
+
+    Batch stays static: a dynamic batch left every reshape outside XNNPACK (MiniLM: 65 delegate pieces,
+    not 29). ``dynamic_seq``: length 2..seq_len instead, the host pads only to the longest text (59
+    pieces, but short captions cost a fraction of a 128-token pass)."""
+    t0 = time.perf_counter()
+    wrapper = pooled_embedding(embedder)
+    texts = (["a person rides a bike down a street", "a cartoon rabbit in a forest"] * batch)[:batch]
+    ids, mask = tokenize_fixed(embedder.model.tokenizer, texts, seq_len, dynamic=dynamic_seq)
+    seq = {1: torch.export.Dim("seq", min=2, max=seq_len)} if dynamic_seq else None
+    et, report = _lower(_quantized(wrapper, quant), (ids, mask), dynamic_shapes=seq and (seq, seq),
+                        quantized=quant != "none")
+
+    def run_eager():
+        with torch.inference_mode():
+            ref = embedder.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True,
+                                        show_progress_bar=False).float().cpu()
+        return {"embedding": ref}
+
+    return _finish(et, report, out_dir, name, t0=t0, model=model or "sentence-transformers", module="embedder",
+                   quant=quant, inputs={"input_ids": ids, "attention_mask": mask}, run_eager=run_eager,
+                   extra={"seq_len": seq_len, "batch": batch, "dynamic_seq": dynamic_seq, "dim": int(embedder.dim)})
+
+
+# -- decoder -----------------------------------------------------------------------------------------
+def _static_cache_module(lm, max_seq_len: int, batch_size: int = 1) -> nn.Module:
+    """TorchExportableModuleWithStaticCache returning only the last position's logits."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    class LastLogits(TorchExportableModuleWithStaticCache):
+        def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+            for layer in self.static_cache.layers:  # the cache length is where this call starts
+                layer.cumulative_length.copy_(cache_position[0])
+            out = self.model(input_ids=input_ids, attention_mask=None, past_key_values=self.static_cache,
+                             use_cache=True, logits_to_keep=1)
+            return out.logits
+
+    saved = lm.generation_config
+    gc = copy.deepcopy(saved)
+    gc.use_cache, gc.cache_implementation = True, "static"
+    lm.generation_config = gc  # the wrapper reads it once; the eager model's config is restored below
+    try:
+        return LastLogits(lm, batch_size=batch_size, max_cache_len=max_seq_len, device=torch.device("cpu")).eval()
+    finally:
+        lm.generation_config = saved
+
+
+def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_len: int = 512,
+                   model: str | None = None) -> ExportResult:
+    """Static-KV-cache LM program, batch 1; prefill length dynamic (else token by token)."""
+    t0 = time.perf_counter()
+    lm = decoder.lm.eval()
+    wrapper = _static_cache_module(_quantized(lm, quant).cpu(), max_seq_len)
+    prompt = decoder._ids(decoder.render([{"role": "user", "content": "Describe a video of a dog on a beach."}]))
+    prompt = prompt[:, : max_seq_len // 2].cpu()
+    ids, pos = prompt, torch.arange(prompt.shape[1])
+    try:
+        seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
+        et, report = _lower(wrapper, (ids, pos), dynamic_shapes=({1: seq}, {0: seq}), strict=True,
+                             init_buffers=["static_cache"], quantized=quant != "none")
+        prefill = "dynamic"
+    except Exception as e:  # noqa: BLE001 - fall back to one token per call
+        warnings.warn(f"decoder: dynamic prefill did not export ({type(e).__name__}: {e}); token-by-token")
+        wrapper = _static_cache_module(_quantized(lm, quant).cpu(), max_seq_len)
+        et, report = _lower(wrapper, (ids[:, :1], pos[:1]), strict=True, init_buffers=["static_cache"],
+                             quantized=quant != "none")
+        prefill = "token"
+    path = _write(et, out_dir, name)
+    seconds = time.perf_counter() - t0
+
+    # parity: the prompt's last logits, then one decode step
+    from .runtime import load_method
+
+    method = load_method(path)
+    with torch.inference_mode():
+        full = lm(input_ids=ids).logits[:, -1:]
+        nxt = full.argmax(-1)
+        step = lm(input_ids=torch.cat([ids, nxt], 1)).logits[:, -1:]
+    step_len = ids.shape[1] if prefill == "dynamic" else 1
+    for i in range(0, ids.shape[1], step_len):
+        got = method.execute([ids[:, i:i + step_len], pos[i:i + step_len]])[0]
+    got_step = method.execute([nxt, torch.tensor([ids.shape[1]])])[0]
+    par = parity({"prefill_logits": full, "step_logits": step}, {"prefill_logits": got, "step_logits": got_step},
+                 quant != "none")
+    eos = lm.generation_config.eos_token_id
+    side = _sidecar(path, report, name=name, model=model or type(lm).__name__, module="decoder", quant=quant,
+                    inputs={"input_ids": {"shape": [1, "L"], "dtype": "int64"},
+                            "cache_position": {"shape": ["L"], "dtype": "int64"}},
+                    outputs={"logits": {"shape": [1, 1, int(got.shape[-1])], "dtype": "float32"}},
+                    example_prompt_tokens=int(ids.shape[1]), prefill=prefill, max_seq_len=max_seq_len,
+                    max_prefill=max_seq_len - 1 if prefill == "dynamic" else 1, batch=1, beams="greedy only",
+                    eos_token_id=eos, pad_token_id=decoder.tokenizer.pad_token_id, parity=par,
+                    export_seconds=round(seconds, 2))
+    return ExportResult(path, side, report, par, seconds)
+
+
+# -- TorchScript (the paper's path) and load times ----------------------------------------------------
+def trace_encoder_torchscript(encoder, path, *, frames: int = 6, size: int = 224) -> Path:
+    """torch.jit.trace of the encoder (deprecated PyTorch Mobile path), saved atomically."""
+    x = torch.randn(frames, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings(), atomic_path(path) as tmp:
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(encoder.eval().cpu(), x, check_trace=False), str(tmp))
+    return Path(path)
+
+
+_PROBE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+kind, target, frames, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if kind == "eager":
+    from atomkit.registry import LoadOptions, get_spec
+elif kind == "pte":
+    from atomkit.runtime import load_method
+x = torch.randn(frames, 3, size, size)
+def load():
+    if kind == "eager":
+        return get_spec(target).load("encoder", LoadOptions())
+    if kind == "torchscript":
+        return torch.jit.load(target)
+    return load_method(target)
+def run(m):
+    if kind == "pte":
+        return m.execute([x])
+    with torch.inference_mode():
+        return m(x)
+t1 = time.perf_counter(); m = load(); t2 = time.perf_counter(); run(m); t3 = time.perf_counter()
+res = dict(import_s=t1 - t0, first_load_s=t2 - t1, first_inference_s=t3 - t2)
+t1 = time.perf_counter(); m = load(); t2 = time.perf_counter(); run(m); t3 = time.perf_counter()
+res.update(warm_load_s=t2 - t1, warm_inference_s=t3 - t2)
+t1 = time.perf_counter(); run(m); res["steady_inference_s"] = time.perf_counter() - t1
+print("PROBE" + json.dumps(res))
+"""
+
+
+def load_times(pte: Path | None = None, torchscript: Path | None = None, eager: str | None = None, *,
+               frames: int = 6, size: int = 224, timeout: float = 600) -> dict:
+    """Encoder load + first inference, each kind in a fresh Python process.
+
+    "first" = the first load in a new process (the OS page cache is NOT dropped: the file may
+    already be in memory, so this is not a true cold start); "warm" = a second load in the same
+    process; "steady" = a third inference. ``eager`` is a registry spec name ("default").
+    """
+    out = {}
+    for kind, target in (("eager", eager), ("torchscript", torchscript), ("pte", pte)):
+        if target is None:
+            continue
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _PROBE, kind, str(target), str(frames), str(size)],
+                              capture_output=True, text=True, timeout=timeout)
+        wall = time.perf_counter() - t0
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE")), None)
+        if proc.returncode != 0 or line is None:
+            out[kind] = {"error": (proc.stderr or proc.stdout)[-2000:]}
+            continue
+        res = {k: round(v, 4) for k, v in json.loads(line[5:]).items()}
+        res["process_wall_s"] = round(wall, 3)
+        if kind != "eager":
+            res["file_bytes"] = Path(target).stat().st_size
+        out[kind] = res
+    return out

@@ -1,0 +1,225 @@
+"""Run exported ``.pte`` programs on the host as drop-in replacements of the eager modules.
+
+* ``PteEncoder(path, like=encoder)``: same ``encode(frames_uint8) -> Encoded`` as the eager encoder
+  (its ``preprocess``, labels and concept logic are reused); clips of any length are padded / chunked
+  to the program's fixed frame count (frames are independent, so results do not change).
+* ``PteEmbedder(path, tokenizer, seq_len)``: ``embed(texts) -> (N, D)`` unit vectors; tokenisation
+  runs on the host: truncate to seq_len, pad to seq_len (static program) or to the longest text of
+  the call (``dynamic_seq`` program). Texts longer than seq_len tokens are truncated.
+* ``PteDecoder(path, like=decoder)``: a ``TextDecoder`` whose ``generate_ids`` runs greedy decoding
+  over the program's static KV cache, so ``caption`` / ``chat`` / ``render`` work unchanged.
+  Beam search: the program has batch 1 and its KV cache lives inside it, so beams cannot be
+  reordered from outside. ``num_beams > 1`` therefore falls back to greedy (a warning the first
+  time, counted in ``greedy_fallbacks``), or raises ``AtomkitError`` with ``strict_beams=True``.
+  Visual-prefix decoders (``inputs_embeds``) are not supported by the id-only program.
+
+One loaded ExecuTorch method is not safe to call from two threads at once; each wrapper serialises
+its calls with a lock. (ExecuTorch kernels and XNNPACK share one thread pool in a process anyway.)
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import types
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import AtomkitError, InputError
+from .export import read_sidecar, tokenize_fixed
+from .modules.decoder import TextDecoder
+from .modules.embedder import SentenceEmbedder
+from .modules.encoder import VideoEncoder
+
+
+def _import_runtime():
+    """``executorch.runtime`` without the AOT compiler. Its pybindings import one small file,
+    ``executorch.exir._warnings``, whose package ``executorch.exir`` pulls in the whole export stack
+    (about 8 s here). While ``executorch.exir`` is not imported, that file is loaded alone under a
+    temporary package stub, which is removed again (a later ``import executorch.exir`` is the real one)."""
+    if "executorch.exir" not in sys.modules and "executorch.exir._warnings" not in sys.modules:
+        import executorch
+
+        try:
+            root = Path(importlib.util.find_spec("executorch").submodule_search_locations[0]) / "exir"
+            spec = importlib.util.spec_from_file_location("executorch.exir._warnings", root / "_warnings.py")
+            warn = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(warn)
+            stub = types.ModuleType("executorch.exir")
+            stub._warnings = warn
+            sys.modules.update({"executorch.exir": stub, "executorch.exir._warnings": warn})
+            executorch.exir = stub
+            from executorch.runtime import Runtime  # noqa: F401
+        except Exception:  # noqa: BLE001 - fall back to the plain (slow) import below
+            sys.modules.pop("executorch.exir._warnings", None)
+        finally:
+            if sys.modules.get("executorch.exir") is locals().get("stub"):
+                sys.modules.pop("executorch.exir", None)
+                vars(executorch).pop("exir", None)
+    import executorch.kernels.quantized  # noqa: F401 - registers quantized kernels (embedding_byte)
+    from executorch.runtime import Runtime
+
+    return Runtime.get()
+
+
+def load_method(path, method: str = "forward"):
+    """A method of a ``.pte`` program (file mapped by the runtime), loaded on this host."""
+    program = _import_runtime().load_program(Path(path))
+    m = program.load_method(method)
+    m._atomkit_program = program  # keep the program (and its file data) alive as long as the method
+    return m
+
+
+def _program(path) -> tuple:
+    path = Path(path)
+    if not path.exists():
+        raise AtomkitError(f"{path}: no such .pte program; export it with atomkit.export first")
+    return load_method(path), read_sidecar(path)
+
+
+class PteEncoder(VideoEncoder):
+    """A ``VideoEncoder`` whose forward is the ``.pte`` program's ``forward`` method."""
+
+    def __init__(self, path, like: VideoEncoder):
+        super().__init__()
+        self.path = Path(path)
+        self._method, self.meta = _program(self.path)
+        self._lock = threading.Lock()
+        self.mean, self.std = like.mean, like.std
+        self.feature_dim, self.labels, self.top_concepts = like.feature_dim, like.labels, like.top_concepts
+        self.frames = int(self.meta.get("frames", 6))
+        self.size = self.meta.get("size")
+        # encode() asks the parameters for their device: one empty CPU parameter answers it.
+        self._device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor):
+        x = x.float().contiguous().cpu()
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            raise InputError(f"{self.path.name} was exported for {self.size}x{self.size} frames, got {tuple(x.shape)}")
+        n, outs = x.shape[0], []
+        for start in range(0, n, self.frames):
+            chunk = x[start:start + self.frames]
+            real = chunk.shape[0]
+            if real < self.frames:  # pad with copies of the last frame, drop their outputs
+                chunk = torch.cat([chunk, chunk[-1:].expand(self.frames - real, *chunk.shape[1:])])
+            with self._lock:
+                res = self._method.execute([chunk.contiguous()])
+            outs.append([r[:real] for r in res])
+        cat = tuple(torch.cat([o[i] for o in outs]) for i in range(len(outs[0])))
+        return cat if len(cat) > 1 else cat[0]
+
+
+class PteEmbedder(SentenceEmbedder):
+    """``embed(texts) -> (N, D)`` L2-normalised float32 vectors from the embedder program."""
+
+    def __init__(self, path, tokenizer, seq_len: int | None = None):
+        nn.Module.__init__(self)
+        self.path = Path(path)
+        self._method, self.meta = _program(self.path)
+        self._lock = threading.Lock()
+        self.tokenizer = tokenizer
+        self.seq_len = int(seq_len or self.meta.get("seq_len", 128))
+        if self.meta.get("seq_len") not in (None, self.seq_len):
+            raise AtomkitError(f"{self.path.name} was exported for seq_len {self.meta['seq_len']}, not {self.seq_len}")
+        self.batch = int(self.meta.get("batch", 1))
+        self.dynamic_seq = bool(self.meta.get("dynamic_seq", False))
+        self._dim = self.meta.get("dim")
+        self.model = None
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._dim = int(self.embed(["x"]).shape[1])
+        return int(self._dim)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        if not texts:
+            return torch.zeros(0, self.dim)
+        out = []
+        for start in range(0, len(texts), self.batch):
+            ids, mask = tokenize_fixed(self.tokenizer, texts[start:start + self.batch], self.seq_len,
+                                       dynamic=self.dynamic_seq)
+            real = ids.shape[0]
+            if real < self.batch:  # static batch: pad with copies of the last row, drop their outputs
+                pad = self.batch - real
+                ids = torch.cat([ids, ids[-1:].expand(pad, -1)])
+                mask = torch.cat([mask, mask[-1:].expand(pad, -1)])
+            with self._lock:
+                vec = self._method.execute([ids.contiguous(), mask.contiguous()])[0]
+            out.append(vec[:real].float())
+        return torch.cat(out)
+
+
+class PteDecoder(TextDecoder):
+    """A ``TextDecoder`` generating with the static-KV-cache ``.pte`` program (greedy, batch 1)."""
+
+    def __init__(self, path, like: TextDecoder, *, strict_beams: bool = False):
+        nn.Module.__init__(self)
+        self.path = Path(path)
+        self._method, self.meta = _program(self.path)
+        self._lock = threading.Lock()
+        self.lm = None  # the eager weights are not kept: the program holds its own
+        self.projector = None
+        if like.projector is not None:
+            warnings.warn(f"{self.path.name}: the .pte decoder takes token ids only; visual-prefix "
+                          "captioning (inputs_embeds) is not available through it")
+        self.tokenizer = like.tokenizer
+        self.stop_at_eos = like.stop_at_eos
+        self.strict_beams = strict_beams
+        self.greedy_fallbacks = 0
+        self.max_seq_len = int(self.meta.get("max_seq_len", 512))
+        self.max_prefill = int(self.meta.get("max_prefill", 1))
+        eos = self.meta.get("eos_token_id", None)
+        if eos is None and like.lm is not None:
+            eos = like.lm.generation_config.eos_token_id
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _step(self, ids: list[int], start: int) -> torch.Tensor:
+        with self._lock:
+            out = self._method.execute([torch.tensor([ids], dtype=torch.long),
+                                        torch.arange(start, start + len(ids), dtype=torch.long)])
+        return out[0][0, -1]
+
+    @torch.inference_mode()
+    def generate_ids(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                     max_new_tokens: int, num_beams: int) -> torch.Tensor:
+        """New token ids (1-D) after the prompt: greedy argmax, prompt prefilled in chunks."""
+        if inputs_embeds is not None:
+            raise AtomkitError(f"{self.path.name}: the .pte decoder takes token ids, not inputs_embeds "
+                               "(visual-prefix models run eager)")
+        if num_beams > 1:
+            if self.strict_beams:
+                raise AtomkitError(f"{self.path.name}: the .pte decoder is batch 1 and does greedy decoding only; "
+                                   f"num_beams={num_beams} needs the eager decoder (or num_beams=1)")
+            if self.greedy_fallbacks == 0:
+                warnings.warn(f"{self.path.name}: num_beams={num_beams} is not supported by the .pte "
+                              "decoder; falling back to greedy decoding")
+            self.greedy_fallbacks += 1
+        ids = input_ids.reshape(-1).tolist()
+        if not ids:
+            raise InputError("empty prompt")
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the program's "
+                             f"static cache of {self.max_seq_len}; export with a larger max_seq_len")
+        pos, logits = 0, None
+        while pos < len(ids):
+            chunk = ids[pos:pos + self.max_prefill]
+            logits = self._step(chunk, pos)
+            pos += len(chunk)
+        new: list[int] = []
+        for i in range(max_new_tokens):
+            tok = int(logits.argmax())
+            new.append(tok)
+            if (self.stop_at_eos and tok in self.eos_ids) or i == max_new_tokens - 1:
+                break
+            logits = self._step([tok], pos)
+            pos += 1
+        return torch.tensor(new, dtype=torch.long)

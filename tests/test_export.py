@@ -1,0 +1,164 @@
+"""ExecuTorch export (.pte lowered to XNNPACK) of the tiny-default modules, and the host runtime wrappers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from atomkit.export import (SQNR_MIN_DB, export_decoder, export_embedder, export_encoder, load_times, sqnr_db,
+                            trace_encoder_torchscript)
+from atomkit.registry import LoadOptions, get_spec
+from atomkit.runtime import PteDecoder, PteEmbedder, PteEncoder
+
+FP32 = SQNR_MIN_DB["fp32"]
+
+
+def _load(module):
+    return get_spec("tiny-default").load(module, LoadOptions())
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pte")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return _load("encoder")
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    """all-MiniLM-L6-v2 cut to its first layer: the same ops, a fraction of the lowering time."""
+    emb = _load("embedder")
+    bert = emb.model[0].auto_model
+    bert.encoder.layer = torch.nn.ModuleList(list(bert.encoder.layer)[:1])
+    bert.config.num_hidden_layers = 1
+    return emb
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return _load("decoder")
+
+
+@pytest.fixture(scope="module")
+def enc_export(encoder, out_dir):
+    return export_encoder(encoder, out_dir, name="encoder", model="tiny-default")
+
+
+@pytest.fixture(scope="module")
+def emb_export(embedder, out_dir):
+    return export_embedder(embedder, out_dir, name="embedder", seq_len=32, model="tiny-default")
+
+
+@pytest.fixture(scope="module")
+def dec_export(decoder, out_dir):
+    return export_decoder(decoder, out_dir, name="decoder", max_seq_len=128, model="tiny-default")
+
+
+def _check_result(res, module):
+    assert res.path.exists() and res.path.suffix == ".pte" and res.path.stat().st_size > 0
+    side = json.loads(res.sidecar.read_text())
+    assert res.sidecar == res.path.with_suffix(".json")
+    assert side["module"] == module and side["quant"] == "none" and side["model"] == "tiny-default"
+    assert side["file_bytes"] == res.path.stat().st_size
+    assert {"torch", "torchao", "executorch", "transformers"} <= set(side["versions"])
+    assert side["inputs"] and side["outputs"] and side["created"]
+    assert res.delegation["delegated_ops"] > 0 and res.delegation["delegate_subgraphs"] >= 1
+    assert side["delegation"]["non_delegated_ops"] == res.delegation["non_delegated_ops"]
+    assert res.parity["passed"], res.parity
+    assert side["parity"]["passed"] and side["parity"]["sqnr_min_db"] == FP32
+    assert not list(res.path.parent.glob(".*tmp*")), "atomic writes left temp files"
+    return side
+
+
+def test_encoder_exports_with_sidecar_delegation_and_parity(enc_export):
+    side = _check_result(enc_export, "encoder")
+    assert side["inputs"]["x"] == {"shape": [6, 3, 224, 224], "dtype": "float32"}
+    assert side["outputs"]["features"]["shape"] == [6, 1280] and side["outputs"]["probs"]["shape"] == [6, 1000]
+    # EfficientNet-Lite0 (convs, ReLU6, BN folded, mean, linear, softmax) lowers whole to XNNPACK
+    assert enc_export.delegation["non_delegated_ops"] <= 2, enc_export.delegation["outside_ops"]
+
+
+def test_pte_encoder_matches_eager_encode(enc_export, encoder):
+    pte = PteEncoder(enc_export.path, like=encoder)
+    frames = torch.randint(0, 256, (1, 3, 6, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ref, got = encoder.encode(frames), pte.encode(frames)
+    assert got.features.shape == ref.features.shape == (6, 1280)
+    assert sqnr_db(ref.features, got.features) >= FP32
+    assert [c for c, _ in got.concepts] == [c for c, _ in ref.concepts]
+    with torch.inference_mode():  # a clip of 4 frames is padded to the program's 6 and cut back
+        x = encoder.preprocess(frames[:, :, :4])
+        ref_f, ref_p = encoder(x)
+        got_f, got_p = pte(x)
+    assert got_f.shape == (4, 1280) and sqnr_db(ref_f, got_f) >= FP32 and sqnr_db(ref_p, got_p) >= FP32
+
+
+def test_load_times_in_a_fresh_process(enc_export):
+    """The .pte runtime loads and runs in a new process (without importing the export stack)."""
+    times = load_times(pte=enc_export.path)["pte"]
+    assert "error" not in times, times.get("error")
+    assert times["first_load_s"] >= 0 and times["first_inference_s"] > 0 and times["file_bytes"] > 0
+
+
+def test_embedder_exports_and_pte_embedder_matches_eager(emb_export, embedder):
+    side = _check_result(emb_export, "embedder")
+    assert side["seq_len"] == 32 and side["dim"] == 384
+    pte = PteEmbedder(emb_export.path, embedder.model.tokenizer, seq_len=32)
+    texts = ["a dog runs on the beach", "a man rides a bicycle", "cartoon rabbit", "", "two cars"]
+    ref, got = embedder.embed(texts), pte.embed(texts)
+    assert got.shape == ref.shape == (5, 384)
+    assert torch.allclose(got.norm(dim=1), torch.ones(5), atol=1e-4)
+    assert (got * ref).sum(1).min() > 0.9999
+    assert sqnr_db(ref, got) >= FP32
+    assert pte.dim == 384 and pte.embed([]).shape == (0, 384)
+
+
+def test_decoder_exports_with_static_cache(dec_export):
+    side = _check_result(dec_export, "decoder")
+    assert side["max_seq_len"] == 128 and side["batch"] == 1
+    assert side["prefill"] in ("dynamic", "token")
+
+
+def test_pte_decoder_greedy_equals_eager(dec_export, decoder):
+    pte = PteDecoder(dec_export.path, like=decoder)
+    msgs = [{"role": "user", "content": "A classifier saw: golden retriever (0.81), seashore (0.10). "
+                                        "Write one short sentence describing what the clip shows."}]
+    ids = decoder._ids(decoder.render(msgs))
+    ref = decoder.generate_ids(ids, max_new_tokens=12, num_beams=1)
+    got = pte.generate_ids(ids, max_new_tokens=12, num_beams=1)
+    assert got.tolist() == ref.tolist() and len(got) == 12
+    assert pte.chat(msgs, max_new_tokens=5) == decoder.chat(msgs, max_new_tokens=5)
+    with pytest.warns(UserWarning, match="greedy"):  # beams fall back to greedy (documented)
+        beams = pte.generate_ids(ids, max_new_tokens=4, num_beams=2)
+    assert beams.tolist() == ref[:4].tolist() and pte.greedy_fallbacks == 1
+    from atomkit.errors import AtomkitError, InputError
+
+    with pytest.raises(AtomkitError, match="greedy"):
+        PteDecoder(dec_export.path, like=decoder, strict_beams=True).generate_ids(ids, max_new_tokens=2, num_beams=4)
+    with pytest.raises(InputError, match="static cache"):
+        pte.generate_ids(ids, max_new_tokens=200, num_beams=1)
+
+
+def test_torchscript_trace_matches_eager(encoder, tmp_path):
+    path = trace_encoder_torchscript(encoder, tmp_path / "encoder.ts")
+    traced = torch.jit.load(str(path))
+    x = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref, got = encoder(x), traced(x)
+    for r, g in zip(ref, got):
+        assert sqnr_db(r, g) >= 60
+
+
+def test_int8_dynamic_length_embedder(embedder, tmp_path):
+    pytest.importorskip("atomkit.quant")
+    res = export_embedder(embedder, tmp_path, name="embedder_int8", quant="int8", seq_len=32, dynamic_seq=True)
+    side = json.loads(res.sidecar.read_text())
+    assert side["quant"] == "int8" and side["parity"]["sqnr_min_db"] == SQNR_MIN_DB["quantized"]
+    assert side["dynamic_seq"] is True
+    assert res.parity["passed"], res.parity  # int8 embedding (embedding_byte kernel) + int8 dynamic linears
+    assert not hasattr(embedder.model[0].auto_model, "atomkit_quant"), "the caller's embedder must stay fp32"
+    texts = ["a dog runs on the beach at sunset with its owner", "two cars", ""]  # 3 lengths, one program
+    assert sqnr_db(embedder.embed(texts), PteEmbedder(res.path, embedder.model.tokenizer).embed(texts)) >= 20
