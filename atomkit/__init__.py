@@ -20,5 +20,5 @@ __all__ = [
     "AssemblyError", "Assembly", "AtomkitError", "CaptionedClip", "Captions", "Clip", "DecodeConfig", "Hit",
     "Index", "InputError", "ModelNotFound", "PipelineError", "PipelinedExecutor", "ScriptError", "SequentialExecutor", "Session",
     "Skipped", "UnknownModel", "VideoError", "VideoInfo", "WindowConfig", "assemble", "available_models",
-    "caption", "clips", "get_spec", "index", "probe", "retrieve", "sample_frames", "sample_videos",
+    "caption", "clips", "get_spec", "index", "io", "probe", "retrieve", "sample_frames", "sample_videos",
 ]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import subprocess
 import sys
 import time
@@ -75,10 +74,10 @@ def delegation_report(edge_program_manager, method: str = "forward") -> dict:
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Signal-to-quantisation-noise ratio in dB (capped at 300 dB for identical outputs)."""
-    ref, out = ref.double(), out.double()
-    noise, signal = (ref - out).pow(2).sum().item(), ref.pow(2).sum().item()
-    return 300.0 if noise == 0 else min(300.0, 10 * math.log10(max(signal, 1e-300) / noise))
+    """``atomkit.quant.sqnr_db`` kept finite for the sidecar JSON: identical outputs give 300 dB."""
+    from .quant import sqnr_db as exact
+
+    return max(-300.0, min(300.0, exact(ref, out)))
 
 
 def parity(refs: dict[str, torch.Tensor], outs: dict[str, torch.Tensor], quantized: bool) -> dict:

@@ -67,7 +67,7 @@ class TextDecoder(nn.Module):
         return [{"role": "system", "content": CAPTION_SYSTEM}, {"role": "user", "content": user}]
 
     def _ids(self, text: str) -> torch.Tensor:
-        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :]
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
     # -- generation ------------------------------------------------------------------------------
     @torch.inference_mode()
