@@ -28,6 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
     g.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
+    g.add_argument("--programs", metavar="DIR", help="run the modules exported there by `atomkit export` (.pte)")
     v = p.add_argument_group("video")
     v.add_argument("--window", type=float, default=10.0, help="clip length in seconds (default: 10)")
     v.add_argument("--stride", type=float, default=5.0, help="hop between clip starts in seconds (default: 5)")
@@ -95,6 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
     p.add_argument("--out", metavar="DIR", default="export", help="report.json goes here (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("export", help="quantize and export encoder, decoder, embedder to ExecuTorch .pte (XNNPACK)",
+                       description="Writes <module>.pte programs lowered to XNNPACK, a sidecar JSON for each "
+                       "(shapes, quantization, versions, delegation, parity) and report.json: weight bytes before/"
+                       "after, SQNR vs fp32 on real inputs (eager quantized and .pte), parity against the eager "
+                       "module of the same quantization, delegation, load times of eager / TorchScript / .pte, "
+                       "and (--pipeline) the whole pipeline run on the programs with captions scored against fp32.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  atomkit export --models default --quant int8 --out export/default-int8\n"
+                       "  atomkit export --models default --quant int8 --out export/default-int8 --pipeline\n"
+                       "  atomkit assemble $(atomkit samples) --prompt \"make a highlight reel\" "
+                       "--programs export/default-int8 --beams 1")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="videos for real test inputs (default: the samples)")
+    p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME")
+    p.add_argument("--weights", metavar="DIR", help="weights folder for atom-paper")
+    p.add_argument("--random-weights", action="store_true", help="random weights (sizes and speed only)")
+    p.add_argument("--quant", choices=["int8", "int4", "none"], default="int8",
+                   help="torchao scheme of Linear and Embedding layers (default: int8, the paper's)")
+    p.add_argument("--only", nargs="+", choices=["encoder", "decoder", "embedder"],
+                   default=["encoder", "decoder", "embedder"], help="export only these modules")
+    p.add_argument("--max-seq-len", type=int, default=768,
+                   help="decoder static KV cache: prompt + new tokens (default: %(default)s)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="also assemble the videos on the programs and score their captions against fp32")
+    p.add_argument("--no-load-times", action="store_true", help="skip the eager/TorchScript/.pte load-time probe")
+    p.add_argument("--out", metavar="DIR", default="export", help="programs and report.json (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("device", help="Android phones over adb: list, info, bench .pte programs",
                        description="Find attached Android phones, describe them, and time ExecuTorch programs on "
                        "them with a runner binary you build (see docs/phones.md).",
@@ -128,6 +155,7 @@ def _session(args):
     from .session import Session
 
     return Session(args.models, device=args.device, weights=args.weights, random_weights=args.random_weights,
+                   programs=args.programs,
                    decode=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams),
                    window=WindowConfig(length_s=args.window, stride_s=args.stride))
 
@@ -171,6 +199,8 @@ def _run(args) -> int:
         return _bench(args)
     if args.command == "device":
         return _device(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "quantize":
         from .config import DecodeConfig
         from .evaluate import quant_report
@@ -225,6 +255,27 @@ def _run(args) -> int:
             print(f"{len(caps.clips)} clips from {len({c.clip.video for c in caps.clips})} videos in "
                   f"{caps.seconds:.1f} s; skipped {len(caps.skipped)}; model loads: {loads}")
     return 0
+
+
+def _export(args) -> int:
+    from .deploy import export_model
+
+    r = export_model(args.models, args.quant, args.out, weights=args.weights, random_weights=args.random_weights,
+                     modules=tuple(args.only), max_seq_len=args.max_seq_len, videos=args.paths or None,
+                     load_times=not args.no_load_times, pipeline=args.pipeline, progress=not args.quiet)
+    for m, info in r["modules"].items():
+        w = info.get("weights") or {}
+        ratio = f"Linear+Embedding x{w['linear_embedding_ratio']}" if w.get("linear_embedding_ratio") else ""
+        d = info["delegation"]
+        print(f"{m:9s} {info['program']:13s} {info['file_bytes'] / 2**20:7.1f} MiB  {ratio:24s} "
+              f"SQNR vs fp32 {info['pte_sqnr_db_vs_fp32']:6.1f} dB  parity {'ok' if info['parity']['passed'] else 'FAILED'}"
+              f"  ops outside XNNPACK {d['non_delegated_ops']}")
+    if "pipeline" in r:
+        c = r["pipeline"]["captions"]
+        print(f"pipeline on the programs: {r['pipeline']['clips']} clips, reel {r['pipeline']['reel']}; captions vs fp32 "
+              f"BLEU-4 {c['bleu4']:.3f} CIDEr {c['cider']:.3f} identical {c['identical_share']:.0%}")
+    print(f"checks {'passed' if r['checks']['passed'] else 'FAILED'}; wrote {r['report']}")
+    return 0 if r["checks"]["passed"] else 1
 
 
 def _device(args) -> int:

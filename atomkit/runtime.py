@@ -1,5 +1,9 @@
 """Run exported ``.pte`` programs on the host as drop-in replacements of the eager modules.
 
+``open_program(path)`` builds the right wrapper from the program's sidecar JSON and the tokenizer
+saved beside it, without loading eager weights; ``Session(programs=DIR)`` uses it. The ``like=``
+argument of each wrapper takes those host-side pieces from an eager module instead.
+
 * ``PteEncoder(path, like=encoder)``: same ``encode(frames_uint8) -> Encoded`` as the eager encoder
   (its ``preprocess``, labels and concept logic are reused); clips of any length are padded / chunked
   to the program's fixed frame count (frames are independent, so results do not change).
@@ -32,7 +36,7 @@ from .errors import AtomkitError, InputError
 from .export import read_sidecar, tokenize_fixed
 from .modules.decoder import TextDecoder
 from .modules.embedder import SentenceEmbedder
-from .modules.encoder import VideoEncoder
+from .modules.encoder import VideoEncoder, imagenet_labels
 
 
 def _import_runtime():
@@ -80,16 +84,53 @@ def _program(path) -> tuple:
     return load_method(path), read_sidecar(path)
 
 
+def saved_tokenizer(program: Path):
+    """The tokenizer ``atomkit.export`` saved beside a program (``<name>.tokenizer/``)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(program).with_suffix(".tokenizer")
+    if not folder.is_dir():
+        raise AtomkitError(f"{folder}: no tokenizer beside {Path(program).name}; re-export with `atomkit export` "
+                           "(it saves one) or pass the tokenizer / like= explicitly")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+MODULE_CLASSES = {}  # filled below: module name -> wrapper class
+
+
+def open_program(path, module: str | None = None):
+    """The runtime wrapper of one exported program, built from its sidecar and saved tokenizer alone
+    (no eager weights are loaded): ``PteEncoder``, ``PteDecoder`` or ``PteEmbedder``."""
+    path = Path(path)
+    if not path.exists():
+        raise AtomkitError(f"{path}: no such .pte program; export it with `atomkit export --out {path.parent}`")
+    module = module or read_sidecar(path).get("module")
+    if module not in MODULE_CLASSES:
+        raise AtomkitError(f"{path}: unknown module {module!r} (sidecar {path.with_suffix('.json').name} missing "
+                           f"or foreign); expected one of {sorted(MODULE_CLASSES)}")
+    return MODULE_CLASSES[module](path)
+
+
 class PteEncoder(VideoEncoder):
     """A ``VideoEncoder`` whose forward is the ``.pte`` program's ``forward`` method."""
 
-    def __init__(self, path, like: VideoEncoder):
+    def __init__(self, path, like: VideoEncoder | None = None):
         super().__init__()
         self.path = Path(path)
         self._method, self.meta = _program(self.path)
         self._lock = threading.Lock()
-        self.mean, self.std = like.mean, like.std
-        self.feature_dim, self.labels, self.top_concepts = like.feature_dim, like.labels, like.top_concepts
+        if like is not None:
+            self.mean, self.std = like.mean, like.std
+            self.feature_dim, self.labels, self.top_concepts = like.feature_dim, like.labels, like.top_concepts
+        else:  # everything the host side needs is in the sidecar
+            meta = self.meta
+            missing = [k for k in ("mean", "std", "feature_dim") if k not in meta]
+            if missing:
+                raise AtomkitError(f"{self.path.with_suffix('.json')}: sidecar lacks {missing}; re-export the "
+                                   "encoder with `atomkit export` or pass like=<eager encoder>")
+            self.mean, self.std, self.feature_dim = tuple(meta["mean"]), tuple(meta["std"]), int(meta["feature_dim"])
+            self.labels = imagenet_labels() if meta.get("labels") == "imagenet" else None
+            self.top_concepts = int(meta.get("top_concepts", 5))
         self.frames = int(self.meta.get("frames", 6))
         self.size = self.meta.get("size")
         # encode() asks the parameters for their device: one empty CPU parameter answers it.
@@ -115,12 +156,12 @@ class PteEncoder(VideoEncoder):
 class PteEmbedder(SentenceEmbedder):
     """``embed(texts) -> (N, D)`` L2-normalised float32 vectors from the embedder program."""
 
-    def __init__(self, path, tokenizer, seq_len: int | None = None):
+    def __init__(self, path, tokenizer=None, seq_len: int | None = None):
         nn.Module.__init__(self)
         self.path = Path(path)
         self._method, self.meta = _program(self.path)
         self._lock = threading.Lock()
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else saved_tokenizer(self.path)
         self.seq_len = int(seq_len or self.meta.get("seq_len", 128))
         if self.meta.get("seq_len") not in (None, self.seq_len):
             raise AtomkitError(f"{self.path.name} was exported for seq_len {self.meta['seq_len']}, not {self.seq_len}")
@@ -157,24 +198,24 @@ class PteEmbedder(SentenceEmbedder):
 class PteDecoder(TextDecoder):
     """A ``TextDecoder`` generating with the static-KV-cache ``.pte`` program (greedy, batch 1)."""
 
-    def __init__(self, path, like: TextDecoder, *, strict_beams: bool = False):
+    def __init__(self, path, like: TextDecoder | None = None, *, strict_beams: bool = False):
         nn.Module.__init__(self)
         self.path = Path(path)
         self._method, self.meta = _program(self.path)
         self._lock = threading.Lock()
         self.lm = None  # the eager weights are not kept: the program holds its own
         self.projector = None
-        if like.projector is not None:
+        if like is not None and like.projector is not None:
             warnings.warn(f"{self.path.name}: the .pte decoder takes token ids only; visual-prefix "
                           "captioning (inputs_embeds) is not available through it")
-        self.tokenizer = like.tokenizer
-        self.stop_at_eos = like.stop_at_eos
+        self.tokenizer = like.tokenizer if like is not None else saved_tokenizer(self.path)
+        self.stop_at_eos = like.stop_at_eos if like is not None else bool(self.meta.get("stop_at_eos", True))
         self.strict_beams = strict_beams
         self.greedy_fallbacks = 0
         self.max_seq_len = int(self.meta.get("max_seq_len", 512))
         self.max_prefill = int(self.meta.get("max_prefill", 1))
         eos = self.meta.get("eos_token_id", None)
-        if eos is None and like.lm is not None:
+        if eos is None and like is not None and like.lm is not None:
             eos = like.lm.generation_config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
 
@@ -223,3 +264,65 @@ class PteDecoder(TextDecoder):
             logits = self._step([tok], pos)
             pos += 1
         return torch.tensor(new, dtype=torch.long)
+
+
+MODULE_CLASSES.update(encoder=PteEncoder, decoder=PteDecoder, embedder=PteEmbedder)
+
+
+def example_inputs(path) -> list[torch.Tensor]:
+    """Inputs for timing a program, from its sidecar: random floats, small token ids, a decode step
+    (one token at position 0) for a dynamic-length decoder."""
+    meta = read_sidecar(path)
+    if not meta.get("inputs"):
+        raise AtomkitError(f"{Path(path).with_suffix('.json')}: no input shapes in the sidecar")
+    gen, out = torch.Generator().manual_seed(0), []
+    for name, spec in meta["inputs"].items():
+        shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+        if spec["dtype"].startswith("float"):
+            out.append(torch.randn(*shape, generator=gen))
+        elif name == "attention_mask":
+            out.append(torch.ones(*shape, dtype=torch.long))
+        elif name == "cache_position":
+            out.append(torch.zeros(*shape, dtype=torch.long))
+        else:
+            out.append(torch.randint(0, 100, shape, generator=gen, dtype=torch.long))
+    return out
+
+
+def bench_programs(pte_paths: dict, *, warmup: int = 2, repeats: int = 10, loads: int = 5) -> dict:
+    """Time ``.pte`` programs on this host with the ExecuTorch runtime, in ``atomkit.device.bench_pte``'s
+    schema (seconds): ``load`` = load_program + load_method (median of ``loads``, in this process: the
+    file is in the page cache after the first), ``components`` = one execution on the sidecar's example
+    inputs (``warmup`` dropped, median of ``repeats``)."""
+    import platform
+    import statistics
+    import time
+
+    def summary(xs: list[float], source: str) -> dict:
+        xs = [round(x, 7) for x in xs]
+        return {"samples": xs, "median": round(statistics.median(xs), 7) if xs else None, "source": source}
+
+    components, load = {}, {}
+    for name, path in pte_paths.items():
+        path = Path(path)
+        if not path.is_file():
+            raise AtomkitError(f"program {name!r}: {path} does not exist")
+        samples, method = [], None
+        for _ in range(max(loads, 1)):
+            t0 = time.perf_counter()
+            method = load_method(path)
+            samples.append(time.perf_counter() - t0)
+        load[name] = summary(samples, "host")
+        inputs = example_inputs(path)
+        times = []
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            method.execute(inputs)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        components[name] = summary(times, "host")
+    info = {"serial": "host", "model": platform.node(), "soc": platform.processor() or platform.machine(),
+            "cores": torch.get_num_threads(), "python": platform.python_version(), "host": True}
+    return {"device": info, "components": components, "load": load,
+            "meta": {"runner": "executorch.runtime (host)", "warmup": warmup, "repeats": repeats, "loads": loads,
+                     "unit": "s"}}

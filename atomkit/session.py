@@ -14,7 +14,7 @@ import torch
 
 from .config import DecodeConfig, WindowConfig
 from .errors import AtomkitError
-from .registry import MODULES, LoadOptions, get_spec
+from .registry import MODULES, LoadOptions, available_models, get_spec
 
 
 def default_device() -> str:
@@ -40,6 +40,7 @@ class LoadStats:
     params: int
     bytes: int
     loads: int = 1
+    source: str = "eager"  # "eager", or the .pte program it runs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,12 +64,15 @@ class Session:
 
     def __init__(self, model: str = "default", *, device: str | None = None, weights: str | Path | None = None,
                  random_weights: bool = False, cache: str | Path | None = None,
-                 decode: DecodeConfig | None = None, window: WindowConfig | None = None, quant: str = "none"):
+                 decode: DecodeConfig | None = None, window: WindowConfig | None = None, quant: str = "none",
+                 programs: str | Path | None = None):
         from .quant import _check_scheme
 
         _check_scheme(quant)
         self.quant = quant  # torchao scheme applied to every module after it loads (see atomkit.quant)
         self.spec = get_spec(model)
+        # ExecuTorch programs from `atomkit export`: a module with DIR/<module>.pte runs that program
+        self.programs = _check_programs(Path(programs), self.spec.name, quant) if programs else None
         self.options = LoadOptions(device=device or default_device(),
                                    weights=Path(weights) if weights else None,
                                    random_weights=random_weights,
@@ -102,8 +106,14 @@ class Session:
         with self._load_locks[module]:
             if module not in self._modules:
                 t0 = time.perf_counter()
-                mod = self.spec.load(module, self.options)
-                if self.quant != "none":
+                program = self.programs and self.programs.get(module)
+                if program:
+                    from .runtime import open_program
+
+                    mod = open_program(program, module)
+                else:
+                    mod = self.spec.load(module, self.options)
+                if self.quant != "none" and not program:
                     from .quant import quantize_module
 
                     quantize_module(mod, self.quant)
@@ -111,8 +121,11 @@ class Session:
                     torch.cuda.synchronize()
                 params, size = module_bytes(mod)
                 prev = self.stats.get(module)
+                if program:
+                    size = program.stat().st_size  # the program file holds the (possibly quantized) weights
                 self.stats[module] = LoadStats(module, time.perf_counter() - t0, params, size,
-                                               loads=(prev.loads + 1) if prev else 1)
+                                               loads=(prev.loads + 1) if prev else 1,
+                                               source=program.name if program else "eager")
                 self._modules[module] = mod
         return self._modules[module]
 
@@ -161,7 +174,8 @@ class Session:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Session(model={self.model!r}, device={self.options.device!r}, quant={self.quant!r}, "
+        progs = f", programs={sorted(self.programs)}" if self.programs else ""
+        return (f"Session(model={self.model!r}, device={self.options.device!r}, quant={self.quant!r}{progs}, "
                 f"loaded={self.loaded()})")
 
     # -- tasks (thin conveniences over atomkit.tasks) -----------------------------------------------
@@ -179,6 +193,28 @@ class Session:
         from .tasks import assemble
 
         return assemble(self, source, prompt, out_dir, **kwargs)
+
+
+def _check_programs(folder: Path, model: str, quant: str) -> dict[str, Path]:
+    """module -> program path of an `atomkit export` folder, checked against the session's model."""
+    import json
+
+    if quant != "none":
+        raise AtomkitError("quant= applies to eager modules; exported programs carry their own quantization "
+                           "(choose it at `atomkit export --quant`)")
+    if not folder.is_dir():
+        raise AtomkitError(f"{folder}: no such folder of .pte programs; create one with "
+                           f"`atomkit export --models {model} --out {folder}`")
+    found = {m: folder / f"{m}.pte" for m in MODULES if (folder / f"{m}.pte").exists()}
+    if not found:
+        raise AtomkitError(f"{folder}: none of {', '.join(m + '.pte' for m in MODULES)} is there; "
+                           f"run `atomkit export --models {model} --out {folder}`")
+    for m, path in found.items():
+        side = path.with_suffix(".json")
+        exported = json.loads(side.read_text()).get("model") if side.exists() else None
+        if exported in available_models() and exported != model:
+            raise AtomkitError(f"{path} was exported from model {exported!r}, not {model!r}")
+    return found
 
 
 def _free_memory() -> None:
