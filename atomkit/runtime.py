@@ -244,30 +244,15 @@ class PteDecoder(TextDecoder):
                 warnings.warn(f"{self.path.name}: num_beams={num_beams} is not supported by the .pte "
                               "decoder; falling back to greedy decoding")
             self.greedy_fallbacks += 1
-        ids = input_ids.reshape(-1).tolist()
-        if not ids:
+        if input_ids is None or input_ids.numel() == 0:
             raise InputError("empty prompt")
-        if len(ids) + max_new_tokens > self.max_seq_len:
-            raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the program's "
-                             f"static cache of {self.max_seq_len}; export with a larger max_seq_len")
-        pos, logits = 0, None
-        while pos < len(ids):
-            chunk = ids[pos:pos + self.max_prefill]
-            logits = self._step(chunk, pos)
-            pos += len(chunk)
-        new: list[int] = []
-        for i in range(max_new_tokens):
-            tok = int(logits.argmax())
-            new.append(tok)
-            if (self.stop_at_eos and tok in self.eos_ids) or i == max_new_tokens - 1:
-                break
-            logits = self._step([tok], pos)
-            pos += 1
-        return torch.tensor(new, dtype=torch.long)
+        from .engine import Engine
 
-
-MODULE_CLASSES.update(encoder=PteEncoder, decoder=PteDecoder, embedder=PteEmbedder)
-
+        eos = sorted(self.eos_ids) if self.stop_at_eos else None
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(), max_new_tokens=max_new_tokens,
+                                                       num_beams=1, eos_token_id=eos, pad_token_id=pad)
+        return new[0]
 
 def example_inputs(path) -> list[torch.Tensor]:
     """Inputs for timing a program, from its sidecar: random floats, small token ids, a decode step
@@ -326,3 +311,46 @@ def bench_programs(pte_paths: dict, *, warmup: int = 2, repeats: int = 10, loads
     return {"device": info, "components": components, "load": load,
             "meta": {"runner": "executorch.runtime (host)", "warmup": warmup, "repeats": repeats, "loads": loads,
                      "unit": "s"}}
+
+
+class PteStepper:
+    """The decode engine's stepper (``atomkit.engine``) over a decoder program: batch 1, so greedy only.
+
+    The KV cache lives inside the program; positions past the current one are masked by
+    ``cache_position``, so a new generation simply starts writing at position 0 again."""
+
+    max_batch_size = 1
+
+    def __init__(self, decoder: "PteDecoder"):
+        self.decoder = decoder
+        self.name = f"pte:{decoder.path.name}"
+        self.max_seq_len = decoder.max_seq_len
+
+    def reset(self, batch_size: int, seq_len: int) -> None:
+        if batch_size > 1:
+            raise InputError(f"{self.decoder.path.name} holds one sequence (batch 1); got {batch_size} rows")
+        if seq_len > self.max_seq_len:
+            raise InputError(f"prompt + new tokens = {seq_len} positions exceed the static cache of "
+                             f"{self.decoder.path.name} ({self.max_seq_len}); export with a larger --max-seq-len")
+
+    def prefill(self, input_ids=None, inputs_embeds=None, pad=None) -> torch.Tensor:
+        if inputs_embeds is not None:
+            raise InputError(f"{self.decoder.path.name} takes token ids, not inputs_embeds (visual-prefix models "
+                             "caption with an eager backend)")
+        ids = input_ids.reshape(-1).tolist()
+        pos, logits = 0, None
+        while pos < len(ids):
+            chunk = ids[pos:pos + self.decoder.max_prefill]
+            logits = self.decoder._step(chunk, pos)
+            pos += len(chunk)
+        return logits.float().reshape(1, -1)
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.decoder._step([int(tokens.reshape(-1)[0])], pos).float().reshape(1, -1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if index.numel() != 1 or int(index.reshape(-1)[0]) != 0:
+            raise InputError(f"{self.decoder.path.name} holds one sequence: it cannot reorder beams")
+
+
+MODULE_CLASSES.update(encoder=PteEncoder, decoder=PteDecoder, embedder=PteEmbedder)

@@ -30,8 +30,52 @@ def test_01_modular_pipeline(tmp_path):
     assert summary["script"]["entries"] and summary["hits"][0]["rank"] == 1
 
 
-def test_04_latency(tmp_path):
-    out = run("04_latency.ipynb", tmp_path)
+def test_02_quantization(tmp_path):
+    out = run("02_quantization.ipynb", tmp_path)
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "default" and report["scheme"] == "int8"
+    for m, r in report["modules"].items():
+        assert r["linear_embedding_ratio"] <= 0.30, (m, r)
+        assert r["sqnr_db"] is None or r["sqnr_db"] > 10, (m, r)  # None: identical outputs
+    assert report["modules"]["encoder"]["sqnr_db"] is None or report["modules"]["encoder"]["sqnr_db"] >= 20
+    assert report["pipeline"]["captions"]["n"] == 2 and 0 <= report["pipeline"]["captions"]["bleu4"] <= 1
+    sizes = report["sizes"]["decoder"]
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+
+
+def test_03_serialization(tmp_path):
+    out = run("03_serialization.ipynb", tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "tiny-default" and summary["quant"] == "int8" and summary["checks"]["passed"]
+    report = json.loads(Path(summary["report"]).read_text())
+    assert set(report["modules"]) == {"encoder", "decoder", "embedder"}
+    assert set(summary["load_times"]) == {"torchscript", "pte"}  # random weights: no eager registry load
+    assert all(v["first_load_s"] > 0 for v in summary["load_times"].values())
+    assert report["pipeline"]["clips"] == 2 and Path(report["pipeline"]["reel"]).is_file()
+
+
+def test_04_latency(tmp_path, monkeypatch):
+    """Smoke run with the fake adb (tests/fake_adb) on PATH: the phone section runs the pushed programs."""
+    import os
+    import subprocess
+    import sys
+
+    fake = ROOT / "tests" / "fake_adb"
+    runner = tmp_path / "executor_runner"
+    runner.write_bytes(b"\x7fELF stand-in: the fake adb runs programs with executorch.runtime\n")
+    (tmp_path / "phone").mkdir()
+    for var in ("ATOMKIT_ADB", "FAKE_ADB_FAIL", "FAKE_ADB_DEVICES", "FAKE_ADB_UNAUTHORIZED", "FAKE_ADB_RUNNER_FORMAT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(tmp_path / "phone"))
+    monkeypatch.setenv("FAKE_ADB_PYTHON", sys.executable)
+    try:
+        out = run("04_latency.ipynb", tmp_path, runner=str(runner))
+    finally:
+        subprocess.run([str(fake / "adb"), "kill-server"], timeout=30, check=False)
+    phone = json.loads((out / "phone.json").read_text())
+    assert phone["device"]["model"] == "Pixel 8a" and phone["components"]["encoder"]["median"] > 0
+    assert phone["load"]["encoder"]["median"] > 0
     result = json.loads((out / "bench.json").read_text())
     assert result["model"] == "tiny-default" and result["random_weights"] is True
     assert set(result["end_to_end"]) == {"retrieval", "assembly"}

@@ -144,6 +144,9 @@ model = "default"
 prompts = 5
 k = 3
 executor = "measured"  # reuse path: measured, auto, sequential or pipelined
+programs = None        # folder of .pte programs (atomkit export) for the phone section; None: export here
+runner = None          # ExecuTorch runner binary for the phone (docs/phones.md); None: $ATOMKIT_RUNNER
+phone_modules = ["encoder", "decoder", "embedder"]
 out_dir = "out/04_latency"
 smoke = False          # True for tiny random-weight models, two short videos, one prompt (CI)"""),
     ("code", """
@@ -161,6 +164,7 @@ if smoke:
     model, prompts = "tiny-default", 1
     videos = [v for v in videos if v.name in ("carphone_pristine.mp4", "bigbuckbunny.mp4")]
     decode = atomkit.DecodeConfig(max_new_tokens=4, num_beams=2, script_max_new_tokens=8)
+    phone_modules = ["encoder"]
 out = Path(out_dir)
 result = benchmark(model, prompts=prompts, videos=videos, k=k, decode=decode, executor=executor,
                    warmup=not smoke, overlap_repeats=1 if smoke else 2)
@@ -202,10 +206,232 @@ assert result["end_to_end"]["assembly"]["reuse"] > 0 and result["end_to_end"]["a
 result["timeline_png"] = str(png)
 atomkit.io.write_json_atomic(out / "bench.json", result)
 print("wrote", out / "bench.json")"""),
+
+    ("md", """
+## Phones
+With an Android phone attached (USB debugging on, `adb devices` lists it) and an ExecuTorch runner binary
+(see `docs/phones.md`), the `.pte` programs are pushed and timed **on the phone**: cold load (median of several
+fresh processes) and per-execution latency after warm-up, in the same schema as above. The phone's model, SoC,
+Android version, RAM and thermal state are recorded. Without a phone this section says so and times the same
+programs on this host with the ExecuTorch runtime."""),
+    ("code", """
+import os
+from atomkit import device
+from atomkit.runtime import bench_programs
+
+if programs is None:  # int8 programs of this model, exported here
+    from atomkit.export import export_decoder, export_embedder, export_encoder
+    exporters = {"encoder": export_encoder, "decoder": export_decoder, "embedder": export_embedder}
+    with atomkit.Session(model) as s:
+        progs = {m: exporters[m](s.get(m), out / "programs", name=m, quant="int8", model=model).path
+                 for m in phone_modules}
+else:
+    progs = {m: Path(programs) / f"{m}.pte" for m in phone_modules}
+try:
+    serials = device.list_devices()
+    why = "no Android device attached (adb devices lists none)"
+except device.DeviceError as e:  # no adb on this machine
+    serials, why = [], str(e).splitlines()[0]
+runner = runner or os.environ.get("ATOMKIT_RUNNER")
+if serials and runner:
+    phone = device.bench_pte(serials[0], progs, runner, repeats=3 if smoke else 10, loads=2 if smoke else 5)
+    print("measured on", phone["device"].get("model"), phone["device"].get("soc"), "Android", phone["device"].get("android"))
+else:
+    print(f"{why if not serials else 'no runner binary given (runner= or $ATOMKIT_RUNNER)'}: timing the programs on this host")
+    phone = bench_programs(progs, repeats=3 if smoke else 10, loads=2 if smoke else 5)
+for name, comp in phone["components"].items():
+    print(f"{name:10s} load {phone['load'][name]['median'] * 1e3:8.1f} ms   run {comp['median'] * 1e3:8.1f} ms ({comp['source']})")
+assert all(c["median"] > 0 for c in phone["components"].values())
+atomkit.io.write_json_atomic(out / "phone.json", phone)
+print("wrote", out / "phone.json")"""),
 ]
 
 
-NOTEBOOKS = {"01_modular_pipeline.ipynb": PIPELINE, "04_latency.ipynb": LATENCY}
+QUANTIZATION = [
+    ("md", """
+# 02 · Quantization: smaller modules, checked by numbers
+
+The paper quantizes the **Linear and Embedding** layers of every module to int8 with TorchAO (dynamic int8
+activations, int8 weights). atomkit names two schemes, both chosen so that they lower to ExecuTorch/XNNPACK:
+
+| scheme | Linear | Embedding |
+|---|---|---|
+| `int8` (the paper) | int8 weights per output channel, int8 dynamic per-token activations | int8 weights per row |
+| `int4` (MobileLLM-Pro / ParetoQ direction) | int4 weights in groups of 32, int8 dynamic activations | int4 weights, groups of 32 |
+
+Quantized eager modules are for checking and exporting: torchao's eager int8 path dequantizes per call and
+is *slower* than fp32 on a CPU. The speed comes from the exported programs (notebook 03)."""),
+    ("parameters", """
+# Parameters (papermill overrides these)
+model = "default"
+scheme = "int8"        # int8 or int4
+out_dir = "out/02_quantization"
+smoke = False          # True: two short videos, greedy 8-token captions (CI)"""),
+    ("code", """
+import copy, logging, os
+from pathlib import Path
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+import atomkit
+from atomkit.quant import quantize_module, weight_bytes
+
+videos = atomkit.sample_videos()
+decode = atomkit.DecodeConfig()
+if smoke:
+    videos = [v for v in videos if v.name in ("carphone_pristine.mp4", "bigbuckbunny.mp4")]
+    decode = atomkit.DecodeConfig(max_new_tokens=8, num_beams=1)
+out = Path(out_dir)"""),
+    ("md", """
+## 1 · Bytes of weights, per module and scheme
+`weight_bytes` counts the storage of each tensor (quantized values, scales, zero points; tied weights once).
+In eager torchao, int4 values sit one per byte; `packed=True` counts them at 4 bits, as an exported program
+stores them. Convolutions (EfficientNet's backbone) are not in the paper's scheme and stay fp32."""),
+    ("code", """
+session = atomkit.Session(model)
+sizes = {}
+for m in ("encoder", "decoder", "embedder"):
+    fp32 = session.get(m)
+    sizes[m] = {"fp32": weight_bytes(fp32)}
+    for s in ("int8", "int4"):
+        sizes[m][s] = weight_bytes(quantize_module(copy.deepcopy(fp32), s), packed=True)
+for m, by in sizes.items():
+    print(m, {s: f"{b['total'] / 2**20:.1f} MiB (Linear+Embedding {(b['linear'] + b['embedding']) / 2**20:.1f})"
+              for s, b in by.items()})"""),
+    ("code", """
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(8, 3))
+schemes = ("fp32", "int8", "int4")
+for j, s in enumerate(schemes):
+    ax.bar([i + 0.27 * (j - 1) for i in range(3)], [sizes[m][s]["total"] / 2**20 for m in sizes], width=0.27, label=s)
+ax.set_xticks(range(3), list(sizes)); ax.set_ylabel("MiB of weights"); ax.legend(); plt.tight_layout(); plt.show()"""),
+    ("md", """
+## 2 · The scheme against fp32, on real inputs
+`quant_report` runs the fp32 and the quantized pipeline on the same videos: bytes and output SQNR per module
+(encoder on real frames, decoder logits on a caption prompt, embedder on real captions), then the quantized
+captions scored against the fp32 captions (BLEU-4, CIDEr, share identical) and retrieval rank agreement."""),
+    ("code", """
+from atomkit.evaluate import quant_report
+session.close()
+report = quant_report(model, scheme, videos, decode=decode, progress=True)
+for m, r in report["modules"].items():
+    print(f"{m:9s} Linear+Embedding x{r['linear_embedding_ratio']}  SQNR {r['sqnr_db']} dB")
+c = report["pipeline"]["captions"]
+print(f"captions vs fp32: BLEU-4 {c['bleu4']:.3f}  CIDEr {c['cider']:.3f}  identical {c['identical_share']:.0%}")
+for e in report["pipeline"]["examples"]:
+    print(f"{e['id']:24s} fp32: {e['fp32']}\\n{'':24s} {scheme}: {e['test']}")"""),
+    ("md", """
+SQNR (signal-to-quantization-noise ratio) is 10·log10(‖ref‖² / ‖ref − test‖²): 20 dB means the error has 1 % of
+the signal's energy. A causal LM's logits are the most sensitive output: every layer's rounding adds up, so
+its SQNR is lower than the encoder's even when the captions barely change."""),
+    ("code", """
+report["sizes"] = {m: {s: b["total"] for s, b in by.items()} for m, by in sizes.items()}
+path = atomkit.io.write_json_atomic(out / "report.json", report)
+ratios = {m: r["linear_embedding_ratio"] for m, r in report["modules"].items()}
+if scheme == "int8":
+    assert all(v is not None and v <= 0.30 for v in ratios.values()), ratios
+assert report["pipeline"]["captions"]["n"] == len(report["pipeline"]["examples"]) or report["pipeline"]["captions"]["n"] >= 1
+print("wrote", path)"""),
+]
+
+
+SERIALIZATION = [
+    ("md", """
+# 03 · Serialization: ExecuTorch programs that run the same pipeline
+
+The paper serialized each module with `torch.jit.trace` for PyTorch Mobile, which is no longer supported.
+Its successor is **ExecuTorch**: `torch.export` → edge dialect → XNNPACK delegate → a `.pte` program that
+runs on this host and on a phone alike. `atomkit export` does this for all three modules:
+
+* encoder: 6 frames in, features and class probabilities out;
+* decoder: a static-KV-cache LM step (prompt prefilled in one call, then one token per call);
+* embedder: transformer + mean pooling + L2 norm, dynamic sequence length.
+
+Each program gets a sidecar JSON (shapes, quantization, versions, what XNNPACK took and what it left,
+parity) and the folder a `report.json`."""),
+    ("parameters", """
+# Parameters (papermill overrides these)
+model = "default"
+quant = "int8"         # int8, int4 or none
+out_dir = "out/03_serialization"
+smoke = False          # True: tiny random-weight models and two short videos (CI)"""),
+    ("code", """
+import json, logging, os
+from pathlib import Path
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+import atomkit
+from atomkit.deploy import export_model
+
+videos = atomkit.sample_videos()
+if smoke:
+    model = "tiny-default"
+    videos = [v for v in videos if v.name in ("carphone_pristine.mp4", "bigbuckbunny.mp4")]
+out = Path(out_dir)
+report = export_model(model, quant, out / "programs", videos=videos, pipeline=True, load_times=True,
+                      max_seq_len=768)"""),
+    ("md", "## 1 · What was written, and is it still the same model?"),
+    ("code", """
+print(f"{'module':9s} {'MiB':>7s} {'Lin+Emb x':>9s} {'SQNR vs fp32':>12s} {'parity':>7s} {'in XNNPACK':>10s} {'outside':>7s}")
+for m, r in report["modules"].items():
+    w, d = r["weights"] or {}, r["delegation"]
+    print(f"{m:9s} {r['file_bytes'] / 2**20:7.1f} {str(w.get('linear_embedding_ratio')):>9s} "
+          f"{r['pte_sqnr_db_vs_fp32']:10.1f} dB {str(r['parity']['passed']):>7s} {d['delegated_ops']:10d} {d['non_delegated_ops']:7d}")
+print(json.dumps(report["checks"], indent=1))"""),
+    ("md", """
+**Parity** compares each program with the eager module of the *same* quantization (tolerance in the sidecar:
+SQNR ≥ 40 dB for fp32 programs, ≥ 20 dB for quantized ones, whose activations XNNPACK rounds its own way).
+**SQNR vs fp32** is what quantization costs. Ops left outside the delegate run on ExecuTorch's portable
+kernels: for the decoder these are the cache bookkeeping and masks, for the embedder the layer norms."""),
+    ("code", """
+for m, r in report["modules"].items():
+    print(m, "outside XNNPACK:", r["delegation"]["outside_ops"])"""),
+    ("md", """
+## 2 · Load and first inference: eager vs TorchScript vs `.pte`
+Each kind is loaded in a fresh Python process (the OS page cache is not dropped, so "first" is not a true
+cold start). TorchScript is the paper's path, traced from the fp32 encoder; it still runs but is deprecated."""),
+    ("code", """
+import matplotlib.pyplot as plt
+lt = {k: v for k, v in report["load_times"].items() if isinstance(v, dict) and "first_load_s" in v}
+fig, ax = plt.subplots(figsize=(8, 2.8))
+kinds = list(lt)
+ax.barh(kinds, [lt[k]["first_load_s"] for k in kinds], label="first load")
+ax.barh(kinds, [lt[k]["first_inference_s"] for k in kinds], left=[lt[k]["first_load_s"] for k in kinds],
+        label="first inference")
+ax.set_xlabel("seconds (encoder)"); ax.legend(); plt.tight_layout(); plt.show()
+for k in kinds:
+    print(f"{k:12s} load {lt[k]['first_load_s']:.3f} s, first inference {lt[k]['first_inference_s']:.3f} s, "
+          f"steady {lt[k]['steady_inference_s']:.3f} s")"""),
+    ("md", """
+## 3 · The pipeline on the programs
+`Session(model, programs=DIR)` runs every module that has a program there through the ExecuTorch runtime:
+no eager weights are loaded. The decoder program is batch 1, so both sides decode greedily here; the
+captions are scored against fp32 eager captions."""),
+    ("code", """
+from IPython.display import Video, display
+p = report["pipeline"]
+c = p["captions"]
+print(f"{p['clips']} clips; captions vs fp32: BLEU-4 {c['bleu4']:.3f} CIDEr {c['cider']:.3f} identical {c['identical_share']:.0%}")
+print("caption time:", p["captions_seconds"], "| loads:", {m: (r["source"], round(r["seconds"], 3)) for m, r in p["load"].items()})
+for e in p["examples"]:
+    print(f"{e['id']:24s} fp32: {e['fp32']}\\n{'':24s} .pte: {e['test']}")
+display(Video(p["reel"], embed=False, width=480))"""),
+    ("code", """
+assert report["checks"]["passed"], report["checks"]
+assert all((out / "programs" / f"{m}.pte").is_file() and (out / "programs" / f"{m}.json").is_file()
+           for m in ("encoder", "decoder", "embedder"))
+assert all(r["source"].endswith(".pte") for r in p["load"].values()), p["load"]
+assert Path(p["reel"]).stat().st_size > 1000
+summary = {"model": model, "quant": quant, "smoke": smoke, "report": report["report"], "checks": report["checks"],
+           "pipeline_captions": c, "load_times": lt}
+atomkit.io.write_json_atomic(out / "summary.json", summary)
+print("wrote", out / "summary.json")"""),
+]
+
+
+NOTEBOOKS = {"01_modular_pipeline.ipynb": PIPELINE, "02_quantization.ipynb": QUANTIZATION,
+             "03_serialization.ipynb": SERIALIZATION, "04_latency.ipynb": LATENCY}
 
 
 def main() -> int:
