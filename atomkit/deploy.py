@@ -9,7 +9,7 @@ The report answers, by numbers, whether the deployed pipeline is still the pipel
 * ``checks``: the acceptance thresholds (Linear+Embedding <= 0.30 x fp32 for int8, encoder SQNR
   >= 20 dB, parity) and whether each holds;
 * ``load_times``: the encoder as eager, TorchScript (the paper's deprecated ``torch.jit.trace`` path)
-  and ``.pte``, load + first inference, each in a fresh process;
+  and ``.pte``, load + first inference, each in a fresh process (``cold``: page cache dropped first);
 * ``pipeline`` (optional): the whole pipeline run on the programs (``Session(programs=DIR)``)
   assembling the videos, its captions scored against the fp32 eager captions of the same decoding.
 """
@@ -69,7 +69,7 @@ def program_outputs(ref, programs: dict, frames: torch.Tensor) -> dict:
 def export_model(model: str = "default", quant: str = "int8", out_dir: str | Path = "export", *,
                  weights=None, random_weights: bool = False, modules=("encoder", "decoder", "embedder"),
                  max_seq_len: int = 512, embed_seq_len: int = 128, videos=None, load_times: bool = True,
-                 pipeline: bool = False, decode: DecodeConfig | None = None, progress: bool = True) -> dict:
+                 cold: bool = False, pipeline: bool = False, decode: DecodeConfig | None = None, progress: bool = True) -> dict:
     """Export, check and report; writes ``<module>.pte`` + sidecars + ``report.json`` into ``out_dir``."""
     from . import export as X
     from .evaluate import compare_modules
@@ -120,7 +120,7 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
             report["load_times"] = {"module": "encoder", "torchscript_note": "torch.jit.trace, the paper's PyTorch "
                                     "Mobile path: deprecated, fp32 only here",
                                     **X.load_times(pte=programs["encoder"], torchscript=ts,
-                                                   eager=model if not ref.random_weights else None)}
+                                                   eager=model if not ref.random_weights else None, cold=cold)}
     report["checks"] = checks(report)
     if pipeline:
         bar.step("pipeline on the programs vs fp32")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import time
@@ -424,18 +425,34 @@ print("PROBE" + json.dumps(res))
 """
 
 
+def drop_page_cache() -> str | None:
+    """Drop the OS page cache (Linux, root) so the next file read comes from disk; None when done, else why not."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return None
+    except OSError as e:
+        return f"cannot drop the page cache ({e.strerror or e}); loads may be served from memory"
+
+
 def load_times(pte: Path | None = None, torchscript: Path | None = None, eager: str | None = None, *,
-               frames: int = 6, size: int = 224, timeout: float = 600) -> dict:
+               frames: int = 6, size: int = 224, timeout: float = 600, cold: bool = False) -> dict:
     """Encoder load + first inference, each kind in a fresh Python process.
 
-    "first" = the first load in a new process (the OS page cache is NOT dropped: the file may
-    already be in memory, so this is not a true cold start); "warm" = a second load in the same
-    process; "steady" = a third inference. ``eager`` is a registry spec name ("default").
+    "first" = the first load in a new process; "warm" = a second load in the same process; "steady" =
+    a third inference. With ``cold`` the OS page cache is dropped before each process (needs root on
+    Linux), so the first load reads the file from disk; otherwise the file may already be in memory.
+    ``eager`` is a registry spec name ("default").
     """
-    out = {}
+    out: dict = {"cold": False}
     for kind, target in (("eager", eager), ("torchscript", torchscript), ("pte", pte)):
         if target is None:
             continue
+        if cold:
+            why = drop_page_cache()
+            out["cold"] = why is None
+            if why:
+                out["cold_note"] = why
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", _PROBE, kind, str(target), str(frames), str(size)],
                               capture_output=True, text=True, timeout=timeout)
