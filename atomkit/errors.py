@@ -26,6 +26,15 @@ class UnknownModel(AtomkitError):
         super().__init__(f"unknown model {name!r}; available models: {', '.join(self.valid)}")
 
 
+class UnknownBackend(AtomkitError):
+    """A decode backend name that is not in ``atomkit.engine.BACKENDS``."""
+
+    def __init__(self, name: str, valid: list[str]):
+        self.name = name
+        self.valid = list(valid)
+        super().__init__(f"unknown decode backend {name!r}; available backends: {', '.join(self.valid)}")
+
+
 class ModelNotFound(AtomkitError):
     """Weights that a model needs are not on disk."""
 

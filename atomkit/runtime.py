@@ -231,8 +231,12 @@ class PteDecoder(TextDecoder):
 
     @torch.inference_mode()
     def generate_ids(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
-                     max_new_tokens: int, num_beams: int) -> torch.Tensor:
-        """New token ids (1-D) after the prompt: greedy argmax, prompt prefilled in chunks."""
+                     max_new_tokens: int, num_beams: int, backend: str = "auto") -> torch.Tensor:
+        """New token ids (1-D) after the prompt: greedy argmax, prompt prefilled in chunks. The program is
+        the backend: ``backend`` is accepted for the ``TextDecoder`` signature and must be auto or pte."""
+        if backend not in ("auto", "pte"):
+            raise AtomkitError(f"{self.path.name}: a .pte decoder decodes with its program; backend {backend!r} "
+                               "needs the eager decoder (a Session without programs=)")
         if inputs_embeds is not None:
             raise AtomkitError(f"{self.path.name}: the .pte decoder takes token ids, not inputs_embeds "
                                "(visual-prefix models run eager)")

@@ -198,7 +198,8 @@ def write_script(session, prompt: str, hits: Sequence[Hit]) -> Script:
     clips = [(h.clip.id, h.clip.caption) for h in hits]
     with session.use("decoder") as dec:
         raw = dec.chat(script_messages(prompt, clips), max_new_tokens=session.decode.script_max_new_tokens,
-                       num_beams=session.decode.script_num_beams, answer_prefix=SCRIPT_ANSWER_PREFIX)
+                       num_beams=session.decode.script_num_beams, answer_prefix=SCRIPT_ANSWER_PREFIX,
+                       backend=session.decode.backend)
     return parse_script(raw, clips)
 
 

@@ -32,7 +32,7 @@ class TextDecoder(nn.Module):
     """A causal LM with its tokenizer and, for visual-prefix models, a projector.
 
     Args:
-        lm: a transformers causal LM (``generate`` is used).
+        lm: a transformers causal LM (decoded by ``atomkit.engine``; ``generate`` is the reference).
         tokenizer: its tokenizer. A random-weight model may run with a stand-in tokenizer whose
             vocabulary is smaller than the LM's; ids outside it are folded into it for display.
         projector: maps (T, D_vision) features to (T, D_lm) prefix embeddings; None = concept bridge.
@@ -70,25 +70,34 @@ class TextDecoder(nn.Module):
         return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
     # -- generation ------------------------------------------------------------------------------
+    def engine(self, backend: str = "auto"):
+        """The decode engine of ``backend`` (see ``atomkit.engine``), built once and kept.
+
+        ``auto`` is the exact fp32 engine (``torch``) when the LM is a Llama it can run, else
+        transformers ``generate`` (``hf``).
+        """
+        from ..engine import get_engine, resolve_backend
+
+        name = resolve_backend(backend, self)
+        engines = self.__dict__.setdefault("_engines", {})
+        if name not in engines:
+            engines[name] = get_engine(name, self)
+        return engines[name]
+
     @torch.inference_mode()
     def generate_ids(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
-                     max_new_tokens: int, num_beams: int) -> torch.Tensor:
-        """New token ids (1-D) after the prompt, given as ids or as embeddings."""
+                     max_new_tokens: int, num_beams: int, backend: str = "auto") -> torch.Tensor:
+        """New token ids (1-D) after the prompt, given as ids or as embeddings.
+
+        Greedy or beam search with ``generate``'s semantics (beam: early stopping, length penalty 1);
+        ``backend`` picks the engine (``atomkit.engine.BACKENDS``; ``hf`` is ``generate`` itself).
+        """
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                      pad_token_id=pad, num_return_sequences=1)
-        if not self.stop_at_eos:
-            kwargs.update(eos_token_id=None, min_new_tokens=max_new_tokens)
-        if num_beams > 1:
-            kwargs.update(early_stopping=True, length_penalty=1.0)
-        if inputs_embeds is not None:
-            mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-            out = self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
-            return out[0]  # decoder-only generate from embeddings returns only the new tokens
-        input_ids = input_ids.to(self.device)
-        out = self.lm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        return out[0, input_ids.shape[1]:]
+        eos = self.lm.generation_config.eos_token_id if self.stop_at_eos else None
+        out = self.engine(backend).generate(input_ids, inputs_embeds=inputs_embeds, max_new_tokens=max_new_tokens,
+                                            num_beams=num_beams, eos_token_id=eos, pad_token_id=pad)
+        return out[0]
 
     def decode_ids(self, ids: torch.Tensor) -> str:
         vocab = len(self.tokenizer)
@@ -97,24 +106,26 @@ class TextDecoder(nn.Module):
             ids = ids.remainder(vocab)  # random-weight LM with a stand-in tokenizer
         return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
 
-    def chat(self, messages: list[dict], *, max_new_tokens: int, num_beams: int = 1, answer_prefix: str = "") -> str:
+    def chat(self, messages: list[dict], *, max_new_tokens: int, num_beams: int = 1, answer_prefix: str = "",
+             backend: str = "auto") -> str:
         """Text-only generation (the assembly script).
 
         ``answer_prefix`` is written as the start of the assistant's answer (e.g. the opening of a
         JSON array) and returned in front of what the model continues with.
         """
         ids = self._ids(self.render(messages) + answer_prefix)
-        new = self.generate_ids(ids, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        new = self.generate_ids(ids, max_new_tokens=max_new_tokens, num_beams=num_beams, backend=backend)
         return answer_prefix + self.decode_ids(new)
 
     def caption(self, enc: Encoded, cfg: DecodeConfig = DecodeConfig()) -> str:
         """One caption for one encoded clip."""
         text = self.render(self.caption_messages(enc))
         if self.projector is None:
-            new = self.generate_ids(self._ids(text), max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
+            new = self.generate_ids(self._ids(text), max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                                    backend=cfg.backend)
         else:
             new = self.generate_ids(inputs_embeds=self.prefix_embeds(text, enc.features),
-                                    max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
+                                    max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, backend=cfg.backend)
         return first_sentence_line(self.decode_ids(new))
 
     @torch.inference_mode()

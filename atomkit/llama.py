@@ -1,0 +1,277 @@
+"""A Llama forward pass over preallocated KV tensors: the torch steppers of ``atomkit.engine``.
+
+``LlamaStepper`` reads the weights of a transformers ``LlamaForCausalLM`` (SmolLM2, Llama-3.2) and
+runs one prefill, then one token per call, without the per-token work of ``generate`` (cache
+objects, mask building, logits processors, module hooks). In fp32 it repeats transformers' own
+arithmetic op for op (RMSNorm in fp32, rotary tables computed the same way, SDPA with GQA on the
+filled part of the cache), so its greedy tokens equal ``generate``'s. Variants:
+
+* ``weights="bf16"``: bf16 copies of the matrices (half the bytes read per token);
+* ``weights="int8"``: int8 weights with one fp32 scale per output channel
+  (``torch._weight_int8pack_mm``);
+* ``weights="int4"``: 4-bit weights, asymmetric, groups of 32 along the input
+  (``aten._weight_int4pack_mm_for_cpu``), the output head in int8. SmolLM2's GGUF stores its
+  layers as Q4_1 (the same grid: 4 bits, min and scale per 32), so this nearly restores them
+  (SQNR about 50 dB per matrix, bf16 scales and activations being the loss);
+* quantized variants prefill with the fp32 weights (the packed kernels are made for a few rows);
+* ``compile=True``: the one-token step under ``torch.compile`` (attention over the whole static
+  cache with a mask, so the graph has one shape per batch size and cache length).
+
+Quantized variants change the numbers: compare them to fp32 by token and caption agreement.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+WEIGHT_KINDS = ("fp32", "bf16", "int8", "int4")
+INT4_GROUP = 32
+PACKED_MAX_ROWS = 16  # more rows than this (a prefill) run on the fp32 weights: the packed kernels are slow there
+CACHE_ROUND = 256  # cache lengths are rounded up to this, so a new prompt rarely reallocates
+
+
+class Linear:
+    """``y = x @ W.T`` with W stored as fp32 (shared with the model), bf16, int8 or int4."""
+
+    def __init__(self, w: torch.Tensor, kind: str):
+        self.kind, self.out_features = kind, w.shape[0]
+        w = w.detach()
+        self.full = w  # the model's fp32 tensor (no copy): prefill reads it, the packed kernels are for few rows
+        if kind == "fp32":
+            self.w = w  # the model's own tensor: no copy
+        elif kind == "bf16":
+            self.w = w.to(torch.bfloat16)
+        elif kind == "int8":
+            w = w.float()
+            scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+            self.w = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(torch.bfloat16)  # the packed kernels are fast with bf16 activations only
+        elif kind == "int4":
+            n, k = w.shape
+            if k % INT4_GROUP:
+                raise ValueError(f"int4 needs in_features divisible by {INT4_GROUP}, got {k}")
+            g = w.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+            zero = lo + 8 * scale  # the kernel dequantizes (q - 8) * scale + zero
+            self.sz = torch.stack([scale.reshape(n, -1).t(), zero.reshape(n, -1).t()], -1).to(torch.bfloat16).contiguous()
+            self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:
+            raise ValueError(f"unknown weight kind {kind!r}; kinds are {WEIGHT_KINDS}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "fp32":
+            return F.linear(x, self.w)
+        if self.kind == "bf16":
+            return F.linear(x.to(torch.bfloat16), self.w).float()
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > PACKED_MAX_ROWS:
+            return F.linear(x, self.full)
+        x2 = x2.to(torch.bfloat16)
+        if self.kind == "int8":
+            y = torch._weight_int8pack_mm(x2, self.w, self.scale)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w, INT4_GROUP, self.sz)
+        return y.float().reshape(*shape, self.out_features)
+
+    def nbytes(self) -> int:
+        extra = [getattr(self, a) for a in ("scale", "sz") if hasattr(self, a)]
+        return sum(t.numel() * t.element_size() for t in [self.w, *extra])
+
+
+class LlamaStepper:
+    """The ``Stepper`` of ``atomkit.engine`` for transformers Llama models (see its docstring).
+
+    Args:
+        lm: a ``LlamaForCausalLM`` (or any model with the same module names: SmolLM2, Llama-3.2).
+        weights: "fp32" (exact, shares the model's tensors), "bf16", "int8" or "int4".
+        fuse: one matmul for q/k/v and one for gate/up (fewer calls; the same values only in
+            exact arithmetic, so the exact backend keeps them apart).
+        compile: run the one-token step under ``torch.compile``.
+        max_seq_len: the longest prompt + new tokens this stepper accepts.
+    """
+
+    def __init__(self, lm, *, weights: str = "fp32", fuse: bool = False, compile: bool = False,
+                 max_seq_len: int | None = None):
+        cfg = lm.config
+        self.name = "llama-" + weights + ("-compiled" if compile else "")
+        self.kind = weights
+        self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 8192))
+        self.max_batch_size = None  # any number of rows
+        self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = self.head_dim ** -0.5
+        self.eps = cfg.rms_norm_eps
+        self.device = lm.lm_head.weight.device
+        model = lm.model
+        self.embed = model.embed_tokens.weight.detach()
+        rot = model.rotary_emb
+        self.inv_freq = rot.inv_freq.detach().float()
+        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+        self.norm = model.norm.weight.detach()
+        self.layers = []
+        for layer in model.layers:
+            a, m = layer.self_attn, layer.mlp
+            L = dict(ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
+                     o=Linear(a.o_proj.weight, weights), down=Linear(m.down_proj.weight, weights))
+            if fuse:
+                L["qkv"] = Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), weights)
+                L["gate_up"] = Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), weights)
+            else:
+                L.update(q=Linear(a.q_proj.weight, weights), k=Linear(a.k_proj.weight, weights),
+                         v=Linear(a.v_proj.weight, weights), gate=Linear(m.gate_proj.weight, weights),
+                         up=Linear(m.up_proj.weight, weights))
+            self.layers.append(L)
+        # int4 output rows lose too much (the GGUF stores them as Q8_0): int8 for the head of int4
+        self.lm_head = Linear(lm.lm_head.weight, "int8" if weights == "int4" else weights)
+        self.fuse = fuse
+        self.compiled = compile
+        self._step_fn = torch.compile(self._step_static, dynamic=False) if compile else None
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.batch_size, self.cache_len = 0, 0
+        self.pad: torch.Tensor | None = None  # (B,) left padding per row, None when no row is padded
+
+    # -- the Stepper interface ---------------------------------------------------------------------
+    def reset(self, batch_size: int, seq_len: int) -> None:
+        """Make room for ``batch_size`` rows of up to ``seq_len`` positions (prompt + new tokens)."""
+        if seq_len > self.max_seq_len:
+            raise InputError(f"{self.name}: prompt + new tokens = {seq_len} positions, more than this stepper's "
+                             f"max_seq_len {self.max_seq_len}; shorten the prompt or ask for fewer new tokens")
+        need = min(self.max_seq_len, math.ceil(seq_len / CACHE_ROUND) * CACHE_ROUND)
+        if batch_size != self.batch_size or need > self.cache_len:
+            shape = (batch_size, self.n_kv, need, self.head_dim)
+            dt = torch.float32
+            self.k_cache = [torch.zeros(shape, dtype=dt, device=self.device) for _ in self.layers]
+            self.v_cache = [torch.zeros(shape, dtype=dt, device=self.device) for _ in self.layers]
+            self.batch_size, self.cache_len = batch_size, need
+        self.pad = None
+
+    def prefill(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt (rows 0..b-1 of the cache); fp32 logits of each row's last position (b, V).
+
+        ``pad`` (b,): row i's first ``pad[i]`` positions are left padding (batches of prompts of
+        different lengths); None when no row is padded.
+        """
+        x = self.embed[input_ids.to(self.device)] if inputs_embeds is None else inputs_embeds.to(self.device).float()
+        b, n, _ = x.shape
+        if n > self.cache_len:
+            raise InputError(f"{self.name}: prompt of {n} tokens does not fit the cache of {self.cache_len}")
+        pos = torch.arange(n, device=self.device)
+        mask = None
+        if pad is not None and bool((pad > 0).any()):
+            self.pad = pad.to(self.device)
+            rows = (pos[None, :] - self.pad[:, None]).clamp(min=0)  # (b, n) positions as transformers counts them
+            keep = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] >= self.pad[:, None, None])
+            keep |= torch.eye(n, dtype=torch.bool, device=self.device)[None]  # pad rows see themselves: no NaN
+            mask = keep[:, None]  # (b, 1, n, n)
+            cos, sin = self._rope(rows)
+        else:
+            cos, sin = self._rope(pos[None, :])
+        h = self._layers(x, cos, sin, 0, n, mask, causal=mask is None)
+        return self.lm_head(self._rms(h[:, -1], self.norm)).float()
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Feed one token per row at cache position ``pos``; fp32 next-token logits (B, V)."""
+        if pos >= self.cache_len:
+            raise InputError(f"{self.name}: position {pos} is past the cache ({self.cache_len})")
+        if self._step_fn is not None:
+            return self._step_fn(tokens.to(self.device), torch.tensor(pos, device=self.device))
+        x = self.embed[tokens.to(self.device)][:, None]
+        if self.pad is None:
+            cos, sin = self._rope(torch.full((1, 1), pos, device=self.device))
+            mask = None
+        else:
+            cos, sin = self._rope((pos - self.pad)[:, None])
+            keys = torch.arange(pos + 1, device=self.device)
+            mask = (keys[None, :] >= self.pad[:, None])[:, None, None]  # (B, 1, 1, pos + 1)
+        h = self._layers(x, cos, sin, pos, pos + 1, mask, causal=False)
+        return self.lm_head(self._rms(h[:, -1], self.norm)).float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i of the cache becomes old row ``index[i]`` (beam search; spreading a prefill)."""
+        index = index.to(self.device)
+        for t in (*self.k_cache, *self.v_cache):
+            t.copy_(t.index_select(0, index))  # in place: a compiled step keeps its inputs
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, index)
+
+    # -- the forward pass --------------------------------------------------------------------------
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.fuse:  # one fused kernel; transformers' op-by-op version below is the exact one
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        var = x.pow(2).mean(-1, keepdim=True)
+        return w * (x * torch.rsqrt(var + self.eps))
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scale)[:, None], (emb.sin() * self.rope_scale)[:, None]  # (B, 1, n, D)
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def _qkv(self, L: dict, hn: torch.Tensor, cos, sin):
+        b, n, _ = hn.shape
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        if self.fuse:  # rotate q and k heads in one go
+            qkv = L["qkv"](hn)
+            qk = self._rotate(qkv[..., :(H + KV) * D].view(b, n, H + KV, D).transpose(1, 2), cos, sin)
+            return qk[:, :H], qk[:, H:], qkv[..., (H + KV) * D:].view(b, n, KV, D).transpose(1, 2)
+        q, k, v = L["q"](hn), L["k"](hn), L["v"](hn)
+        return (self._rotate(q.view(b, n, H, D).transpose(1, 2), cos, sin),
+                self._rotate(k.view(b, n, KV, D).transpose(1, 2), cos, sin), v.view(b, n, KV, D).transpose(1, 2))
+
+    def _mlp(self, L: dict, x: torch.Tensor) -> torch.Tensor:
+        hn = self._rms(x, L["ln2"])
+        if self.fuse:
+            g, u = L["gate_up"](hn).chunk(2, dim=-1)
+        else:
+            g, u = L["gate"](hn), L["up"](hn)
+        return x + L["down"](F.silu(g) * u)
+
+    def _layers(self, x, cos, sin, start: int, end: int, mask, *, causal: bool):
+        b, n, _ = x.shape
+        for L, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
+            q, k, v = self._qkv(L, self._rms(x, L["ln1"]), cos, sin)
+            kc[:b, :, start:end] = k
+            vc[:b, :, start:end] = v
+            a = F.scaled_dot_product_attention(q, kc[:b, :, :end], vc[:b, :, :end], attn_mask=mask,
+                                               is_causal=causal and n > 1, scale=self.scaling, enable_gqa=True)
+            x = self._mlp(L, x + L["o"](a.transpose(1, 2).reshape(b, n, -1)))
+        return x
+
+    def _step_static(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The compiled step: attention over the whole cache with a mask, so shapes never change."""
+        b = tokens.shape[0]
+        x = self.embed[tokens][:, None]
+        keys = torch.arange(self.cache_len, device=tokens.device)
+        if self.pad is None:
+            cos, sin = self._rope(pos.view(1, 1))
+            mask = (keys <= pos).view(1, 1, 1, -1)
+        else:
+            cos, sin = self._rope((pos - self.pad)[:, None])
+            mask = ((keys[None, :] <= pos) & (keys[None, :] >= self.pad[:, None]))[:, None, None]
+        for L, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
+            q, k, v = self._qkv(L, self._rms(x, L["ln1"]), cos, sin)
+            kc.index_copy_(2, pos.view(1), k)
+            vc.index_copy_(2, pos.view(1), v)
+            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+            x = self._mlp(L, x + L["o"](a.transpose(1, 2).reshape(b, 1, -1)))
+        return self.lm_head(self._rms(x[:, -1], self.norm)).float()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the matrices this stepper reads per token (embedding table excluded)."""
+        lins = [v for L in self.layers for v in L.values() if isinstance(v, Linear)] + [self.lm_head]
+        return sum(lin.nbytes() for lin in lins)

@@ -1,0 +1,177 @@
+"""The decode engine against transformers generate: tiny random-weight decoders (unit) and the real
+SmolLM2 on the pipeline's own prompts (integration)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atomkit
+from atomkit.engine import Engine, HFEngine, available_backends, get_engine
+from atomkit.errors import InputError, UnknownBackend
+from atomkit.llama import LlamaStepper
+from atomkit.registry import LoadOptions, get_spec
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return get_spec("tiny-default").load("decoder", LoadOptions())
+
+
+@pytest.fixture(scope="module")
+def tiny_paper():
+    return get_spec("tiny-paper").load("decoder", LoadOptions())
+
+
+def _prompt(dec, text="a dog jumps over the fence in a sunny park"):
+    return dec._ids(dec.render([{"role": "user", "content": text}]))
+
+
+def _both(dec, backend="torch", **kw):
+    kw.setdefault("pad_token_id", 0)
+    hf = get_engine("hf", dec).generate(**kw)
+    return hf, get_engine(backend, dec).generate(**kw)
+
+
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_greedy_equals_generate(tiny, n):
+    hf, eng = _both(tiny, input_ids=_prompt(tiny), max_new_tokens=n)
+    assert eng.shape == (1, n)
+    assert torch.equal(hf, eng)
+
+
+@pytest.mark.parametrize("beams", [2, 4])
+def test_beam_equals_generate(tiny, beams):
+    hf, eng = _both(tiny, input_ids=_prompt(tiny), max_new_tokens=12, num_beams=beams)
+    assert eng.shape == (1, 12)
+    assert torch.equal(hf, eng)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_eos_stops_like_generate(tiny, beams):
+    """A token the model does produce is declared EOS: both stop at it (greedy) or finish beams on it."""
+    ids = _prompt(tiny)
+    free = get_engine("torch", tiny).generate(ids, max_new_tokens=10, num_beams=beams)[0]
+    eos = int(free[3])
+    hf, eng = _both(tiny, input_ids=ids, max_new_tokens=10, num_beams=beams, eos_token_id=eos, pad_token_id=1)
+    assert torch.equal(hf, eng)
+    if beams == 1:
+        first = free.tolist().index(eos)
+        assert eng[0].tolist() == free[:first + 1].tolist()  # stopped at (and kept) the EOS token
+
+
+def test_embeddings_prefill(tiny_paper):
+    emb = torch.randn(1, 17, tiny_paper.lm.config.hidden_size)
+    for beams in (1, 3):
+        hf, eng = _both(tiny_paper, inputs_embeds=emb, max_new_tokens=9, num_beams=beams)
+        assert torch.equal(hf, eng)
+
+
+def test_batch_of_prompts(tiny):
+    """Prompts of different lengths decode as one left-padded batch, each as it would alone."""
+    prompts = [_prompt(tiny, t)[0] for t in ("a cat", "a dog jumps over the fence", "sunset over the sea today")]
+    eng = get_engine("torch", tiny)
+    batch = eng.generate(prompts, max_new_tokens=8)
+    alone = torch.cat([eng.generate(p, max_new_tokens=8) for p in prompts])
+    assert batch.shape == (3, 8)
+    assert torch.equal(batch, alone)
+    assert torch.equal(batch, get_engine("hf", tiny).generate(prompts, max_new_tokens=8))
+    same = torch.stack([prompts[1]] * 2)  # equal lengths: no padding at all
+    assert torch.equal(eng.generate(same, max_new_tokens=8, num_beams=2),
+                       get_engine("hf", tiny).generate(same, max_new_tokens=8, num_beams=2))
+
+
+@pytest.mark.parametrize("backend", ["fused", "bf16", "int8", "int4"])
+def test_fast_backends_make_every_token(tiny, backend):
+    out = get_engine(backend, tiny).generate(_prompt(tiny), max_new_tokens=11, num_beams=2)
+    assert out.shape == (1, 11)
+
+
+def test_unknown_backend_lists_valid_names(tiny):
+    with pytest.raises(UnknownBackend, match="available backends: auto, hf, torch"):
+        get_engine("nope", tiny)
+    with pytest.raises(UnknownBackend):
+        atomkit.DecodeConfig(backend="nope")
+    assert "hf" in available_backends() and "torch" in available_backends()
+
+
+def test_prompt_longer_than_cache(tiny):
+    eng = Engine(LlamaStepper(tiny.lm, max_seq_len=16), "torch")
+    with pytest.raises(InputError, match="max_seq_len 16"):
+        eng.generate(_prompt(tiny), max_new_tokens=4)
+
+
+def test_single_row_stepper(tiny):
+    """A stepper that holds one row (as a batch-1 program would): batches go row by row, beams are refused."""
+    st = LlamaStepper(tiny.lm)
+    st.max_batch_size = 1
+    eng = Engine(st, "one-row")
+    prompts = [_prompt(tiny, "a cat")[0], _prompt(tiny, "a dog jumps")[0]]
+    assert torch.equal(eng.generate(prompts, max_new_tokens=5), get_engine("torch", tiny).generate(prompts, max_new_tokens=5))
+    with pytest.raises(InputError, match="beam search"):
+        eng.generate(prompts[0], max_new_tokens=5, num_beams=2)
+
+
+def test_single_row_stepper_embeddings(tiny_paper):
+    st = LlamaStepper(tiny_paper.lm)
+    st.max_batch_size = 1
+    emb = torch.randn(2, 9, tiny_paper.lm.config.hidden_size)
+    assert torch.equal(Engine(st, "one-row").generate(inputs_embeds=emb, max_new_tokens=4),
+                       get_engine("torch", tiny_paper).generate(inputs_embeds=emb, max_new_tokens=4))
+
+
+def test_decoder_routes_through_backend(tiny):
+    ids = _prompt(tiny)
+    assert tiny.engine("auto").name == "torch"
+    assert isinstance(tiny.engine("hf"), HFEngine)
+    a = tiny.generate_ids(ids, max_new_tokens=6, num_beams=2, backend="hf")
+    b = tiny.generate_ids(ids, max_new_tokens=6, num_beams=2)
+    assert a.shape == (6,) and torch.equal(a, b)
+
+
+# -- the real SmolLM2-135M-Instruct ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_prompts(samples):
+    """The caption prompt the pipeline builds for the first clip of each sample video, and the script prompt."""
+    from atomkit.bench_decode import script_ids
+    from atomkit.video import clips, sample_frames
+
+    with atomkit.Session("default") as s:
+        dec = s.decoder
+        caps = []
+        for path in sorted(samples.values())[:3]:
+            enc = s.encoder.encode(sample_frames(clips(path, s.window)[0], s.window))
+            caps.append(dec._ids(dec.render(dec.caption_messages(enc))))
+        yield dec, caps, script_ids(dec)
+
+
+@pytest.mark.integration
+def test_real_greedy_and_beam_equal_generate(real_prompts):
+    dec, caps, script = real_prompts
+    for ids in caps:
+        for beams in (1, 4):
+            a = dec.generate_ids(ids, max_new_tokens=23, num_beams=beams, backend="hf")
+            b = dec.generate_ids(ids, max_new_tokens=23, num_beams=beams, backend="torch")
+            assert a.tolist() == b.tolist(), (dec.decode_ids(a), dec.decode_ids(b))
+    a = dec.generate_ids(script, max_new_tokens=160, num_beams=1, backend="hf")
+    b = dec.generate_ids(script, max_new_tokens=160, num_beams=1, backend="torch")
+    assert a.tolist() == b.tolist()
+
+
+@pytest.mark.integration
+def test_bench_decode_smoke(tmp_path):
+    import json
+
+    from atomkit.cli import main
+
+    out = tmp_path / "d.json"
+    assert main(["bench-decode", "--backends", "torch", "--new-tokens", "3,5", "--repeats", "1", "--out", str(out),
+                 "--caption-tokens", "4", "--script-tokens", "4", "--batch", "2", "-q"]) == 0
+    r = json.loads(out.read_text())
+    assert r["threads"] == 2 and r["new_tokens"] == [3, 5]
+    for name in ("hf_generate", "torch"):
+        assert r["tok_s"][name] > 0 and r["prefill_s"][name] > 0 and r["caption_latency_beam4_s"][name] > 0
+        assert r["greedy_agreement_with_hf"][name]["equal"]
+    assert "llama_cpp" in r["tok_s"]
+    assert r["tok_s"]["llama_cpp"] is not None or r["llama_cpp_reason"]
+    assert r["profile"]["ms_per_token"]["matmul"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
