@@ -28,6 +28,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
     g.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
+    g.add_argument("--backend", default="auto", metavar="NAME",
+                   help="decode engine backend (auto = exact fp32 static-cache engine; int4, int8, bf16, "
+                   "int4-compiled trade exactness for speed; hf = transformers generate; see `atomkit bench-decode`)")
     g.add_argument("--programs", metavar="DIR", help="run the modules exported there by `atomkit export` (.pte)")
     v = p.add_argument_group("video")
     v.add_argument("--window", type=float, default=10.0, help="clip length in seconds (default: 10)")
@@ -183,7 +186,7 @@ def _session(args):
 
     return Session(args.models, device=args.device, weights=args.weights, random_weights=args.random_weights,
                    programs=args.programs,
-                   decode=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams),
+                   decode=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams, backend=args.backend),
                    window=WindowConfig(length_s=args.window, stride_s=args.stride))
 
 

@@ -73,6 +73,9 @@ def test_04_latency(tmp_path, monkeypatch):
         out = run("04_latency.ipynb", tmp_path, runner=str(runner))
     finally:
         subprocess.run([str(fake / "adb"), "kill-server"], timeout=30, check=False)
+    decode = json.loads((out / "decode.json").read_text())
+    assert decode["tok_s"]["hf_generate"] > 0 and decode["tok_s"]["int8"] > 0
+    assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
     phone = json.loads((out / "phone.json").read_text())
     assert phone["device"]["model"] == "Pixel 8a" and phone["components"]["encoder"]["median"] > 0
     assert phone["load"]["encoder"]["median"] > 0

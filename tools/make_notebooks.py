@@ -208,6 +208,25 @@ atomkit.io.write_json_atomic(out / "bench.json", result)
 print("wrote", out / "bench.json")"""),
 
     ("md", """
+## Decoding speed by backend
+Caption generation is where the time goes, so the decoder has its own engine (`atomkit.engine`): one prefill,
+then one step per token on a static KV cache, greedy and beam search with `generate`'s semantics. The `torch`
+backend is exact (the pipeline's default); the others trade exactness for speed (bf16, int8, int4 weights,
+`torch.compile`). llama.cpp runs on the model's own GGUF when `llama-cpp-python` is installed (`make peer`)."""),
+    ("code", """
+from atomkit.bench_decode import bench_decode, plot as plot_decode
+if smoke:
+    dec = bench_decode(model, backends=["torch", "int8"], new_tokens=(3, 6), repeats=1, batch=2, caption_tokens=4,
+                       script_tokens=4, profile_steps=0, llama_cpp=False, progress=False)
+else:
+    dec = bench_decode(model, progress=False)
+display(Image(str(plot_decode(dec, out / "decode.png"))))
+for name, v in dec["tok_s"].items():
+    print(f"{name:14s} {v if v is not None else dec.get('llama_cpp_reason', 'not run')} tok/s   "
+          f"caption (beam {dec['beams']}) {dec['caption_latency_beam4_s'].get(name)} s")
+assert dec["tok_s"]["torch"] > 0 and dec["greedy_agreement_with_hf"]["torch"]["equal"]
+atomkit.io.write_json_atomic(out / "decode.json", dec)"""),
+    ("md", """
 ## Phones
 With an Android phone attached (USB debugging on, `adb devices` lists it) and an ExecuTorch runner binary
 (see `docs/phones.md`), the `.pte` programs are pushed and timed **on the phone**: cold load (median of several
