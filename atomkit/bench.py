@@ -8,6 +8,8 @@ identical in both paths and not part of the model pipeline, so it is not timed h
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import platform
 import statistics
@@ -17,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from .config import DecodeConfig
 from .executor import PipelinedExecutor, SequentialExecutor, auto_executor
 from .memory import MemoryMonitor, release_memory
 from .session import Session
@@ -271,6 +274,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     return {
         "model": model, "random_weights": bool(random_weights or model.startswith("tiny")),
         "reuse_executor": _executor(executor, device).name,
+        "decode": dataclasses.asdict(decode or DecodeConfig()),
         "prompts": prompt_list, "videos": [str(v) for v in videos], "k": k,
         "clips": overlap["N"],
         "components": {"model_loading": comp("loads"), "video_encoding": comp("encode"),

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
     p.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
     p.add_argument("--script-tokens", type=int, default=160, help="script length limit (default: 160)")
+    p.add_argument("--backend", default="auto", metavar="NAME",
+                   help="decode engine backend of both paths (default: auto, the exact fp32 engine; see bench-decode)")
     p.add_argument("--out", metavar="FILE.json", default="bench/bench.json",
                    help="where the JSON goes; the timeline PNG goes beside it (default: %(default)s)")
     p.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up run")
@@ -379,7 +381,7 @@ def _bench(args) -> int:
     from .io import write_json_atomic
 
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
-                          script_max_new_tokens=args.script_tokens)
+                          script_max_new_tokens=args.script_tokens, backend=args.backend)
     result = benchmark(args.models, prompts=args.prompts, videos=args.paths or None, k=args.k, device=args.device,
                        weights=args.weights, random_weights=args.random_weights, decode=decode,
                        warmup=not args.no_warmup, executor=args.executor, progress=not args.quiet)

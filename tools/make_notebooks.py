@@ -26,6 +26,14 @@ def notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
             nb.cells.append(cell)
     return nb
 
+# The first code cell of every notebook starts with this: offline, quiet export logs, atomkit imported.
+SETUP = """import logging, os
+from pathlib import Path
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+import atomkit"""
+
 
 PIPELINE = [
     ("md", """
@@ -50,13 +58,8 @@ query = "a man wearing a tie"
 k = 3                  # clips retrieved for the reel
 out_dir = "out/01_modular_pipeline"
 smoke = False          # True for two short videos and greedy captions (CI)"""),
-    ("code", """
-import json, logging, os
-from pathlib import Path
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-import atomkit
+    ("code", SETUP + """
+import json
 from IPython.display import Video, display
 
 paths = atomkit.sample_videos() if videos is None else videos
@@ -149,13 +152,8 @@ runner = None          # ExecuTorch runner binary for the phone (docs/phones.md)
 phone_modules = ["encoder", "decoder", "embedder"]
 out_dir = "out/04_latency"
 smoke = False          # True for tiny random-weight models, two short videos, one prompt (CI)"""),
-    ("code", """
-import json, logging, os
-from pathlib import Path
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-import atomkit
+    ("code", SETUP + """
+import json
 from atomkit.bench import benchmark, plot_timeline, table
 
 videos = atomkit.sample_videos()
@@ -286,13 +284,8 @@ model = "default"
 scheme = "int8"        # int8 or int4
 out_dir = "out/02_quantization"
 smoke = False          # True: two short videos, greedy 8-token captions (CI)"""),
-    ("code", """
-import copy, logging, os
-from pathlib import Path
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-import atomkit
+    ("code", SETUP + """
+import copy
 from atomkit.quant import quantize_module, weight_bytes
 
 videos = atomkit.sample_videos()
@@ -374,13 +367,8 @@ model = "default"
 quant = "int8"         # int8, int4 or none
 out_dir = "out/03_serialization"
 smoke = False          # True: tiny random-weight models and two short videos (CI)"""),
-    ("code", """
-import json, logging, os
-from pathlib import Path
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-import atomkit
+    ("code", SETUP + """
+import json
 from atomkit.deploy import export_model
 
 videos = atomkit.sample_videos()
