@@ -45,7 +45,7 @@ def _frames(videos, window):
 @torch.inference_mode()
 def program_outputs(ref, programs: dict, frames: torch.Tensor) -> dict:
     """fp32 eager outputs and ``.pte`` outputs on the same real inputs, per module: (ref, test)."""
-    from .runtime import open_program
+    from .runtime import PteStepper, open_program
 
     out = {}
     if "encoder" in programs:
@@ -58,11 +58,7 @@ def program_outputs(ref, programs: dict, frames: torch.Tensor) -> dict:
     if "decoder" in programs:
         dec, pte = ref.get("decoder"), open_program(programs["decoder"], "decoder")
         ids = dec._ids(dec.render([{"role": "user", "content": "Describe a clip: " + TEXTS[0]}]))
-        pte_logits = pte._step(ids[0].tolist()[: pte.max_prefill], 0) if ids.shape[1] <= pte.max_prefill else None
-        if pte_logits is None:  # token-by-token program
-            for i, t in enumerate(ids[0].tolist()):
-                pte_logits = pte._step([t], i)
-        out["decoder"] = (dec.lm(input_ids=ids).logits[0, -1].float(), pte_logits.float())
+        out["decoder"] = (dec.lm(input_ids=ids).logits[0, -1].float(), PteStepper(pte).prefill(ids)[0])
     return out
 
 
@@ -73,7 +69,7 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
     """Export, check and report; writes ``<module>.pte`` + sidecars + ``report.json`` into ``out_dir``."""
     from . import export as X
     from .evaluate import compare_modules
-    from .quant import _check_scheme, sqnr_db
+    from .quant import _check_scheme
     from .session import Session
     from .video import sample_videos
 
@@ -113,7 +109,7 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
             }
         bar.step("programs vs fp32 on real inputs")
         for m, (a, b) in program_outputs(ref, programs, frames).items():
-            report["modules"][m]["pte_sqnr_db_vs_fp32"] = round(max(-300.0, min(300.0, sqnr_db(a, b))), 2)
+            report["modules"][m]["pte_sqnr_db_vs_fp32"] = round(X.sqnr_db(a, b), 2)  # clamped finite for JSON
         if load_times and "encoder" in programs:
             bar.step("load times: eager / TorchScript / .pte")
             ts = X.trace_encoder_torchscript(ref.get("encoder"), out / "encoder.torchscript.pt")

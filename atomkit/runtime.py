@@ -283,13 +283,11 @@ def bench_programs(pte_paths: dict, *, warmup: int = 2, repeats: int = 10, loads
     schema (seconds): ``load`` = load_program + load_method (median of ``loads``, in this process: the
     file is in the page cache after the first), ``components`` = one execution on the sidecar's example
     inputs (``warmup`` dropped, median of ``repeats``)."""
+    import os
     import platform
-    import statistics
     import time
 
-    def summary(xs: list[float], source: str) -> dict:
-        xs = [round(x, 7) for x in xs]
-        return {"samples": xs, "median": round(statistics.median(xs), 7) if xs else None, "source": source}
+    from .device import _summary as summary  # the phone benchmark's own summary: one schema
 
     components, load = {}, {}
     for name, path in pte_paths.items():
@@ -311,7 +309,7 @@ def bench_programs(pte_paths: dict, *, warmup: int = 2, repeats: int = 10, loads
                 times.append(time.perf_counter() - t0)
         components[name] = summary(times, "host")
     info = {"serial": "host", "model": platform.node(), "soc": platform.processor() or platform.machine(),
-            "cores": torch.get_num_threads(), "python": platform.python_version(), "host": True}
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "host": True}
     return {"device": info, "components": components, "load": load,
             "meta": {"runner": "executorch.runtime (host)", "warmup": warmup, "repeats": repeats, "loads": loads,
                      "unit": "s"}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +19,7 @@ import pytest  # noqa: E402
 import atomkit  # noqa: E402
 
 SAMPLES = {p.name: p for p in atomkit.sample_videos()}
+FAKE_ADB_DIR = Path(__file__).parent / "fake_adb"
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +57,25 @@ def real_session():
     """The real default models (EfficientNet-Lite0, SmolLM2-135M-Instruct, all-MiniLM-L6-v2)."""
     with atomkit.Session("default") as s:
         yield s
+
+
+# -- the fake phone (tests/fake_adb): test_device and the notebook 04 smoke run -----------------------
+@pytest.fixture
+def phone(tmp_path, monkeypatch) -> Path:
+    """The fake adb first on PATH; returns the fake phone's root folder."""
+    root = tmp_path / "phone"
+    root.mkdir()
+    for var in ("ATOMKIT_ADB", "ATOMKIT_RUNNER", "FAKE_ADB_FAIL", "FAKE_ADB_DEVICES", "FAKE_ADB_UNAUTHORIZED",
+                "FAKE_ADB_RUNNER_FORMAT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", f"{FAKE_ADB_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(root))
+    monkeypatch.setenv("FAKE_ADB_PYTHON", sys.executable)
+    return root
+
+
+@pytest.fixture
+def runner(tmp_path) -> Path:
+    path = tmp_path / "executor_runner"
+    path.write_bytes(b"\x7fELF stand-in: the fake adb runs programs with executorch.runtime\n")
+    return path

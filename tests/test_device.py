@@ -14,22 +14,9 @@ from atomkit import device
 from atomkit.device import DeviceError, parse_runner_output
 from atomkit.errors import AtomkitError
 
-FAKE_ADB_DIR = Path(__file__).parent / "fake_adb"
+from conftest import FAKE_ADB_DIR  # the fake phone and runner fixtures live there too
+
 SERIAL = "FAKE0001"
-
-
-@pytest.fixture
-def phone(tmp_path, monkeypatch) -> Path:
-    """The fake adb first on PATH; returns the fake phone's root folder."""
-    root = tmp_path / "phone"
-    root.mkdir()
-    for var in ("ATOMKIT_ADB", "ATOMKIT_RUNNER", "FAKE_ADB_FAIL", "FAKE_ADB_DEVICES", "FAKE_ADB_UNAUTHORIZED",
-                "FAKE_ADB_RUNNER_FORMAT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("PATH", f"{FAKE_ADB_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("FAKE_ADB_ROOT", str(root))
-    monkeypatch.setenv("FAKE_ADB_PYTHON", sys.executable)
-    return root
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,13 +40,6 @@ def linear_pte(tmp_path_factory) -> Path:
     program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
     path = tmp_path_factory.mktemp("pte") / "linear.pte"
     path.write_bytes(program.buffer)
-    return path
-
-
-@pytest.fixture
-def runner(tmp_path) -> Path:
-    path = tmp_path / "executor_runner"
-    path.write_bytes(b"\x7fELF stand-in: the fake adb runs programs with executorch.runtime\n")
     return path
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import FAKE_ADB_DIR
 
 pytestmark = pytest.mark.notebook
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,25 +55,14 @@ def test_03_serialization(tmp_path):
     assert report["pipeline"]["clips"] == 2 and Path(report["pipeline"]["reel"]).is_file()
 
 
-def test_04_latency(tmp_path, monkeypatch):
+def test_04_latency(tmp_path, phone, runner):
     """Smoke run with the fake adb (tests/fake_adb) on PATH: the phone section runs the pushed programs."""
-    import os
     import subprocess
-    import sys
 
-    fake = ROOT / "tests" / "fake_adb"
-    runner = tmp_path / "executor_runner"
-    runner.write_bytes(b"\x7fELF stand-in: the fake adb runs programs with executorch.runtime\n")
-    (tmp_path / "phone").mkdir()
-    for var in ("ATOMKIT_ADB", "FAKE_ADB_FAIL", "FAKE_ADB_DEVICES", "FAKE_ADB_UNAUTHORIZED", "FAKE_ADB_RUNNER_FORMAT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("FAKE_ADB_ROOT", str(tmp_path / "phone"))
-    monkeypatch.setenv("FAKE_ADB_PYTHON", sys.executable)
     try:
         out = run("04_latency.ipynb", tmp_path, runner=str(runner))
     finally:
-        subprocess.run([str(fake / "adb"), "kill-server"], timeout=30, check=False)
+        subprocess.run([str(FAKE_ADB_DIR / "adb"), "kill-server"], timeout=30, check=False)
     decode = json.loads((out / "decode.json").read_text())
     assert decode["tok_s"]["hf_generate"] > 0 and decode["tok_s"]["int8"] > 0
     assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
