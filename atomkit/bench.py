@@ -9,7 +9,7 @@ identical in both paths and not part of the model pipeline, so it is not timed h
 from __future__ import annotations
 
 import dataclasses
-
+import gc
 import os
 import platform
 import statistics
@@ -21,7 +21,7 @@ import torch
 
 from .config import DecodeConfig
 from .executor import PipelinedExecutor, SequentialExecutor, auto_executor
-from .memory import MemoryMonitor, release_memory
+from .memory import MemoryMonitor, release_memory, trim_heap
 from .session import Session
 from .tasks import caption, index, retrieve, write_script
 
@@ -45,9 +45,20 @@ def _clock(device: str) -> float:
     return time.perf_counter()
 
 
-def _summary(samples: Sequence[float]) -> dict:
+def _summary(samples: Sequence[float], runs: int = 1) -> dict:
+    """Raw samples, their median, and the total of one run (the mean over ``runs`` repeats)."""
     xs = [round(x, 4) for x in samples]
-    return {"samples": xs, "median": round(statistics.median(xs), 4) if xs else None, "total": round(sum(xs), 4)}
+    return {"samples": xs, "median": round(statistics.median(xs), 4) if xs else None, "total": round(sum(xs) / runs, 4)}
+
+
+def cpu_steal_s() -> float:
+    """Seconds of steal time on this machine so far (Linux /proc/stat; 0 where unavailable)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def stage_times(trace: list[tuple[int, int, float, float]]) -> tuple[list[float], list[float]]:
@@ -65,6 +76,8 @@ class _Recorder:
     def __init__(self, device: str, monitor: MemoryMonitor):
         self.device, self.mon = device, monitor
         self.loads: list[float] = []
+        self.prepare: list[float] = []  # of each load: readying the runtime (decode engine) after the read
+        self.unloads: list[float] = []
         self.encode: list[float] = []
         self.decode: list[float] = []
         self.index: list[float] = []
@@ -80,8 +93,16 @@ class _Recorder:
                 t0 = _clock(self.device)
                 session.get(m)
                 self.loads.append(_clock(self.device) - t0)
+                self.prepare.append(session.stats[m].prepare_seconds)
         resident = sum(session.stats[m].bytes for m in session.loaded())
         self.weights_peak = max(self.weights_peak, resident)
+
+    def unload(self, session: Session) -> None:
+        """Close the session and give its memory back (timed: the reload baseline pays it per subtask)."""
+        t0 = _clock(self.device)
+        session.close()  # drops the modules and collects garbage once
+        trim_heap()
+        self.unloads.append(_clock(self.device) - t0)
 
     def caption(self, session: Session, videos, executor):
         with self.mon.phase("run", "caption"):
@@ -126,9 +147,8 @@ def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorde
         retrieval.append(_clock(rec.device) - t0)
         rec.write_script(session, prompt, hits)
         assembly.append(_clock(rec.device) - t0)
-    session.close()
-    release_memory()
-    return {"startup": startup, "retrieval": retrieval, "assembly": assembly}
+    rec.unload(session)
+    return {"startup": startup, "shutdown": rec.unloads[-1], "retrieval": retrieval, "assembly": assembly}
 
 
 def _executor(name: str, device: str):
@@ -147,21 +167,18 @@ def run_no_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Reco
         captioner = Session(**model)
         rec.load(captioner, "encoder", "decoder")
         caps = rec.caption(captioner, videos, SequentialExecutor(trace=True))
-        captioner.close()
-        release_memory()
+        rec.unload(captioner)
         indexer = Session(**model)
         rec.load(indexer, "embedder")
         hits = rec.retrieve(indexer, caps, prompt, k)
-        indexer.close()
-        release_memory()
+        rec.unload(indexer)
         retrieval.append(_clock(rec.device) - t0)
         writer = Session(**model)
         rec.load(writer, "decoder")
         rec.write_script(writer, prompt, hits)
-        writer.close()
-        release_memory()
+        rec.unload(writer)
         assembly.append(_clock(rec.device) - t0)
-    return {"startup": 0.0, "retrieval": retrieval, "assembly": assembly}
+    return {"startup": 0.0, "shutdown": 0.0, "retrieval": retrieval, "assembly": assembly}
 
 
 def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2, threads=None) -> dict:
@@ -187,12 +204,14 @@ def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2, threa
         caption(session, videos, executor=ex)
         par_walls.append(_clock(device) - t0)
         par_trace = [(s, i, a - t0, b - t0) for s, i, a, b in ex.trace]
+    disjoint = _disjoint_run(session, videos, depth) if not device.startswith("cuda") else None
     session.close()
     release_memory()
     L_E, L_D = statistics.median(le), statistics.median(ld)
     L_seq, L_par = statistics.median(seq_walls), statistics.median(par_walls)
     ideal = n * max(L_E, L_D)
     eta = (L_seq - L_par) / (L_seq - ideal) if L_seq > ideal else None
+    best = min([L_seq, L_par] + ([disjoint["pipelined_s"]] if disjoint else []))
     return {
         "N": n, "L_E": round(L_E, 4), "L_D": round(L_D, 4),
         "L_E_samples": [round(x, 4) for x in le], "L_D_samples": [round(x, 4) for x in ld],
@@ -201,8 +220,33 @@ def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2, threa
         "ideal_s": round(ideal, 4), "eta": round(eta, 3) if eta is not None else None,
         "max_possible_saving": round(1 - ideal / L_seq, 3) if L_seq else None,
         "torch_threads": torch.get_num_threads(), "stage_threads": threads, "depth": depth,
+        # the stages on disjoint cores: per-stage times at that budget bound any pipelined schedule here
+        "disjoint": disjoint,
+        "best_s": round(best, 4),
+        "best_eta": round((L_seq - best) / (L_seq - ideal), 3) if L_seq > ideal else None,
         "timeline": {"sequential": seq_trace, "pipelined": par_trace},
     }
+
+
+def _disjoint_run(session: Session, videos, depth: int) -> dict:
+    """Pipelined captioning with the stages on disjoint CPU cores (encoder half, decoder the rest).
+
+    On a CPU the two stages compete for the same cores. Given its own share, each stage runs at
+    L_E', L_D' per clip, and no pipelined schedule on this machine can beat N*max(L_E', L_D'): when
+    that bound is above the sequential time (stages sharing all cores, one after the other), overlap
+    cannot pay here, whatever the executor does.
+    """
+    cores = os.cpu_count() or 1
+    enc = max(1, cores // 2)
+    budget = [1, enc, max(1, cores - enc)]
+    ex = PipelinedExecutor(depth=depth, threads=budget, trace=True)
+    t0 = _clock(session.options.device)
+    n = len(caption(session, videos, executor=ex).clips)
+    wall = _clock(session.options.device) - t0
+    le, ld = stage_times(ex.trace)
+    L_E, L_D = statistics.median(le), statistics.median(ld)
+    return {"threads": budget, "pipelined_s": round(wall, 4), "L_E": round(L_E, 4), "L_D": round(L_D, 4),
+            "bound_s": round(n * max(L_E, L_D), 4)}
 
 
 def device_info(device: str) -> dict:
@@ -223,13 +267,17 @@ def device_info(device: str) -> dict:
 
 def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int = 3, device: str | None = None,
               weights=None, random_weights: bool = False, decode=None, warmup: bool = True,
-              overlap_repeats: int = 2, executor: str = "measured", progress: bool = True) -> dict:
+              overlap_repeats: int = 2, executor: str = "measured", repeats: int = 1, progress: bool = True) -> dict:
     """Run both paths on the same videos and prompts; return the JSON-ready result.
 
     ``executor`` schedules the reuse path: "measured" (default) takes whichever of sequential and
     pipelined captioning was faster in this run's overlap measurement, which comes first; "auto" uses
     ``auto_executor``; or name one. The baseline is always sequential, as in the paper.
+    ``repeats`` runs both paths that many times in ABBA order; end-to-end times are medians over the
+    repeats, component totals are per run (mean over repeats), and the per-repeat ratios give the spread.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     from tqdm.auto import tqdm
 
     from .session import default_device
@@ -239,7 +287,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     videos = list(videos) if videos else sample_videos()
     prompt_list = [PROMPTS[i % len(PROMPTS)] for i in range(prompts)]
     spec = dict(model=model, device=device, weights=weights, random_weights=random_weights, decode=decode)
-    steps = tqdm(total=3 + warmup, desc="bench", unit="step", disable=not progress)
+    steps = tqdm(total=1 + 2 * repeats + warmup, desc="bench", unit="step", disable=not progress)
     if warmup:  # imports, page cache, kernel selection: excluded from every number below
         steps.set_postfix_str("warm-up")
         run_reuse(spec, videos, prompt_list[:1], k, _Recorder(device, MemoryMonitor(device)))
@@ -249,42 +297,74 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     steps.update()
     if executor == "measured":  # the reuse path gets whichever executor was faster just now, on these inputs
         executor = "pipelined" if overlap["pipelined_s"] < overlap["sequential_s"] else "sequential"
-    paths, recs, mems = {}, {}, {}
-    for name, runner in (("no_reuse", run_no_reuse), ("reuse", run_reuse)):
-        steps.set_postfix_str(name)
-        release_memory()
-        with MemoryMonitor(device) as mon:
-            rec = _Recorder(device, mon)
-            paths[name] = runner(spec, videos, prompt_list, k, rec, **({"executor": executor} if name == "reuse" else {}))
-        recs[name], mems[name] = rec, mon
-        steps.update()
+    # the measured part: gc.freeze keeps the ~0.5 M objects of the imports out of every later collection, so
+    # an unload costs what freeing the model costs (it helps the baseline, which unloads 3x per prompt)
+    gc.collect()
+    gc.freeze()
+    runs: dict[str, list[tuple[dict, _Recorder, MemoryMonitor, float]]] = {"no_reuse": [], "reuse": []}
+    try:
+        for r in range(repeats):  # ABBA order: drift of the machine over the run falls on both paths alike
+            order = ("no_reuse", "reuse") if r % 2 == 0 else ("reuse", "no_reuse")
+            for name in order:
+                steps.set_postfix_str(f"{name} {r + 1}/{repeats}")
+                release_memory()
+                steal0 = cpu_steal_s()
+                with MemoryMonitor(device) as mon:
+                    rec = _Recorder(device, mon)
+                    if name == "reuse":
+                        path = run_reuse(spec, videos, prompt_list, k, rec, executor=executor)
+                    else:
+                        path = run_no_reuse(spec, videos, prompt_list, k, rec)
+                runs[name].append((path, rec, mon, cpu_steal_s() - steal0))
+                steps.update()
+    finally:
+        gc.unfreeze()
     steps.close()
+    recs = {name: [rec for _, rec, _, _ in rs] for name, rs in runs.items()}
 
     def comp(attr: str) -> dict:
-        return {name: _summary(getattr(recs[name], attr)) for name in recs}
+        return {name: _summary([x for rec in rs for x in getattr(rec, attr)], runs=repeats) for name, rs in recs.items()}
 
-    e2e = {task: {name: round(paths[name]["startup"] + sum(paths[name][task]), 4) for name in paths}
-           for task in ("retrieval", "assembly")}
-    for task in e2e:
+    components = {"model_loading": comp("loads"), "model_unloading": comp("unloads"),
+                  "video_encoding": comp("encode"), "caption_generation": comp("decode"), "indexing": comp("index"),
+                  "script_generation": comp("script")}
+    # the reuse path's one start-up load and its final unload count in both tasks' totals
+    per_run = {task: {name: [path["startup"] + sum(path[task]) + path["shutdown"] for path, *_ in rs]
+                      for name, rs in runs.items()} for task in ("retrieval", "assembly")}
+    e2e = {}
+    for task, by_path in per_run.items():
+        e2e[task] = {name: round(statistics.median(xs), 4) for name, xs in by_path.items()}
         e2e[task]["ratio"] = round(e2e[task]["reuse"] / e2e[task]["no_reuse"], 4)
+        if repeats > 1:  # paired by repeat: the spread of the ratio over the run
+            ratios = [a / b for a, b in zip(by_path["reuse"], by_path["no_reuse"])]
+            e2e[task]["samples"] = {name: [round(x, 4) for x in xs] for name, xs in by_path.items()}
+            e2e[task]["ratio_per_run"] = [round(x, 4) for x in ratios]
     memory = {}
-    for name, mon in mems.items():
-        memory[name] = {"model_weights_mib": round(recs[name].weights_peak / 2**20, 1), **mon.split()}
+    for name, rs in runs.items():
+        splits = [mon.split() for _, _, mon, _ in rs]
+        memory[name] = {"model_weights_mib": round(max(rec.weights_peak for rec in recs[name]) / 2**20, 1),
+                        **{key: max(sp[key] for sp in splits) for key in splits[0]}}
     memory["inputs_mib_per_clip"] = round(3 * 6 * 224 * 224 / 2**20, 2)  # uint8 frames; at most depth+2 in flight
     return {
         "model": model, "random_weights": bool(random_weights or model.startswith("tiny")),
         "reuse_executor": _executor(executor, device).name,
         "decode": dataclasses.asdict(decode or DecodeConfig()),
-        "prompts": prompt_list, "videos": [str(v) for v in videos], "k": k,
+        "prompts": prompt_list, "videos": [str(v) for v in videos], "k": k, "repeats": repeats,
         "clips": overlap["N"],
-        "components": {"model_loading": comp("loads"), "video_encoding": comp("encode"),
-                       "caption_generation": comp("decode"), "indexing": comp("index"),
-                       "script_generation": comp("script")},
+        "components": components,
+        # end-to-end assembly time that no component accounts for (session set-up, Python between steps)
+        "unattributed_s": {name: round(statistics.mean(xs) - sum(c[name]["total"] for c in components.values()), 4)
+                           for name, xs in per_run["assembly"].items()},
+        # of model_loading's total: readying the decode engine after the read (e.g. packing int4 weights)
+        "engine_prepare_s": {name: round(sum(x for rec in rs for x in rec.prepare) / repeats, 4)
+                             for name, rs in recs.items()},
+        # CPU time the hypervisor gave to other guests while each path ran (all repeats): shared-host noise
+        "cpu_steal_s": {name: round(sum(st for *_, st in rs), 2) for name, rs in runs.items()},
         "end_to_end": e2e,
         "overlap": overlap,
         "memory": memory,
-        "outputs_identical": {"captions": recs["reuse"].captions == recs["no_reuse"].captions,
-                              "scripts": recs["reuse"].scripts == recs["no_reuse"].scripts},
+        "outputs_identical": {what: len({repr(getattr(rec, what)) for rs in recs.values() for rec in rs}) == 1
+                              for what in ("captions", "scripts")},
         "device": device_info(device),
     }
 
@@ -292,20 +372,30 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
 def table(result: dict) -> str:
     """The comparison in the layout of the paper's Table 3 (seconds; totals over all prompts)."""
     c, e = result["components"], result["end_to_end"]
-    rows = [("Model loading", c["model_loading"]), ("Video encoding", c["video_encoding"]),
+    rows = [("Model loading", c["model_loading"]), ("Model unloading", c["model_unloading"]),
+            ("Video encoding", c["video_encoding"]),
             ("Caption generation", c["caption_generation"]), ("Indexing", c["indexing"]),
             ("Script generation", c["script_generation"])]
-    lines = [f"{'Component (s, total)':28s} {'w/o reuse':>10s} {'ATOM':>10s} {'change':>8s}", "-" * 60]
+    runs = result.get("repeats", 1)
+    head = "Component (s, total)" if runs == 1 else f"Component (s/run, {runs} runs)"
+    lines = [f"{head:28s} {'w/o reuse':>10s} {'ATOM':>10s} {'change':>8s}", "-" * 60]
     for label, d in rows:
         a, b = d["no_reuse"]["total"], d["reuse"]["total"]
         lines.append(f"{label:28s} {a:10.2f} {b:10.2f} {_pct(a, b):>8s}")
     lines.append("-" * 60)
     for task in ("retrieval", "assembly"):
         a, b = e[task]["no_reuse"], e[task]["reuse"]
-        lines.append(f"{'End-to-end ' + task:28s} {a:10.2f} {b:10.2f} {_pct(a, b):>8s}")
+        per_run = e[task].get("ratio_per_run")
+        spread = f"  ratio per repeat {', '.join(f'{x:.3f}' for x in per_run)}" if per_run else ""
+        lines.append(f"{'End-to-end ' + task:28s} {a:10.2f} {b:10.2f} {_pct(a, b):>8s}{spread}")
     o = result["overlap"]
     lines.append(f"overlap: N={o['N']} L_E={o['L_E']:.3f}s L_D={o['L_D']:.3f}s seq={o['sequential_s']:.2f}s "
                  f"par={o['pipelined_s']:.2f}s ideal={o['ideal_s']:.2f}s eta={o['eta']}")
+    d = o.get("disjoint")
+    if d:
+        lines.append(f"stages on disjoint cores (threads {d['threads']}): L_E={d['L_E']:.3f}s L_D={d['L_D']:.3f}s "
+                     f"par={d['pipelined_s']:.2f}s, no schedule beats N*max={d['bound_s']:.2f}s; "
+                     f"best here {o['best_s']:.2f}s (eta {o['best_eta']})")
     m = result["memory"]
     lines.append(f"peak memory (MiB): w/o reuse {m['no_reuse']['peak_mib']}, ATOM {m['reuse']['peak_mib']}")
     return "\n".join(lines)

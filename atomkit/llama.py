@@ -137,7 +137,7 @@ class LlamaStepper:
         self._step_fn = torch.compile(self._step_static, dynamic=False) if compile else None
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
-        self.batch_size, self.cache_len = 0, 0
+        self.batch_size, self.cache_len, self.filled = 0, 0, 0
         self.pad: torch.Tensor | None = None  # (B,) left padding per row, None when no row is padded
 
     # -- the Stepper interface ---------------------------------------------------------------------
@@ -154,6 +154,7 @@ class LlamaStepper:
             self.v_cache = [torch.zeros(shape, dtype=dt, device=self.device) for _ in self.layers]
             self.batch_size, self.cache_len = batch_size, need
         self.pad = None
+        self.filled = 0  # positions written so far: reorder copies only these
 
     def prefill(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,6 +178,7 @@ class LlamaStepper:
             cos, sin = self._rope(rows)
         else:
             cos, sin = self._rope(pos[None, :])
+        self.filled = n
         h = self._layers(x, cos, sin, 0, n, mask, causal=mask is None)
         return self.lm_head(self._rms(h[:, -1], self.norm)).float()
 
@@ -184,6 +186,7 @@ class LlamaStepper:
         """Feed one token per row at cache position ``pos``; fp32 next-token logits (B, V)."""
         if pos >= self.cache_len:
             raise InputError(f"{self.name}: position {pos} is past the cache ({self.cache_len})")
+        self.filled = max(self.filled, pos + 1)
         if self._step_fn is not None:
             return self._step_fn(tokens.to(self.device), torch.tensor(pos, device=self.device))
         x = self.embed[tokens.to(self.device)][:, None]
@@ -200,8 +203,9 @@ class LlamaStepper:
     def reorder(self, index: torch.Tensor) -> None:
         """Row i of the cache becomes old row ``index[i]`` (beam search; spreading a prefill)."""
         index = index.to(self.device)
+        f = self.filled
         for t in (*self.k_cache, *self.v_cache):
-            t.copy_(t.index_select(0, index))  # in place: a compiled step keeps its inputs
+            t[:, :, :f].copy_(t[:, :, :f].index_select(0, index))  # in place: a compiled step keeps its inputs
         if self.pad is not None:
             self.pad = self.pad.index_select(0, index)
 

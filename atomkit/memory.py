@@ -25,6 +25,11 @@ def rss_bytes() -> int:
 def release_memory() -> None:
     """Collect garbage and give freed heap back to the OS, so RSS reflects what is really held."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Give freed heap back to the OS (glibc ``malloc_trim``) and cached CUDA blocks back to the driver."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     try:

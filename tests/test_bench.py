@@ -35,26 +35,43 @@ def tiny_bench():
     videos = [samples["carphone_pristine.mp4"], samples["bigbuckbunny.mp4"]]
     decode = atomkit.DecodeConfig(max_new_tokens=4, num_beams=2, script_max_new_tokens=8)
     return benchmark("tiny-default", prompts=2, videos=videos, k=2, device="cpu", decode=decode,
-                     warmup=False, overlap_repeats=1, progress=False)
+                     warmup=False, overlap_repeats=1, repeats=2, progress=False)
 
 
 def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
     r = tiny_bench
     assert r["random_weights"] is True and r["clips"] == 2 and len(r["prompts"]) == 2
     comps = r["components"]
-    assert set(comps) == {"model_loading", "video_encoding", "caption_generation", "indexing", "script_generation"}
+    assert set(comps) == {"model_loading", "model_unloading", "video_encoding", "caption_generation", "indexing",
+                          "script_generation"}
+    # every load is closed again: reuse once at the end, no_reuse after each of its 3 subtasks per prompt
+    assert r["repeats"] == 2  # both paths twice (ABBA): samples of both runs, totals per run
+    assert len(comps["model_unloading"]["reuse"]["samples"]) == 1 * 2
+    assert len(comps["model_unloading"]["no_reuse"]["samples"]) == 3 * 2 * 2
+    load = comps["model_loading"]["no_reuse"]
+    assert load["total"] == pytest.approx(sum(load["samples"]) / 2, abs=1e-3)
+    # readying the decode engine is part of loading, and the components account for the end-to-end time
+    for name in ("reuse", "no_reuse"):
+        assert 0 <= r["engine_prepare_s"][name] <= comps["model_loading"][name]["total"]
+        assert abs(r["unattributed_s"][name]) < 0.25 * r["end_to_end"]["assembly"][name]
     # reuse loads each module once; no_reuse loads 4 modules for every prompt (captioner x2, embedder, LM)
-    assert len(comps["model_loading"]["reuse"]["samples"]) == 3
-    assert len(comps["model_loading"]["no_reuse"]["samples"]) == 4 * 2
-    assert len(comps["caption_generation"]["reuse"]["samples"]) == 2 * 2  # clips x prompts
+    assert len(comps["model_loading"]["reuse"]["samples"]) == 3 * 2
+    assert len(comps["model_loading"]["no_reuse"]["samples"]) == 4 * 2 * 2
+    assert len(comps["caption_generation"]["reuse"]["samples"]) == 2 * 2 * 2  # clips x prompts x repeats
     for task in ("retrieval", "assembly"):
         e = r["end_to_end"][task]
         assert e["reuse"] > 0 and e["no_reuse"] > 0 and e["ratio"] == pytest.approx(e["reuse"] / e["no_reuse"], abs=1e-3)
+        assert e["reuse"] == pytest.approx(sum(e["samples"]["reuse"]) / 2, abs=1e-3)  # median of two
+        assert [round(a / b, 3) for a, b in zip(e["samples"]["reuse"], e["samples"]["no_reuse"])] == \
+            [round(x, 3) for x in e["ratio_per_run"]]
     assert r["end_to_end"]["assembly"]["reuse"] >= r["end_to_end"]["retrieval"]["reuse"]
     assert r["outputs_identical"] == {"captions": True, "scripts": True}
     o = r["overlap"]
     assert o["N"] == 2 and o["ideal_s"] == pytest.approx(2 * max(o["L_E"], o["L_D"]), abs=1e-3)
     assert len(o["timeline"]["pipelined"]) == 3 * 2
+    d = o["disjoint"]  # CPU: the stages once more on disjoint cores, with the bound that gives
+    assert d["threads"][1] >= 1 and d["threads"][2] >= 1 and d["bound_s"] == pytest.approx(2 * max(d["L_E"], d["L_D"]), abs=1e-3)
+    assert o["best_s"] == min(o["sequential_s"], o["pipelined_s"], d["pipelined_s"])
     for name in ("reuse", "no_reuse"):
         assert r["memory"][name]["model_weights_mib"] > 0 and r["memory"][name]["peak_mib"] >= 0
     assert r["device"]["cores"] >= 1 and r["device"]["torch"]

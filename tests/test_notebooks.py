@@ -75,5 +75,6 @@ def test_04_latency(tmp_path, phone, runner):
     for task in result["end_to_end"].values():
         assert task["reuse"] > 0 and task["no_reuse"] > 0
     assert result["overlap"]["N"] == 2 and result["overlap"]["L_D"] > 0
+    assert result["overlap"]["disjoint"]["bound_s"] > 0 and result["components"]["model_unloading"]["reuse"]["total"] > 0
     assert result["outputs_identical"] == {"captions": True, "scripts": True}
     assert Path(result["timeline_png"]).read_bytes()[:4] == b"\x89PNG"

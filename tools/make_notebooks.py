@@ -24,6 +24,8 @@ def notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
             if kind == "parameters":
                 cell.metadata["tags"] = ["parameters"]
             nb.cells.append(cell)
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating an unchanged notebook changes nothing
+        cell.id = f"cell-{i:02d}"
     return nb
 
 # The first code cell of every notebook starts with this: offline, quiet export logs, atomkit imported.
@@ -147,6 +149,8 @@ model = "default"
 prompts = 5
 k = 3
 executor = "measured"  # reuse path: measured, auto, sequential or pipelined
+backend = "auto"       # decode engine of both paths: auto (exact fp32) or e.g. int4 (see the decode section)
+repeats = 1            # both paths this many times in ABBA order (the JSON keeps every repeat's ratio)
 programs = None        # folder of .pte programs (atomkit export) for the phone section; None: export here
 runner = None          # ExecuTorch runner binary for the phone (docs/phones.md); None: $ATOMKIT_RUNNER
 phone_modules = ["encoder", "decoder", "embedder"]
@@ -157,20 +161,21 @@ import json
 from atomkit.bench import benchmark, plot_timeline, table
 
 videos = atomkit.sample_videos()
-decode = atomkit.DecodeConfig()
+decode = atomkit.DecodeConfig(backend=backend)
 if smoke:
     model, prompts = "tiny-default", 1
     videos = [v for v in videos if v.name in ("carphone_pristine.mp4", "bigbuckbunny.mp4")]
-    decode = atomkit.DecodeConfig(max_new_tokens=4, num_beams=2, script_max_new_tokens=8)
+    decode = atomkit.DecodeConfig(max_new_tokens=4, num_beams=2, script_max_new_tokens=8, backend=backend)
     phone_modules = ["encoder"]
 out = Path(out_dir)
 result = benchmark(model, prompts=prompts, videos=videos, k=k, decode=decode, executor=executor,
-                   warmup=not smoke, overlap_repeats=1 if smoke else 2)
+                   warmup=not smoke, overlap_repeats=1 if smoke else 2, repeats=repeats)
 print(table(result))"""),
     ("md", """
 ## Where the time goes
-Each bar is the total over all prompts. Loading is what reuse removes; caption generation and the script are
-the same work in both paths, so the share of loading in the baseline bounds what reuse can save."""),
+Each bar is the total over all prompts. Loading (reading the weights, then readying the decode engine: packing
+quantized weights for the fast backends) and unloading are what reuse removes; caption generation and the script
+are the same work in both paths, so the share of loading and unloading in the baseline bounds what reuse can save."""),
     ("code", """
 import matplotlib.pyplot as plt
 comps = result["components"]
@@ -182,19 +187,23 @@ for j, path in enumerate(("no_reuse", "reuse")):
 ax.set_yticks(range(len(names)), [n.replace("_", " ") for n in names]); ax.invert_yaxis()
 ax.set_xlabel("seconds (total over prompts)"); ax.legend(); plt.tight_layout(); plt.show()
 e = result["end_to_end"]
-print({t: f"reuse/no_reuse = {e[t]['ratio']:.3f}" for t in e})"""),
+print({t: f"reuse/no_reuse = {e[t]['ratio']:.3f}" for t in e})
+print("of loading, readying the decode engine (s/run):", result["engine_prepare_s"])"""),
     ("md", """
 ## Overlap
 While the decoder captions clip *i*, the encoder can already work on clip *i+1*. The ideal pipelined time is
 N·max(L_E, L_D); the overlap efficiency is η = (L_seq − L_par) / (L_seq − N·max(L_E, L_D)). When L_E is small
 next to L_D, little can be hidden, and on a machine where both stages share the same cores, running them at
-once can cost more than it hides: the timeline shows it."""),
+once can cost more than it hides: the timeline shows it. On a CPU the benchmark also runs the pipeline with the
+stages on disjoint cores (`overlap.disjoint`): given only its share of the cores each stage slows down, and no
+schedule can beat N·max(L_E′, L_D′) at those speeds; `best_s` and `best_eta` are the best this machine gave."""),
     ("code", """
 from IPython.display import Image, display
 png = plot_timeline(result, out / "timeline.png")
 display(Image(str(png)))
 o = result["overlap"]
-print({key: o[key] for key in ("N", "L_E", "L_D", "sequential_s", "pipelined_s", "ideal_s", "eta", "max_possible_saving")})"""),
+print({key: o[key] for key in ("N", "L_E", "L_D", "sequential_s", "pipelined_s", "ideal_s", "eta", "max_possible_saving")})
+print("disjoint cores:", o["disjoint"], "best:", o["best_s"], "eta", o["best_eta"])"""),
     ("md", "## Memory\nPeak memory of each path above its starting level, split as the paper's Table 4."),
     ("code", """
 for path in ("no_reuse", "reuse"):
