@@ -89,9 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1,
                    help="run both paths this many times, in ABBA order; end-to-end times are medians and the JSON "
                    "has the ratio of every repeat (default: 1)")
-    p.add_argument("--executor", choices=["measured", "auto", "sequential", "pipelined"], default="measured",
-                   help="executor of the reuse path (measured: the faster one in this run's overlap "
-                   "measurement; auto: pipelined with a GPU or >= 4 cores)")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the OS page cache before every load (needs root on Linux): weights come from storage, "
+                   "as on a phone whose memory no longer caches them; the drops are not timed")
+    p.add_argument("--executor", choices=["measured", "auto", "sequential", "pipelined", "pipelined-disjoint"],
+                   default="measured",
+                   help="executor of the reuse path (measured: the fastest in this run's overlap measurement; auto: "
+                   "pipelined with a GPU or >= 4 cores; pipelined-disjoint: encoder and decoder on separate cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("quantize", help="quantize every module with torchao and check it against fp32 by numbers",
                        description="Quantizes encoder, decoder and embedder (Linear and Embedding layers) and writes "
@@ -388,7 +392,7 @@ def _bench(args) -> int:
                           script_max_new_tokens=args.script_tokens, backend=args.backend)
     result = benchmark(args.models, prompts=args.prompts, videos=args.paths or None, k=args.k, device=args.device,
                        weights=args.weights, random_weights=args.random_weights, decode=decode,
-                       warmup=not args.no_warmup, executor=args.executor, repeats=args.repeats,
+                       warmup=not args.no_warmup, executor=args.executor, repeats=args.repeats, cold=args.cold,
                        progress=not args.quiet)
     out = Path(args.out)
     png = plot_timeline(result, out.with_suffix(".png"))

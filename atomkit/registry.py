@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 
 from . import weights as W
+from .config import cache_dir
 from .errors import UnknownModel
 from .modules.decoder import Projector, TextDecoder
 from .modules.embedder import SentenceEmbedder, minilm
@@ -114,28 +116,69 @@ def _minilm(opts: LoadOptions) -> SentenceEmbedder:
 
 
 # -- atom-paper: CLIP ViT-L/14 -> projector -> Llama-3.2-1B ---------------------------------------
-def _paper_encoder(opts: LoadOptions) -> VideoEncoder:
-    if opts.random_weights:
+def _paper_files(opts: LoadOptions) -> dict[str, Path]:
+    """The weight files of atom-paper: the user's, or random ones written once to the cache in the same
+    layout, so a random-weight run reads its weights from disk exactly as a real one does."""
+    if not opts.random_weights:
+        return W.paper_weights(opts.weights)
+    import hashlib
+
+    config = llama32_1b_config()
+    arch = hashlib.sha256(("ViT-L-14|projector 768|" + config.to_json_string()).encode()).hexdigest()[:16]
+    folder = (opts.cache or cache_dir()) / "random-weights" / f"atom-paper-seed0-{arch}"
+    if not (folder / "atomkit.json").is_file():
+        print(f"atomkit: writing atom-paper random weights once to {folder} (about 5.5 GB)", file=sys.stderr)
         with _seeded():
-            return clip_vision("ViT-L-14")
-    return clip_vision("ViT-L-14", checkpoint=W.paper_weights(opts.weights)["clip"])
+            enc = clip_vision("ViT-L-14")
+        dec = _random_lm(config)
+        with _seeded(1):
+            dec.projector = Projector(768, 2048)
+        write_paper_layout(folder, enc, dec, stamp={"arch": arch})
+        del enc, dec
+    return W.paper_weights(folder)
+
+
+def write_paper_layout(folder: Path, encoder, decoder: TextDecoder, stamp: dict | None = None) -> Path:
+    """Write an encoder/decoder pair in the atom-paper weights layout (``weights.PAPER_LAYOUT``), atomically."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        visual = {f"visual.{k}": v.contiguous() for k, v in encoder.visual.state_dict().items()}
+        save_file(visual, str(tmp / "open_clip_vit_l14.safetensors"))
+        decoder.lm.save_pretrained(tmp / "llama-3.2-1b")
+        decoder.tokenizer.save_pretrained(tmp / "llama-3.2-1b")
+        save_file({k: v.contiguous() for k, v in decoder.projector.state_dict().items()}, str(tmp / "projector.safetensors"))
+        (tmp / "atomkit.json").write_text(json.dumps({"written_by": "atomkit.registry.write_paper_layout", **(stamp or {})}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _paper_encoder(opts: LoadOptions) -> VideoEncoder:
+    return clip_vision("ViT-L-14", checkpoint=_paper_files(opts)["clip"])
 
 
 def _paper_decoder(opts: LoadOptions) -> TextDecoder:
-    if opts.random_weights:
-        dec = _random_lm(llama32_1b_config())
-        with _seeded(1):
-            dec.projector = Projector(768, 2048)
-        return dec
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    files = W.paper_weights(opts.weights)
+    files = _paper_files(opts)
     lm = LlamaForCausalLM.from_pretrained(files["llama"], dtype=torch.float32, local_files_only=True)
     projector = Projector(768, lm.config.hidden_size)
     projector.load_state_dict(load_file(str(files["projector"])))
     tok = AutoTokenizer.from_pretrained(files["llama"], local_files_only=True)
-    return TextDecoder(lm.eval(), tok, projector=projector)
+    # random weights: never stop at EOS, so every run decodes the full length (what latency work wants)
+    return TextDecoder(lm.eval(), tok, projector=projector, stop_at_eos=not opts.random_weights)
 
 
 # -- tiny random-weight versions of both architectures: unit tests only --------------------------

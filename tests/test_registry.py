@@ -90,3 +90,27 @@ def test_tiny_default_encoder_concepts_are_imagenet_labels(tiny_session):
 def test_encoder_rejects_wrong_frame_tensor(tiny_session):
     with pytest.raises(ValueError, match="uint8"):
         tiny_session.encoder.encode(torch.zeros(1, 3, 6, 224, 224))
+
+
+def test_random_weights_are_written_in_the_user_layout_and_read_back(tmp_path):
+    """atom-paper --random-weights writes its random modules once in the weights layout and then loads
+    them from disk like real weights; here the same writer with the tiny paper modules."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from atomkit.modules.encoder import clip_vision
+    from atomkit.registry import write_paper_layout
+
+    spec = get_spec("tiny-paper")
+    enc, dec = spec.load("encoder", LoadOptions()), spec.load("decoder", LoadOptions())
+    files = paper_weights(write_paper_layout(tmp_path / "w", enc, dec))
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically
+    again = clip_vision("ViT-L-14", checkpoint=files["clip"],
+                        vision_overrides=dict(width=64, layers=2, head_width=32, patch_size=32, embed_dim=32))
+    for k, v in enc.visual.state_dict().items():
+        assert torch.equal(again.visual.state_dict()[k], v), k
+    lm = LlamaForCausalLM.from_pretrained(files["llama"], local_files_only=True)
+    for k, v in dec.lm.state_dict().items():
+        assert torch.equal(lm.state_dict()[k], v), k
+    proj = load_file(str(files["projector"]))
+    assert all(torch.equal(proj[k], v) for k, v in dec.projector.state_dict().items())

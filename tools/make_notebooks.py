@@ -148,7 +148,7 @@ Both produce the same captions and scripts (checked). Times exclude a warm-up ru
 model = "default"
 prompts = 5
 k = 3
-executor = "measured"  # reuse path: measured, auto, sequential or pipelined
+executor = "measured"  # reuse path: measured, auto, sequential, pipelined or pipelined-disjoint
 backend = "auto"       # decode engine of both paths: auto (exact fp32) or e.g. int4 (see the decode section)
 repeats = 1            # both paths this many times in ABBA order (the JSON keeps every repeat's ratio)
 programs = None        # folder of .pte programs (atomkit export) for the phone section; None: export here
