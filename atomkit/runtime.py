@@ -229,14 +229,22 @@ class PteDecoder(TextDecoder):
                                         torch.arange(start, start + len(ids), dtype=torch.long)])
         return out[0][0, -1]
 
+    def stepper(self, backend: str = "auto") -> "PteStepper":
+        """The program as an engine ``Stepper`` (batch 1)."""
+        self._check_backend(backend)
+        return PteStepper(self)
+
+    def _check_backend(self, backend: str) -> None:
+        if backend not in ("auto", "pte"):
+            raise AtomkitError(f"{self.path.name}: a .pte decoder decodes with its program; backend {backend!r} "
+                               "needs the eager decoder (a Session without programs=)")
+
     @torch.inference_mode()
     def generate_ids(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                      max_new_tokens: int, num_beams: int, backend: str = "auto") -> torch.Tensor:
         """New token ids (1-D) after the prompt: greedy argmax, prompt prefilled in chunks. The program is
         the backend: ``backend`` is accepted for the ``TextDecoder`` signature and must be auto or pte."""
-        if backend not in ("auto", "pte"):
-            raise AtomkitError(f"{self.path.name}: a .pte decoder decodes with its program; backend {backend!r} "
-                               "needs the eager decoder (a Session without programs=)")
+        self._check_backend(backend)
         if inputs_embeds is not None:
             raise AtomkitError(f"{self.path.name}: the .pte decoder takes token ids, not inputs_embeds "
                                "(visual-prefix models run eager)")

@@ -17,6 +17,7 @@ from .errors import InputError, VideoError
 from .executor import auto_executor
 from .io import write_json_atomic
 from .script import SCRIPT_ANSWER_PREFIX, Script, parse_script, script_messages
+from .structured import script_json
 from .video import Clip, clips as cut_clips, find_videos, sample_frames
 
 
@@ -194,12 +195,19 @@ def retrieve(session, source, query: str, *, k: int = 5, progress: bool = False)
 
 
 def write_script(session, prompt: str, hits: Sequence[Hit]) -> Script:
-    """The resident decoder, text only, orders the retrieved clips; bad output falls back to rank order."""
+    """The resident decoder, text only, orders the retrieved clips: it fills in the JSON of the script
+    (``atomkit.structured``; free decoding with lenient parsing where no stepper runs); bad output falls back
+    to rank order."""
     clips = [(h.clip.id, h.clip.caption) for h in hits]
-    with session.use("decoder") as dec:
-        raw = dec.chat(script_messages(prompt, clips), max_new_tokens=session.decode.script_max_new_tokens,
-                       num_beams=session.decode.script_num_beams, answer_prefix=SCRIPT_ANSWER_PREFIX,
-                       backend=session.decode.backend)
+    cfg, messages = session.decode, script_messages(prompt, clips)
+    with session.use("decoder") as dec, torch.inference_mode():
+        raw = None
+        stepper = dec.stepper(cfg.backend) if cfg.script_num_beams == 1 else None
+        if stepper is not None:  # the JSON structure written by the program, the choices by the model
+            raw = script_json(dec, stepper, messages, len(clips), max_new_tokens=cfg.script_max_new_tokens)
+        if raw is None:  # free decoding (generate, or beams), parsed leniently
+            raw = dec.chat(messages, max_new_tokens=cfg.script_max_new_tokens, num_beams=cfg.script_num_beams,
+                           answer_prefix=SCRIPT_ANSWER_PREFIX, backend=cfg.backend)
     return parse_script(raw, clips)
 
 

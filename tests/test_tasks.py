@@ -63,9 +63,10 @@ def test_assemble_writes_reel_script_and_captions(tiny_session, tiny_captions, t
     assert asm.reel == tmp_path / "reel.mp4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.json", "reel.mp4", "script.json"]
     script = json.loads((tmp_path / "script.json").read_text())
-    # random weights write noise, never a valid script: the ranked order is used and the reason recorded
-    assert script["source"] == "fallback" and script["problems"]
-    assert [e["clip_id"] for e in script["entries"]] == [h["id"] for h in script["retrieved"]]
+    # structured decoding: even random weights fill in a valid script that orders every retrieved clip
+    # (free text that does not parse falls back to rank order: tests/test_script.py)
+    assert script["source"] == "decoder" and script["problems"] == [], script["raw"]
+    assert sorted(e["clip_id"] for e in script["entries"]) == sorted(h["id"] for h in script["retrieved"])
     assert script["random_weights"] is True
     caps = json.loads((tmp_path / "captions.json").read_text())
     assert len(caps["clips"]) == len(tiny_captions.clips)

@@ -84,6 +84,10 @@ class TextDecoder(nn.Module):
             engines[name] = get_engine(name, self)
         return engines[name]
 
+    def stepper(self, backend: str = "auto"):
+        """The engine's ``Stepper`` for token-by-token decoding (structured output), or None for ``hf``."""
+        return getattr(self.engine(backend), "stepper", None)
+
     @torch.inference_mode()
     def generate_ids(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                      max_new_tokens: int, num_beams: int, backend: str = "auto") -> torch.Tensor:
