@@ -74,12 +74,12 @@ def script_json(decoder, stepper: Stepper, messages: list[dict], n_clips: int, *
         while len(line) < line_budget:
             tok = int(cur.logits.argmax())
             piece = decoder.tokenizer.decode([tok])
-            if tok in stop or any(c in piece for c in '"\n\\'):
+            if tok in stop or any(c in piece for c in '"\\\n\r\t'):  # would end or break the JSON string
                 break
             line.append(tok)
+            cur.feed([tok])
             if "." in piece and len(line) > 3:  # one sentence
                 break
-            cur.feed([tok])
         text += f"{k}{LINE_OPEN}{decoder.tokenizer.decode(line).strip()}{ENTRY_CLOSE}"
         if not left:
             return text + "]"
