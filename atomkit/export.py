@@ -170,18 +170,11 @@ def _sidecar(path: Path, report: dict, **fields) -> Path:
 def save_tokenizer(tokenizer, program: Path) -> Path:
     """The host-side tokenizer of a program, saved beside it as ``<name>.tokenizer/`` (atomically), so
     ``atomkit.runtime`` runs the program without loading the eager model."""
-    import shutil
-    import tempfile
+    from .io import atomic_dir
 
     folder = Path(program).with_suffix(".tokenizer")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_dir(folder) as tmp:
         tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

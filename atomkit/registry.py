@@ -141,26 +141,18 @@ def _paper_files(opts: LoadOptions) -> dict[str, Path]:
 def write_paper_layout(folder: Path, encoder, decoder: TextDecoder, stamp: dict | None = None) -> Path:
     """Write an encoder/decoder pair in the atom-paper weights layout (``weights.PAPER_LAYOUT``), atomically."""
     import json
-    import os
-    import shutil
 
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    from .io import atomic_dir
+
+    with atomic_dir(folder) as tmp:
         visual = {f"visual.{k}": v.contiguous() for k, v in encoder.visual.state_dict().items()}
         save_file(visual, str(tmp / "open_clip_vit_l14.safetensors"))
         decoder.lm.save_pretrained(tmp / "llama-3.2-1b")
         decoder.tokenizer.save_pretrained(tmp / "llama-3.2-1b")
         save_file({k: v.contiguous() for k, v in decoder.projector.state_dict().items()}, str(tmp / "projector.safetensors"))
         (tmp / "atomkit.json").write_text(json.dumps({"written_by": "atomkit.registry.write_paper_layout", **(stamp or {})}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

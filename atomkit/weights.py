@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .config import cache_dir
 from .errors import ModelNotFound
+from .io import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAPER_WEIGHTS_ENV = "ATOMKIT_PAPER_WEIGHTS"
@@ -69,9 +68,7 @@ def smollm2_converted(cache: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised
@@ -85,12 +82,6 @@ def smollm2_converted(cache: Path | None = None) -> Path:
         lm.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "atomkit.json").write_text(json.dumps({"stamp": stamp, "converted_from": "GGUF Q4_1 dequantised to float32"}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

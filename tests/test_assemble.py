@@ -13,7 +13,7 @@ import pytest
 
 from atomkit.assemble import stitch
 from atomkit.errors import AssemblyError, InputError
-from atomkit.io import atomic_path, write_json_atomic
+from atomkit.io import atomic_dir, atomic_path, write_json_atomic
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -229,6 +229,21 @@ def test_atomic_path_exception_removes_temp_and_propagates(tmp_path):
     assert not tmp.exists()
     assert path.read_bytes() == b"old"
     assert leftovers(tmp_path) == ["reel.mp4"]
+
+
+def test_atomic_dir_replaces_the_folder_or_leaves_it(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_dir(folder) as tmp:
+            (tmp / "half.txt").write_text("partial")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in folder.iterdir()) == ["old.txt"] and leftovers(tmp_path) == ["model"]
+    with atomic_dir(folder) as tmp:
+        assert tmp.parent == tmp_path and not (tmp / "old.txt").exists()
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in folder.iterdir()) == ["new.txt"] and leftovers(tmp_path) == ["model"]
 
 
 def _umask() -> int:
