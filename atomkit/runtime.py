@@ -229,6 +229,9 @@ class PteDecoder(TextDecoder):
                                         torch.arange(start, start + len(ids), dtype=torch.long)])
         return out[0][0, -1]
 
+    def stop_ids(self) -> list[int]:
+        return sorted(self.eos_ids) if self.stop_at_eos else []
+
     def stepper(self, backend: str = "auto") -> "PteStepper":
         """The program as an engine ``Stepper`` (batch 1)."""
         self._check_backend(backend)
@@ -260,7 +263,7 @@ class PteDecoder(TextDecoder):
             raise InputError("empty prompt")
         from .engine import Engine
 
-        eos = sorted(self.eos_ids) if self.stop_at_eos else None
+        eos = self.stop_ids() or None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(), max_new_tokens=max_new_tokens,
                                                        num_beams=1, eos_token_id=eos, pad_token_id=pad)

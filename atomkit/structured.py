@@ -55,8 +55,7 @@ def script_json(decoder, stepper: Stepper, messages: list[dict], n_clips: int, *
         if len(tok) != 1:
             return None
         digits[k] = tok[0]
-    # random-weight decoders never stop at EOS (atomkit.modules.decoder): their lines run to the budget
-    stop = set(getattr(decoder, "eos_ids", None) or _eos(decoder)) if getattr(decoder, "stop_at_eos", True) else set()
+    stop = set(decoder.stop_ids())  # none for random-weight decoders: their lines run to the budget
     fixed = {s: ids(s) for s in (NEXT_ENTRY, LINE_OPEN, ENTRY_CLOSE)}
     per_entry = 1 + len(fixed[LINE_OPEN]) + len(fixed[ENTRY_CLOSE]) + len(fixed[NEXT_ENTRY])
     line_budget = max(0, min(max_line_tokens, (max_new_tokens - n_clips * per_entry) // n_clips))
@@ -86,9 +85,3 @@ def script_json(decoder, stepper: Stepper, messages: list[dict], n_clips: int, *
         cur.feed(fixed[ENTRY_CLOSE] + fixed[NEXT_ENTRY])
         text += NEXT_ENTRY
 
-
-def _eos(decoder) -> list[int]:
-    eos = getattr(getattr(getattr(decoder, "lm", None), "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = decoder.tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])

@@ -84,6 +84,12 @@ class TextDecoder(nn.Module):
             engines[name] = get_engine(name, self)
         return engines[name]
 
+    def stop_ids(self) -> list[int]:
+        """The token ids decoding stops at: the LM's EOS ids, none when ``stop_at_eos`` is False."""
+        from ..engine import _eos_list
+
+        return _eos_list(self.lm.generation_config.eos_token_id) if self.stop_at_eos else []
+
     def stepper(self, backend: str = "auto"):
         """The engine's ``Stepper`` for token-by-token decoding (structured output), or None for ``hf``."""
         return getattr(self.engine(backend), "stepper", None)
@@ -98,7 +104,7 @@ class TextDecoder(nn.Module):
         """
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        eos = self.lm.generation_config.eos_token_id if self.stop_at_eos else None
+        eos = self.stop_ids() or None
         out = self.engine(backend).generate(input_ids, inputs_embeds=inputs_embeds, max_new_tokens=max_new_tokens,
                                             num_beams=num_beams, eos_token_id=eos, pad_token_id=pad)
         return out[0]
