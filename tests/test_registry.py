@@ -114,3 +114,29 @@ def test_random_weights_are_written_in_the_user_layout_and_read_back(tmp_path):
         assert torch.equal(lm.state_dict()[k], v), k
     proj = load_file(str(files["projector"]))
     assert all(torch.equal(proj[k], v) for k, v in dec.projector.state_dict().items())
+
+
+def test_batchnorm_folding_keeps_the_encoder_outputs():
+    """EfficientNet-Lite0 (random weights, unit test only) with non-trivial BatchNorm statistics gives the
+    same features and class probabilities after its BatchNorms are folded into the convolutions."""
+    import copy
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from atomkit.modules.encoder import EfficientNetEncoder, fold_batchnorm, imagenet_labels
+
+    torch.manual_seed(0)
+    net = EfficientNet.from_name("efficientnet-lite0").eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    ref = EfficientNetEncoder(copy.deepcopy(net), imagenet_labels()).eval()
+    folded = EfficientNetEncoder(fold_batchnorm(net), imagenet_labels()).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    frames = torch.randint(0, 256, (1, 3, 2, 224, 224), dtype=torch.uint8)
+    a, b = ref.encode(frames), folded.encode(frames)  # encode() also runs the channels-last path
+    torch.testing.assert_close(b.features, a.features, rtol=1e-4, atol=1e-4)
+    assert [c for c, _ in b.concepts] == [c for c, _ in a.concepts]
