@@ -112,3 +112,15 @@ def test_cold_bench_without_root_says_how(monkeypatch):
         benchmark("tiny-default", prompts=1, videos=[atomkit.sample_videos()[0]], k=1, device="cpu",
                   decode=atomkit.DecodeConfig(max_new_tokens=2, num_beams=1, script_max_new_tokens=2),
                   warmup=False, overlap_repeats=1, cold=True, progress=False)
+
+
+def test_measured_choice_needs_a_clear_win_to_pipeline():
+    from atomkit.bench import PIPELINE_MARGIN, measured_choice
+
+    seq = 4.0
+    tie = {"sequential_s": seq, "pipelined_s": seq * 1.05, "disjoint": {"pipelined_s": seq * 0.99}}
+    assert measured_choice(tie) == "sequential"  # within noise of sequential: keep sequential
+    clear = {"sequential_s": seq, "pipelined_s": seq * 1.1, "disjoint": {"pipelined_s": seq * (0.99 - PIPELINE_MARGIN)}}
+    assert measured_choice(clear) == "pipelined-disjoint"
+    shared = {"sequential_s": seq, "pipelined_s": seq * 0.8, "disjoint": None}
+    assert measured_choice(shared) == "pipelined"
