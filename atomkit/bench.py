@@ -63,6 +63,27 @@ def cpu_steal_s() -> float:
         return 0.0
 
 
+class GcTimer:
+    """Seconds the garbage collector ran, and how many collections, while the ``with`` block ran."""
+
+    def __init__(self):
+        self.seconds, self.collections, self._t0 = 0.0, 0, 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+            self.collections += 1
+
+    def __enter__(self) -> "GcTimer":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def stage_times(trace: list[tuple[int, int, float, float]]) -> tuple[list[float], list[float]]:
     """Per item: L_E (frame decoding + encoding) and L_D (caption decoding) from an executor trace."""
     by_item: dict[int, list[float]] = {}
@@ -354,6 +375,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     gc.collect()
     gc.freeze()
     runs: dict[str, list[tuple[dict, _Recorder, MemoryMonitor, float]]] = {"no_reuse": [], "reuse": []}
+    gc_time = {"no_reuse": [0.0, 0], "reuse": [0.0, 0]}  # seconds, collections (all repeats)
     try:
         for r in range(repeats):  # ABBA order: drift of the machine over the run falls on both paths alike
             order = ("no_reuse", "reuse") if r % 2 == 0 else ("reuse", "no_reuse")
@@ -361,13 +383,14 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
                 steps.set_postfix_str(f"{name} {r + 1}/{repeats}")
                 release_memory()
                 steal0 = cpu_steal_s()
-                with MemoryMonitor(device) as mon:
+                with MemoryMonitor(device) as mon, GcTimer() as gct:
                     rec = _Recorder(device, mon, cold=cold)
                     if name == "reuse":
                         path = run_reuse(spec, videos, prompt_list, k, rec, executor=executor)
                     else:
                         path = run_no_reuse(spec, videos, prompt_list, k, rec)
                 runs[name].append((path, rec, mon, cpu_steal_s() - steal0))
+                gc_time[name] = [gc_time[name][0] + gct.seconds, gc_time[name][1] + gct.collections]
                 steps.update()
     finally:
         gc.unfreeze()
@@ -413,6 +436,8 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
                              for name, rs in recs.items()},
         # CPU time the hypervisor gave to other guests while each path ran (all repeats): shared-host noise
         "cpu_steal_s": {name: round(sum(st for *_, st in rs), 2) for name, rs in runs.items()},
+        # the garbage collector's share of each path (all repeats): seconds and collections
+        "gc": {name: {"seconds": round(t, 3), "collections": n} for name, (t, n) in gc_time.items()},
         "end_to_end": e2e,
         "overlap": overlap,
         "memory": memory,
@@ -451,6 +476,11 @@ def table(result: dict) -> str:
                      f"best here {o['best_s']:.2f}s (eta {o['best_eta']})")
     m = result["memory"]
     lines.append(f"peak memory (MiB): w/o reuse {m['no_reuse']['peak_mib']}, ATOM {m['reuse']['peak_mib']}")
+    if "gc" in result:  # all repeats together
+        g = result["gc"]
+        lines.append(f"garbage collection (s, all repeats): w/o reuse {g['no_reuse']['seconds']:.2f} "
+                     f"({g['no_reuse']['collections']}), ATOM {g['reuse']['seconds']:.2f} ({g['reuse']['collections']}); "
+                     f"CPU steal: {result['cpu_steal_s']['no_reuse']:.2f}, {result['cpu_steal_s']['reuse']:.2f}")
     return "\n".join(lines)
 
 

@@ -56,6 +56,8 @@ def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
     # sequential: the components add up to the end-to-end time (pipelined, encoding overlaps decoding)
     assert abs(r["unattributed_s"]["no_reuse"]) < 0.25 * r["end_to_end"]["assembly"]["no_reuse"]
     assert r["reuse_executor"] in ("sequential", "pipelined", "pipelined-disjoint")
+    for name in ("reuse", "no_reuse"):  # the collector's time is measured per path (unloads collect at least once)
+        assert r["gc"][name]["collections"] >= 1 and 0 <= r["gc"][name]["seconds"] < r["end_to_end"]["assembly"][name] * 2
     # reuse loads each module once; no_reuse loads 4 modules for every prompt (captioner x2, embedder, LM)
     assert len(comps["model_loading"]["reuse"]["samples"]) == 3 * 2
     assert len(comps["model_loading"]["no_reuse"]["samples"]) == 4 * 2 * 2
