@@ -92,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold", action="store_true",
                    help="drop the OS page cache before every load (needs root on Linux): weights come from storage, "
                    "as on a phone whose memory no longer caches them; the drops are not timed")
-    p.add_argument("--executor", choices=["measured", "auto", "sequential", "pipelined", "pipelined-disjoint"],
+    p.add_argument("--executor", choices=["measured", "auto", "sequential", "pipelined", "pipelined-disjoint", "prefetch"],
                    default="measured",
                    help="executor of the reuse path (measured: a pipelined executor where it beat sequential by 5 %% in this run's overlap measurement, else sequential; auto: "
-                   "pipelined with a GPU or >= 4 cores; pipelined-disjoint: encoder and decoder on separate cores)")
+                   "pipelined with a GPU or >= 4 cores; pipelined-disjoint: encoder and decoder on separate cores; prefetch: "
+                   "frames decoded ahead on one thread, encoder and decoder in turn on the main thread)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("quantize", help="quantize every module with torchao and check it against fp32 by numbers",
                        description="Quantizes encoder, decoder and embedder (Linear and Embedding layers) and writes "

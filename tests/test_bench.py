@@ -55,7 +55,7 @@ def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
         assert 0 <= r["engine_prepare_s"][name] <= comps["model_loading"][name]["total"]
     # sequential: the components add up to the end-to-end time (pipelined, encoding overlaps decoding)
     assert abs(r["unattributed_s"]["no_reuse"]) < 0.25 * r["end_to_end"]["assembly"]["no_reuse"]
-    assert r["reuse_executor"] in ("sequential", "pipelined", "pipelined-disjoint")
+    assert r["reuse_executor"] in ("sequential", "pipelined", "pipelined-disjoint", "prefetch")
     for name in ("reuse", "no_reuse"):  # the collector's time is measured per path (unloads collect at least once)
         assert r["gc"][name]["collections"] >= 1 and 0 <= r["gc"][name]["seconds"] < r["end_to_end"]["assembly"][name] * 2
     # reuse loads each module once; no_reuse loads 4 modules for every prompt (captioner x2, embedder, LM)
@@ -76,7 +76,8 @@ def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
     assert len(o["timeline"]["pipelined"]) == 3 * 2
     d = o["disjoint"]  # CPU: the stages once more on disjoint cores, with the bound that gives
     assert d["threads"][1] >= 1 and d["threads"][2] >= 1 and d["bound_s"] == pytest.approx(2 * max(d["L_E"], d["L_D"]), abs=1e-3)
-    assert o["best_s"] == min(o["sequential_s"], o["pipelined_s"], d["pipelined_s"])
+    assert o["best_s"] == min(o["sequential_s"], o["pipelined_s"], d["pipelined_s"], o["prefetch"]["pipelined_s"])
+    assert len(o["prefetch"]["samples"]) == 1  # one per overlap repeat
     for name in ("reuse", "no_reuse"):
         assert r["memory"][name]["model_weights_mib"] > 0 and r["memory"][name]["peak_mib"] >= 0
     assert r["device"]["cores"] >= 1 and r["device"]["torch"]
@@ -126,3 +127,5 @@ def test_measured_choice_needs_a_clear_win_to_pipeline():
     assert measured_choice(clear) == "pipelined-disjoint"
     shared = {"sequential_s": seq, "pipelined_s": seq * 0.8, "disjoint": None}
     assert measured_choice(shared) == "pipelined"
+    ahead = {"sequential_s": seq, "pipelined_s": seq * 1.1, "disjoint": None, "prefetch": {"pipelined_s": seq * 0.9}}
+    assert measured_choice(ahead) == "prefetch"

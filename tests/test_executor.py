@@ -229,3 +229,38 @@ def test_per_stage_torch_thread_budgets():
     assert out == [0, 1, 2]
     assert seen[0] == 1 and seen[2] == 2
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("bad_stage", [0, 1, 2])
+def test_caller_stages_keep_order_errors_and_budgets(bad_stage):
+    """caller_stages=2: the last two stages run on the caller's thread in turn, only the first runs ahead."""
+    import torch
+
+    where = {}
+
+    def stage(i):
+        def f(x):
+            where.setdefault(i, set()).add((threading.current_thread().name, torch.get_num_threads()))
+            return (x[0], x[1] + [i])
+        f.__name__ = f"s{i}"
+        return f
+
+    stages = [stage(0), stage(1), stage(2)]
+    items = [(i, []) for i in range(20)]
+    expected = list(SequentialExecutor().map(iter(items), stages))
+    where.clear()
+    ex = PipelinedExecutor(caller_stages=2, threads=[1, None, None])
+    assert list(ex.map(iter(items), stages)) == expected
+    assert {name for name, _ in where[0]} == {"atomkit-stage-0"} and where[0] == {("atomkit-stage-0", 1)}
+    assert {name for name, _ in where[1] | where[2]} == {threading.current_thread().name}
+    bad = list(stages)
+
+    def boom(x):
+        if x[0] == 3:
+            raise ValueError("bad item 3")
+        return x
+    bad[bad_stage] = boom
+    with pytest.raises(PipelineError, match=f"stage {bad_stage} \\(boom\\) failed on item 3"):
+        list(PipelinedExecutor(caller_stages=2).map(iter(items), bad))
+    with pytest.raises(ValueError, match="caller_stages"):
+        PipelinedExecutor(caller_stages=0)

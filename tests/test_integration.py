@@ -69,3 +69,15 @@ def test_converted_decoder_cache_is_reused(real_session):
     mtime = (folder / "model.safetensors").stat().st_mtime
     assert smollm2_converted(real_session.options.cache) == folder
     assert (folder / "model.safetensors").stat().st_mtime == mtime  # not rebuilt
+
+
+def test_int4_captions_identical_on_any_executor():
+    """The int4 decoder (int4 steps, bf16 prefill) on one thread (disjoint cores) writes the captions it writes
+    on two: the thread count must not change the arithmetic the reuse path's executor choice depends on."""
+    from atomkit.executor import PipelinedExecutor, SequentialExecutor
+
+    with atomkit.Session("default", decode=atomkit.DecodeConfig(backend="int4")) as s:
+        seq = s.caption(atomkit.sample_videos(), executor=SequentialExecutor())
+        dis = s.caption(atomkit.sample_videos(), executor=PipelinedExecutor(threads=[1, 1, 1]))
+    assert len(seq.clips) == 4
+    assert [c.caption for c in dis.clips] == [c.caption for c in seq.clips]

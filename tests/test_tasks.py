@@ -83,3 +83,12 @@ def test_assemble_with_nothing_captioned(tiny_session, tmp_path):
     with pytest.raises(InputError, match="bad.mp4"):
         tiny_session.assemble([bad], "make a highlight reel", tmp_path / "out")
     assert not (tmp_path / "out" / "reel.mp4").exists()
+
+
+@pytest.mark.parametrize("threads", [None, [1, 1, 1]])
+def test_captions_identical_whichever_executor_runs(tiny_session, tiny_captions, threads):
+    """Pipelined captioning (shared or disjoint thread budgets) writes the sequential path's captions, in order."""
+    from atomkit.executor import PipelinedExecutor
+
+    caps = tiny_session.caption(atomkit.sample_videos(), executor=PipelinedExecutor(depth=1, threads=threads))
+    assert [(c.id, c.caption) for c in caps.clips] == [(c.id, c.caption) for c in tiny_captions.clips]
