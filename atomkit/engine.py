@@ -19,8 +19,10 @@ The stepper interface (what a backend implements; ``atomkit.llama.LlamaStepper``
                                # lengths), None when no row is padded; logits of each row's last position
     step(tokens, pos) -> logits (B, V) float32
                                # one token per row (B,) written at cache position pos (= L, L+1, ...)
-    reorder(index)             # row i of the cache becomes old row index[i] (B,); beam search uses it
-                               # after every step and to copy one prefilled row to all beams of a prompt
+    reorder(index, keep=0)     # row i of the cache becomes old row index[i] (B,); beam search uses it
+                               # after every step and to copy one prefilled row to all beams of a prompt;
+                               # positions < keep are equal in the rows index maps between (the prompt
+                               # its beams share), so a stepper need not copy them
 
 A stepper without batching sets ``max_batch_size = 1`` (beam search then needs ``num_beams == 1``;
 the engine says so). A stepper without embeddings prefill raises ``InputError`` naming the reason.
@@ -54,7 +56,7 @@ class Stepper(Protocol):
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor: ...
 
-    def reorder(self, index: torch.Tensor) -> None: ...
+    def reorder(self, index: torch.Tensor, keep: int = 0) -> None: ...
 
 
 Prompt = torch.Tensor | Sequence[torch.Tensor] | None
@@ -222,7 +224,7 @@ def beam_search(stepper: Stepper, logits: torch.Tensor, prompt_len: int, max_new
         done = (not bool(improvable.any())) or (bool(finished.all()) and early_stopping) or bool(hits.all())
         if done:
             break
-        stepper.reorder((src + offset).reshape(-1))
+        stepper.reorder((src + offset).reshape(-1), keep=prompt_len)  # beams move within their prompt
     length = int(lens[:, 0].max())
     return seqs[:, 0, :length]
 

@@ -211,12 +211,13 @@ class LlamaStepper:
         h = self._layers(x, cos, sin, pos, pos + 1, mask, causal=False)
         return self.lm_head(self._rms(h[:, -1], self.norm)).float()
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Row i of the cache becomes old row ``index[i]`` (beam search; spreading a prefill)."""
+    def reorder(self, index: torch.Tensor, keep: int = 0) -> None:
+        """Row i of the cache becomes old row ``index[i]`` (beam search; spreading a prefill). Positions before
+        ``keep`` (the prompt the beams share) are equal in those rows already, and only ``keep:filled`` is copied."""
         index = index.to(self.device)
-        f = self.filled
+        a, f = min(keep, self.filled), self.filled
         for t in (*self.k_cache, *self.v_cache):
-            t[:, :, :f].copy_(t[:, :, :f].index_select(0, index))  # in place: a compiled step keeps its inputs
+            t[:, :, a:f].copy_(t[:, :, a:f].index_select(0, index))  # in place: a compiled step keeps its inputs
         if self.pad is not None:
             self.pad = self.pad.index_select(0, index)
 

@@ -361,7 +361,7 @@ class PteStepper:
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         return self.decoder._step([int(tokens.reshape(-1)[0])], pos).float().reshape(1, -1)
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, keep: int = 0) -> None:
         if index.numel() != 1 or int(index.reshape(-1)[0]) != 0:
             raise InputError(f"{self.decoder.path.name} holds one sequence: it cannot reorder beams")
 

@@ -36,8 +36,8 @@ class CountingStepper:
         self.steps += 1
         return self.inner.step(tokens, pos)
 
-    def reorder(self, index):
-        self.inner.reorder(index)
+    def reorder(self, index, keep=0):
+        self.inner.reorder(index, keep)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ class PreferenceStepper:
         self.in_line = self.in_line + 1 if t in self.words else 0
         return self._logits()
 
-    def reorder(self, index):
+    def reorder(self, index, keep=0):
         pass
 
 
