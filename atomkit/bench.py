@@ -242,23 +242,36 @@ def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2, threa
     caption(session, videos[:1], executor=SequentialExecutor())  # warm-up
     seq_walls, par_walls, pre_walls, le, ld = [], [], [], [], []
     seq_trace = par_trace = None
-    for _ in range(repeats):
+
+    def run_sequential():
+        nonlocal n, seq_trace
         ex = SequentialExecutor(trace=True)
         t0 = _clock(device)
         n = len(caption(session, videos, executor=ex).clips)
         seq_walls.append(_clock(device) - t0)
         e, d = stage_times(ex.trace)
-        le += e
-        ld += d
+        le.extend(e)
+        ld.extend(d)
         seq_trace = [(s, i, a - t0, b - t0) for s, i, a, b in ex.trace]
+
+    def run_pipelined():
+        nonlocal par_trace
         ex = PipelinedExecutor(depth=depth, threads=threads, trace=True)
         t0 = _clock(device)
         caption(session, videos, executor=ex)
         par_walls.append(_clock(device) - t0)
         par_trace = [(s, i, a - t0, b - t0) for s, i, a, b in ex.trace]
+
+    def run_prefetch():
         t0 = _clock(device)
         caption(session, videos, executor=prefetch_executor(depth=depth))
         pre_walls.append(_clock(device) - t0)
+
+    n = 0
+    schedules = [run_sequential, run_pipelined, run_prefetch]
+    for r in range(repeats):  # the order turns every repeat: a machine that speeds up over the run favours none
+        for run in (schedules if r % 2 == 0 else schedules[::-1]):
+            run()
     disjoint = _disjoint_run(session, videos, depth) if not device.startswith("cuda") else None
     session.close()
     release_memory()
