@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "as on a phone whose memory no longer caches them; the drops are not timed")
     p.add_argument("--executor", choices=["measured", "auto", "sequential", "pipelined", "pipelined-disjoint", "prefetch"],
                    default="measured",
-                   help="executor of the reuse path (measured: a pipelined executor whose every sample in this run's overlap measurement beat the fastest sequential one by 5 %%, else sequential; auto: "
+                   help="executor of the reuse path (measured: pipelined or pipelined-disjoint where every sample in this run's overlap measurement beat the fastest sequential one by 5 %%, else sequential; auto: "
                    "pipelined with a GPU or >= 4 cores; pipelined-disjoint: encoder and decoder on separate cores; prefetch: "
                    "frames decoded ahead on one thread, encoder and decoder in turn on the main thread)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
