@@ -21,7 +21,8 @@ import torch
 
 from .config import DecodeConfig
 from .errors import AtomkitError
-from .executor import PipelinedExecutor, SequentialExecutor, auto_executor, prefetch_executor
+from .executor import EXECUTORS as SCHEDULES
+from .executor import PipelinedExecutor, SequentialExecutor, disjoint_threads, executor_by_name
 from .export import drop_page_cache
 from .memory import MemoryMonitor, release_memory, trim_heap
 from .session import Session
@@ -176,7 +177,7 @@ def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorde
     startup = rec.clock() - t0
     for prompt in prompts:
         t0 = rec.clock()
-        caps = rec.caption(session, videos, _executor(executor, rec.device))
+        caps = rec.caption(session, videos, executor_by_name(executor, rec.device, trace=True))
         hits = rec.retrieve(session, caps, prompt, k)
         retrieval.append(rec.clock() - t0)
         rec.write_script(session, prompt, hits)
@@ -185,29 +186,7 @@ def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorde
     return {"startup": startup, "shutdown": rec.unloads[-1], "retrieval": retrieval, "assembly": assembly}
 
 
-EXECUTORS = ("measured", "auto", "sequential", "pipelined", "pipelined-disjoint", "prefetch")
-
-
-def _executor(name: str, device: str):
-    """An executor by name; ``pipelined-disjoint`` gives each stage its own share of the CPU cores, ``prefetch``
-    decodes frames ahead while encoder and decoder share the caller's thread (``prefetch_executor``)."""
-    if name == "auto":
-        ex = auto_executor(device)
-    elif name == "pipelined-disjoint":
-        ex = PipelinedExecutor(threads=disjoint_threads())
-    elif name == "prefetch":
-        ex = prefetch_executor()
-    else:
-        ex = {"sequential": SequentialExecutor, "pipelined": PipelinedExecutor}[name]()
-    ex.tracing = True
-    return ex
-
-
-def disjoint_threads() -> list[int]:
-    """Per-stage torch threads [frames, encode, decode] that put encoder and decoder on disjoint cores."""
-    cores = os.cpu_count() or 1
-    enc = max(1, cores // 2)
-    return [1, enc, max(1, cores - enc)]
+EXECUTORS = ("measured", *SCHEDULES)  # measured: chosen by this run's overlap measurement (measured_choice)
 
 
 def run_no_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorder) -> dict:
@@ -233,6 +212,16 @@ def run_no_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Reco
     return {"startup": 0.0, "shutdown": 0.0, "retrieval": retrieval, "assembly": assembly}
 
 
+def _timed_caption(session: Session, videos, ex) -> tuple[float, int, list[tuple[int, int, float, float]]]:
+    """Caption ``videos`` with executor ``ex``: wall time, clips captioned, and the executor's trace with times
+    from the start of the call (empty when ``ex`` does not trace)."""
+    device = session.options.device
+    t0 = _clock(device)
+    n = len(caption(session, videos, executor=ex).clips)
+    wall = _clock(device) - t0
+    return wall, n, [(s, i, a - t0, b - t0) for s, i, a, b in ex.trace]
+
+
 def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2, threads=None) -> dict:
     """Sequential vs pipelined captioning on one resident session: L_E, L_D, N and eta."""
     session = Session(**model)
@@ -246,26 +235,19 @@ def measure_overlap(model: dict, videos, repeats: int = 2, depth: int = 2, threa
     def run_sequential():
         nonlocal n, seq_trace
         ex = SequentialExecutor(trace=True)
-        t0 = _clock(device)
-        n = len(caption(session, videos, executor=ex).clips)
-        seq_walls.append(_clock(device) - t0)
+        wall, n, seq_trace = _timed_caption(session, videos, ex)
+        seq_walls.append(wall)
         e, d = stage_times(ex.trace)
         le.extend(e)
         ld.extend(d)
-        seq_trace = [(s, i, a - t0, b - t0) for s, i, a, b in ex.trace]
 
     def run_pipelined():
         nonlocal par_trace
-        ex = PipelinedExecutor(depth=depth, threads=threads, trace=True)
-        t0 = _clock(device)
-        caption(session, videos, executor=ex)
-        par_walls.append(_clock(device) - t0)
-        par_trace = [(s, i, a - t0, b - t0) for s, i, a, b in ex.trace]
+        wall, _, par_trace = _timed_caption(session, videos, PipelinedExecutor(depth=depth, threads=threads, trace=True))
+        par_walls.append(wall)
 
     def run_prefetch():
-        t0 = _clock(device)
-        caption(session, videos, executor=prefetch_executor(depth=depth))
-        pre_walls.append(_clock(device) - t0)
+        pre_walls.append(_timed_caption(session, videos, executor_by_name("prefetch", device, depth=depth))[0])
 
     n = 0
     schedules = [run_sequential, run_pipelined, run_prefetch]
@@ -318,10 +300,10 @@ def measured_choice(overlap: dict) -> str:
     runs with it were no faster (A/B of 3 runs each: 20.0 vs 20.3 s) and the three benchmark runs that
     used it had the reuse path's captioning slower than the baseline's. Name it to run it.
     """
-    samples = {"pipelined": overlap.get("pipelined_samples") or [overlap["pipelined_s"]]}
+    samples = {"pipelined": overlap["pipelined_samples"]}
     if overlap.get("disjoint"):
         samples["pipelined-disjoint"] = [overlap["disjoint"]["pipelined_s"]]
-    fastest_seq = min(overlap.get("sequential_samples") or [overlap["sequential_s"]])
+    fastest_seq = min(overlap["sequential_samples"])
     clear = {name: max(xs) for name, xs in samples.items() if max(xs) < (1 - PIPELINE_MARGIN) * fastest_seq}
     return min(clear, key=clear.get) if clear else "sequential"
 
@@ -336,9 +318,7 @@ def _disjoint_run(session: Session, videos, depth: int) -> dict:
     """
     budget = disjoint_threads()
     ex = PipelinedExecutor(depth=depth, threads=budget, trace=True)
-    t0 = _clock(session.options.device)
-    n = len(caption(session, videos, executor=ex).clips)
-    wall = _clock(session.options.device) - t0
+    wall, n, _ = _timed_caption(session, videos, ex)
     le, ld = stage_times(ex.trace)
     L_E, L_D = statistics.median(le), statistics.median(ld)
     return {"threads": budget, "pipelined_s": round(wall, 4), "L_E": round(L_E, 4), "L_D": round(L_D, 4),
@@ -404,7 +384,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     gc.collect()
     gc.freeze()
     runs: dict[str, list[tuple[dict, _Recorder, MemoryMonitor, float]]] = {"no_reuse": [], "reuse": []}
-    gc_time = {"no_reuse": [0.0, 0], "reuse": [0.0, 0]}  # seconds, collections (all repeats)
+    gc_timers: dict[str, list[GcTimer]] = {"no_reuse": [], "reuse": []}
     try:
         for r in range(repeats):  # ABBA order: drift of the machine over the run falls on both paths alike
             order = ("no_reuse", "reuse") if r % 2 == 0 else ("reuse", "no_reuse")
@@ -419,7 +399,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
                     else:
                         path = run_no_reuse(spec, videos, prompt_list, k, rec)
                 runs[name].append((path, rec, mon, cpu_steal_s() - steal0))
-                gc_time[name] = [gc_time[name][0] + gct.seconds, gc_time[name][1] + gct.collections]
+                gc_timers[name].append(gct)
                 steps.update()
     finally:
         gc.unfreeze()
@@ -466,7 +446,8 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
         # CPU time the hypervisor gave to other guests while each path ran (all repeats): shared-host noise
         "cpu_steal_s": {name: round(sum(st for *_, st in rs), 2) for name, rs in runs.items()},
         # the garbage collector's share of each path (all repeats): seconds and collections
-        "gc": {name: {"seconds": round(t, 3), "collections": n} for name, (t, n) in gc_time.items()},
+        "gc": {name: {"seconds": round(sum(t.seconds for t in ts), 3), "collections": sum(t.collections for t in ts)}
+               for name, ts in gc_timers.items()},
         "end_to_end": e2e,
         "overlap": overlap,
         "memory": memory,

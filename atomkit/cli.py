@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .executor import EXECUTORS
+
 EPILOG = """examples:
   atomkit assemble ~/Videos/trip --prompt "make a highlight reel" --out out/
   atomkit retrieve clip1.mp4 clip2.mp4 --query "the dog jumps" -k 3
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold", action="store_true",
                    help="drop the OS page cache before every load (needs root on Linux): weights come from storage, "
                    "as on a phone whose memory no longer caches them; the drops are not timed")
-    p.add_argument("--executor", choices=["measured", "auto", "sequential", "pipelined", "pipelined-disjoint", "prefetch"],
+    p.add_argument("--executor", choices=["measured", *EXECUTORS],
                    default="measured",
                    help="executor of the reuse path (measured: pipelined or pipelined-disjoint where every sample in this run's overlap measurement beat the fastest sequential one by 5 %%, else sequential; auto: "
                    "pipelined with a GPU or >= 4 cores; pipelined-disjoint: encoder and decoder on separate cores; prefetch: "

@@ -103,7 +103,7 @@ class _Run:
 
 class PipelinedExecutor(_Executor):
     """Runs the stages concurrently (ATOM's parallel execution): one worker thread per stage except
-    the last, which runs on the caller's thread as it consumes results.
+    the last (the last ``caller_stages``), which runs on the caller's thread as it consumes results.
 
     The last stage is the caption decoder. Measured on the 2-core CPU host: the same ``generate``
     call takes 2.33 s on the main thread and 2.70-3.10 s on any other thread, whatever its torch
@@ -275,6 +275,38 @@ def prefetch_executor(depth: int = 2, trace: bool = False) -> PipelinedExecutor:
     4.38 s (its resizes fought the decoder's OpenMP threads); with the exact fp32 decoder, no gain.
     """
     return PipelinedExecutor(depth=depth, threads=[1, None, None], trace=trace, caller_stages=2)
+
+
+EXECUTORS = ("auto", "sequential", "pipelined", "pipelined-disjoint", "prefetch")  # the names executor_by_name takes
+
+
+def disjoint_threads(cores: int | None = None) -> list[int]:
+    """Per-stage torch threads [frames, encode, decode] that put encoder and decoder on disjoint cores."""
+    import os
+
+    cores = cores or os.cpu_count() or 1
+    enc = max(1, cores // 2)
+    return [1, enc, max(1, cores - enc)]
+
+
+def executor_by_name(name: str, device: str, *, depth: int = 2, trace: bool = False) -> "SequentialExecutor | PipelinedExecutor":
+    """An executor by name (``EXECUTORS``): ``auto`` (``auto_executor``), ``sequential``, ``pipelined``,
+    ``pipelined-disjoint`` (each stage its own share of the CPU cores, ``disjoint_threads``) or ``prefetch``
+    (frames decoded ahead, ``prefetch_executor``)."""
+    if name == "auto":
+        ex = auto_executor(device)
+    elif name == "sequential":
+        ex = SequentialExecutor()
+    elif name == "pipelined":
+        ex = PipelinedExecutor(depth=depth)
+    elif name == "pipelined-disjoint":
+        ex = PipelinedExecutor(depth=depth, threads=disjoint_threads())
+    elif name == "prefetch":
+        ex = prefetch_executor(depth=depth)
+    else:
+        raise ValueError(f"unknown executor {name!r}; executors are {', '.join(EXECUTORS)}")
+    ex.tracing = trace
+    return ex
 
 
 def auto_executor(device: str, cores: int | None = None) -> "SequentialExecutor | PipelinedExecutor":

@@ -264,3 +264,15 @@ def test_caller_stages_keep_order_errors_and_budgets(bad_stage):
         list(PipelinedExecutor(caller_stages=2).map(iter(items), bad))
     with pytest.raises(ValueError, match="caller_stages"):
         PipelinedExecutor(caller_stages=0)
+
+
+def test_executor_by_name():
+    from atomkit.executor import EXECUTORS, executor_by_name
+
+    made = {name: executor_by_name(name, "cpu", trace=True) for name in EXECUTORS}
+    assert isinstance(made["sequential"], SequentialExecutor) and made["pipelined"].stage_threads is None
+    assert made["pipelined-disjoint"].stage_threads[0] == 1
+    assert made["prefetch"].caller_stages == 2 and made["prefetch"].stage_threads == [1, None, None]
+    assert all(ex.tracing for ex in made.values())
+    with pytest.raises(ValueError, match="unknown executor 'fastest'"):
+        executor_by_name("fastest", "cpu")
