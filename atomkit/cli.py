@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
     g.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
+    g.add_argument("--caption-batch", type=int, default=4, metavar="N",
+                   help="clips whose captions are decoded together as one batch (default: %(default)s)")
     g.add_argument("--backend", default="auto", metavar="NAME",
                    help="decode engine backend (auto = exact fp32 static-cache engine; int4, int8, bf16, "
                    "int4-compiled trade exactness for speed; hf = transformers generate; see `atomkit bench-decode`)")
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=3, help="clips retrieved per prompt (default: 3)")
     p.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
     p.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
+    p.add_argument("--caption-batch", type=int, default=4, metavar="N",
+                   help="clips whose captions are decoded together, in both paths (default: %(default)s)")
     p.add_argument("--script-tokens", type=int, default=160, help="script length limit (default: 160)")
     p.add_argument("--backend", default="auto", metavar="NAME",
                    help="decode engine backend of both paths (default: auto, the exact fp32 engine; see bench-decode)")
@@ -199,7 +203,8 @@ def _session(args):
 
     return Session(args.models, device=args.device, weights=args.weights, random_weights=args.random_weights,
                    programs=args.programs,
-                   decode=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams, backend=args.backend),
+                   decode=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
+                                       caption_batch=args.caption_batch, backend=args.backend),
                    window=WindowConfig(length_s=args.window, stride_s=args.stride))
 
 
@@ -391,7 +396,7 @@ def _bench(args) -> int:
     from .config import DecodeConfig
     from .io import write_json_atomic
 
-    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams, caption_batch=args.caption_batch,
                           script_max_new_tokens=args.script_tokens, backend=args.backend)
     result = benchmark(args.models, prompts=args.prompts, videos=args.paths or None, k=args.k, device=args.device,
                        weights=args.weights, random_weights=args.random_weights, decode=decode,

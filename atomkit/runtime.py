@@ -269,6 +269,15 @@ class PteDecoder(TextDecoder):
                                                        num_beams=1, eos_token_id=eos, pad_token_id=pad)
         return new[0]
 
+    def generate_batch(self, prompts=None, *, embeds=None, max_new_tokens: int, num_beams: int,
+                       backend: str = "auto") -> list[torch.Tensor]:
+        """One prompt after the other: the program holds one sequence."""
+        opts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, backend=backend)
+        if embeds is not None:
+            return [self.generate_ids(inputs_embeds=e[None], **opts) for e in embeds]
+        return [self.generate_ids(p, **opts) for p in prompts]
+
+
 def example_inputs(path) -> list[torch.Tensor]:
     """Inputs for timing a program, from its sidecar: random floats, small token ids, a decode step
     (one token at position 0) for a dynamic-length decoder."""

@@ -103,6 +103,11 @@ class _Work:
     error: VideoError | None = None
 
 
+def _batches(items: list, size: int) -> list[list]:
+    """Consecutive groups of ``size`` (the last may be shorter): the same grouping on every executor and path."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bool = False) -> Captions:
     """Cut every video into clips and caption each with the session's encoder and decoder.
 
@@ -118,35 +123,42 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
         except VideoError as e:
             skipped.append(Skipped(str(e.path), e.reason))
 
-    def load(clip: Clip) -> _Work:
-        try:
-            return _Work(clip, frames=sample_frames(clip, session.window))
-        except VideoError as e:
-            return _Work(clip, error=e)
+    def load(group: list[Clip]) -> list[_Work]:
+        work = []
+        for clip in group:
+            try:
+                work.append(_Work(clip, frames=sample_frames(clip, session.window)))
+            except VideoError as e:
+                work.append(_Work(clip, error=e))
+        return work
 
-    def encode(w: _Work) -> _Work:
-        if w.error is None:
-            with session.use("encoder") as enc:
-                w.encoded, w.frames = enc.encode(w.frames), None
-        return w
+    def encode(group: list[_Work]) -> list[_Work]:
+        with session.use("encoder") as enc:
+            for w in group:
+                if w.error is None:
+                    w.encoded, w.frames = enc.encode(w.frames), None
+        return group
 
-    def decode(w: _Work) -> _Work:
-        if w.error is None:
+    def decode(group: list[_Work]) -> list[_Work]:
+        ok = [w for w in group if w.error is None]
+        if ok:
             with session.use("decoder") as dec:
-                w.caption = dec.caption(w.encoded, session.decode)
-        return w
+                for w, text in zip(ok, dec.captions([w.encoded for w in ok], session.decode)):
+                    w.caption = text
+        return group
 
     done: list[CaptionedClip] = []
     executor = executor or auto_executor(session.options.device)
     bar = tqdm(total=len(todo), desc=f"captioning ({executor.name})", unit="clip", disable=not progress)
     try:
-        for w in executor.map(todo, [load, encode, decode]):
-            bar.update(1)
-            if w.error is not None:
-                where = f"{w.clip.video} [{w.clip.start_s:.1f}-{w.clip.end_s:.1f} s]"
-                skipped.append(Skipped(where, w.error.reason))
-            else:
-                done.append(CaptionedClip(w.clip, w.caption, list(w.encoded.concepts)))
+        for group in executor.map(_batches(todo, session.decode.caption_batch), [load, encode, decode]):
+            bar.update(len(group))
+            for w in group:
+                if w.error is not None:
+                    where = f"{w.clip.video} [{w.clip.start_s:.1f}-{w.clip.end_s:.1f} s]"
+                    skipped.append(Skipped(where, w.error.reason))
+                else:
+                    done.append(CaptionedClip(w.clip, w.caption, list(w.encoded.concepts)))
     finally:
         bar.close()
     return Captions(session.model, done, skipped, time.perf_counter() - t0)

@@ -63,7 +63,10 @@ def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
     # reuse loads each module once; no_reuse loads 4 modules for every prompt (captioner x2, embedder, LM)
     assert len(comps["model_loading"]["reuse"]["samples"]) == 3 * 2
     assert len(comps["model_loading"]["no_reuse"]["samples"]) == 4 * 2 * 2
-    assert len(comps["caption_generation"]["reuse"]["samples"]) == 2 * 2 * 2  # clips x prompts x repeats
+    # one sample per caption batch: the 2 clips decode together (caption_batch 4), per prompt and repeat
+    assert len(comps["caption_generation"]["reuse"]["samples"]) == 1 * 2 * 2
+    assert r["decode"]["caption_batch"] == 4
+    assert r["reuse_executor"] == "sequential"  # measured: one caption batch per prompt leaves nothing to overlap
     for task in ("retrieval", "assembly"):
         e = r["end_to_end"][task]
         assert e["reuse"] > 0 and e["no_reuse"] > 0 and e["ratio"] == pytest.approx(e["reuse"] / e["no_reuse"], abs=1e-3)
@@ -74,6 +77,7 @@ def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
     assert r["end_to_end"]["assembly"]["reuse"] >= r["end_to_end"]["retrieval"]["reuse"]
     assert r["outputs_identical"] == {"captions": True, "scripts": True}
     o = r["overlap"]
+    assert o["caption_batch"] == 1  # overlap is measured per clip, as the paper defines L_E and L_D
     assert o["N"] == 2 and o["ideal_s"] == pytest.approx(2 * max(o["L_E"], o["L_D"]), abs=1e-3)
     assert len(o["timeline"]["pipelined"]) == 3 * 2
     d = o["disjoint"]  # CPU: the stages once more on disjoint cores, with the bound that gives
@@ -137,3 +141,5 @@ def test_measured_choice_needs_a_clear_win_to_pipeline():
     assert measured_choice(ahead) == "sequential"  # measured, never chosen (see measured_choice)
     both = {**clear, "pipelined_samples": [seq * 0.7, seq * 0.75]}
     assert measured_choice(both) == "pipelined"  # the fastest of the clear winners
+    assert measured_choice(both, groups=2) == "pipelined"
+    assert measured_choice(both, groups=1) == "sequential"  # one caption batch per call: nothing to overlap

@@ -22,6 +22,18 @@ def tiny_paper():
     return get_spec("tiny-paper").load("decoder", LoadOptions())
 
 
+@pytest.fixture
+def lively():
+    """tiny-default's decoder with its weights redrawn wider (seeded): prompts then get different tokens (the
+    stock tiny model repeats one token for every prompt), so rows of a batch stop at different steps."""
+    dec = get_spec("tiny-default").load("decoder", LoadOptions())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in dec.lm.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return dec
+
+
 def _prompt(dec, text="a dog jumps over the fence in a sunny park"):
     return dec._ids(dec.render([{"role": "user", "content": text}]))
 
@@ -78,6 +90,32 @@ def test_batch_of_prompts(tiny):
     same = torch.stack([prompts[1]] * 2)  # equal lengths: no padding at all
     assert torch.equal(eng.generate(same, max_new_tokens=8, num_beams=2),
                        get_engine("hf", tiny).generate(same, max_new_tokens=8, num_beams=2))
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generate_batch_rows_end_where_each_prompt_alone_ends(lively, beams):
+    """``generate_batch``: every row of a left-padded batch (beam or greedy, stopping at EOS at different steps)
+    is the ids that prompt gives alone, without the filling after its stop id."""
+    dec = lively
+    prompts = [_prompt(dec, t)[0] for t in ("a cat", "a dog jumps over the fence", "sunset over the sea today")]
+    stop = int(dec.generate_ids(prompts[1], max_new_tokens=4, num_beams=beams)[1])  # row 1 stops at its 2nd token
+    dec.lm.generation_config.eos_token_id, dec.stop_at_eos = stop, True
+    rows = dec.generate_batch(prompts, max_new_tokens=10, num_beams=beams)
+    alone = [dec.generate_ids(p, max_new_tokens=10, num_beams=beams) for p in prompts]
+    assert len(rows[1]) <= 2 and int(rows[1][-1]) == stop
+    assert max(len(r) for r in rows) > len(rows[1])  # rows ended at different steps: the short one was filled
+    for r, a in zip(rows, alone):
+        assert torch.equal(r, a)
+
+
+def test_until_stop():
+    from atomkit.modules.decoder import until_stop
+
+    ids = torch.tensor([5, 7, 2, 9, 2])
+    assert until_stop(ids, [2]).tolist() == [5, 7, 2]
+    assert until_stop(ids, [9, 7]).tolist() == [5, 7]
+    assert until_stop(ids, []).tolist() == ids.tolist()
+    assert until_stop(ids, [3]).tolist() == ids.tolist()
 
 
 @pytest.mark.parametrize("backend", ["fused", "bf16", "int8", "int4"])

@@ -92,3 +92,48 @@ def test_captions_identical_whichever_executor_runs(tiny_session, tiny_captions,
 
     caps = tiny_session.caption(atomkit.sample_videos(), executor=PipelinedExecutor(depth=1, threads=threads))
     assert [(c.id, c.caption) for c in caps.clips] == [(c.id, c.caption) for c in tiny_captions.clips]
+
+
+def test_caption_batches_keep_order_and_match_one_by_one(tiny_session, tmp_path):
+    """Captions decoded in groups of 3 (two groups here, one partial), pipelined over the groups: every clip, in
+    order, with the caption it gets alone (the tiny fp32 decoder is exact, so batching changes nothing)."""
+    from dataclasses import replace
+
+    from atomkit.executor import PipelinedExecutor
+
+    import shutil
+
+    extra = tmp_path / "copy.mp4"
+    shutil.copy(atomkit.sample_videos()[0], extra)
+    videos = atomkit.sample_videos() + [extra]  # 5 clips
+    default = tiny_session.decode
+    try:
+        tiny_session.decode = replace(default, caption_batch=1)
+        alone = tiny_session.caption(videos)
+        tiny_session.decode = replace(default, caption_batch=3)
+        grouped = tiny_session.caption(videos, executor=PipelinedExecutor(depth=1))
+    finally:
+        tiny_session.decode = default
+    assert [(c.id, c.caption) for c in grouped.clips] == [(c.id, c.caption) for c in alone.clips]
+    assert len(grouped.clips) == 5
+
+
+def test_clip_that_fails_to_decode_leaves_its_group_captioned(tiny_session, monkeypatch):
+    """A clip whose frames do not decode is reported; the other clips of its caption batch are captioned."""
+    import atomkit.tasks as tasks
+    from atomkit.errors import VideoError
+
+    real = tasks.sample_frames
+    bad = atomkit.sample_videos()[1]
+
+    def flaky(clip, cfg):
+        if clip.video == bad:
+            raise VideoError(clip.video, "cannot decode clip 0.000-1.000 s: test")
+        return real(clip, cfg)
+
+    monkeypatch.setattr(tasks, "sample_frames", flaky)
+    caps = tiny_session.caption(atomkit.sample_videos())
+    assert len(caps.clips) == len(atomkit.sample_videos()) - 1
+    assert bad not in [c.clip.video for c in caps.clips]
+    assert [s.path.startswith(str(bad)) for s in caps.skipped] == [True]
+    assert all(isinstance(c.caption, str) for c in caps.clips)

@@ -10,6 +10,8 @@ giving it the clip:
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -129,14 +131,49 @@ class TextDecoder(nn.Module):
 
     def caption(self, enc: Encoded, cfg: DecodeConfig = DecodeConfig()) -> str:
         """One caption for one encoded clip."""
-        text = self.render(self.caption_messages(enc))
+        return self.captions([enc], cfg)[0]
+
+    def captions(self, encs: Sequence[Encoded], cfg: DecodeConfig = DecodeConfig()) -> list[str]:
+        """One caption per encoded clip, all decoded as one batch (every clip's beams in one search).
+
+        A clip's caption can depend on which clips share its batch (padding and batch shape change the
+        arithmetic in the last bits, and beam search may follow them), never on the executor or on
+        which path asks: ``atomkit.tasks.caption`` always groups clips the same way.
+        """
+        if not encs:
+            return []
+        texts = [self.render(self.caption_messages(e)) for e in encs]
         if self.projector is None:
-            new = self.generate_ids(self._ids(text), max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
-                                    backend=cfg.backend)
+            rows = self.generate_batch([self._ids(t)[0] for t in texts], max_new_tokens=cfg.max_new_tokens,
+                                       num_beams=cfg.num_beams, backend=cfg.backend)
         else:
-            new = self.generate_ids(inputs_embeds=self.prefix_embeds(text, enc.features),
-                                    max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, backend=cfg.backend)
-        return first_sentence_line(self.decode_ids(new))
+            rows = self.generate_batch(embeds=[self.prefix_embeds(t, e.features)[0] for t, e in zip(texts, encs)],
+                                       max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                                       backend=cfg.backend)
+        return [first_sentence_line(self.decode_ids(r)) for r in rows]
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence[torch.Tensor] | None = None, *,
+                       embeds: Sequence[torch.Tensor] | None = None, max_new_tokens: int, num_beams: int,
+                       backend: str = "auto") -> list[torch.Tensor]:
+        """New token ids (1-D, up to and including the first stop id) for each prompt, decoded as one batch.
+
+        ``prompts``: 1-D id tensors of any lengths (left-padded into one batch); or ``embeds``: (L, H)
+        prompt embeddings, batched when their lengths agree, else decoded one by one.
+        """
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        eos = self.stop_ids()
+        engine = self.engine(backend)
+        opts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=eos or None, pad_token_id=pad)
+        if embeds is not None:
+            if len({e.shape for e in embeds}) == 1:
+                out = list(engine.generate(inputs_embeds=torch.stack(list(embeds)), **opts))
+            else:
+                out = [engine.generate(inputs_embeds=e[None], **opts)[0] for e in embeds]
+        else:
+            out = list(engine.generate(list(prompts), **opts))
+        return [until_stop(r, eos) for r in out]
 
     @torch.inference_mode()
     def prefix_embeds(self, text: str, features: torch.Tensor) -> torch.Tensor:
@@ -148,6 +185,14 @@ class TextDecoder(nn.Module):
                  self.projector(features.to(dev, embed.weight.dtype)),
                  embed(self._ids(after).to(dev))[0]]
         return torch.cat(parts, dim=0).unsqueeze(0)
+
+
+def until_stop(ids: torch.Tensor, stop: Sequence[int]) -> torch.Tensor:
+    """``ids`` up to and including the first stop id: a row of a batch without the filling after it."""
+    if not stop:
+        return ids
+    hits = torch.isin(ids, torch.tensor(list(stop), dtype=ids.dtype)).nonzero()
+    return ids[:int(hits[0]) + 1] if len(hits) else ids
 
 
 def first_sentence_line(text: str) -> str:
