@@ -111,7 +111,10 @@ def _batches(items: list, size: int) -> list[list]:
 def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bool = False) -> Captions:
     """Cut every video into clips and caption each with the session's encoder and decoder.
 
-    Unreadable inputs do not stop the batch: they are returned in ``skipped`` with the reason.
+    The executor's stages (decode frames, encode, caption) run on groups of ``session.decode.caption_batch``
+    consecutive clips, and a group's captions are decoded as one batch; the grouping depends on the inputs
+    only, so every executor writes the same captions. Unreadable inputs do not stop the batch: they are
+    returned in ``skipped`` with the reason (a clip whose frames fail leaves the rest of its group captioned).
     """
     t0 = time.perf_counter()
     videos, problems = find_videos(paths)
