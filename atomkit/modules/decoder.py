@@ -104,12 +104,16 @@ class TextDecoder(nn.Module):
         Greedy or beam search with ``generate``'s semantics (beam: early stopping, length penalty 1);
         ``backend`` picks the engine (``atomkit.engine.BACKENDS``; ``hf`` is ``generate`` itself).
         """
+        out = self.engine(backend).generate(input_ids, inputs_embeds=inputs_embeds,
+                                            **self._search(max_new_tokens, num_beams))
+        return out[0]
+
+    def _search(self, max_new_tokens: int, num_beams: int) -> dict:
+        """The engine's search options: length, beams, this decoder's stop ids and padding id."""
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        eos = self.stop_ids() or None
-        out = self.engine(backend).generate(input_ids, inputs_embeds=inputs_embeds, max_new_tokens=max_new_tokens,
-                                            num_beams=num_beams, eos_token_id=eos, pad_token_id=pad)
-        return out[0]
+        return dict(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=self.stop_ids() or None,
+                    pad_token_id=pad)
 
     def decode_ids(self, ids: torch.Tensor) -> str:
         vocab = len(self.tokenizer)
@@ -144,12 +148,11 @@ class TextDecoder(nn.Module):
             return []
         texts = [self.render(self.caption_messages(e)) for e in encs]
         if self.projector is None:
-            rows = self.generate_batch([self._ids(t)[0] for t in texts], max_new_tokens=cfg.max_new_tokens,
-                                       num_beams=cfg.num_beams, backend=cfg.backend)
+            prompt = dict(prompts=[self._ids(t)[0] for t in texts])
         else:
-            rows = self.generate_batch(embeds=[self.prefix_embeds(t, e.features)[0] for t, e in zip(texts, encs)],
-                                       max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
-                                       backend=cfg.backend)
+            prompt = dict(embeds=[self.prefix_embeds(t, e.features)[0] for t, e in zip(texts, encs)])
+        rows = self.generate_batch(**prompt, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                                   backend=cfg.backend)
         return [first_sentence_line(self.decode_ids(r)) for r in rows]
 
     @torch.inference_mode()
@@ -161,11 +164,8 @@ class TextDecoder(nn.Module):
         ``prompts``: 1-D id tensors of any lengths (left-padded into one batch); or ``embeds``: (L, H)
         prompt embeddings, batched when their lengths agree, else decoded one by one.
         """
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        eos = self.stop_ids()
         engine = self.engine(backend)
-        opts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=eos or None, pad_token_id=pad)
+        opts = self._search(max_new_tokens, num_beams)
         if embeds is not None:
             if len({e.shape for e in embeds}) == 1:
                 out = list(engine.generate(inputs_embeds=torch.stack(list(embeds)), **opts))
@@ -173,7 +173,7 @@ class TextDecoder(nn.Module):
                 out = [engine.generate(inputs_embeds=e[None], **opts)[0] for e in embeds]
         else:
             out = list(engine.generate(list(prompts), **opts))
-        return [until_stop(r, eos) for r in out]
+        return [until_stop(r, self.stop_ids()) for r in out]
 
     @torch.inference_mode()
     def prefix_embeds(self, text: str, features: torch.Tensor) -> torch.Tensor:
