@@ -10,11 +10,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast notebooks clean help peer
+.PHONY: setup demo test test-fast notebooks clean help peer browser app
 help:
 	@echo "make demo   - assemble a highlight reel from the sample videos into $(OUT)/ (real models)"
 	@echo "make test   - the whole test suite: unit, integration (real models) and notebooks"
 	@echo "make test-fast - unit tests only (tiny random-weight models)"
+	@echo "make app    - serve the interactive assembly app on the sample videos (Voila, 127.0.0.1)"
 	@echo "make peer   - build llama-cpp-python into .venv (the llama.cpp peer of atomkit bench-decode; 5-15 min)"
 
 # uv is bootstrapped into .tools/ when it is not on PATH (plain pip here would pick a torch wheel
@@ -32,8 +33,21 @@ setup: .venv/.synced
 demo: setup
 	$(PY) -m atomkit.cli assemble $$($(PY) -m atomkit.cli samples) --prompt "$(PROMPT)" --out $(OUT)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -ra
+
+# The browser test drives Debian's Chromium (Playwright cannot download a browser here). Installed when it
+# is missing and this runs as root with apt-get (CI does); otherwise the browser test skips and says why.
+browser:
+	@if [ -x /usr/bin/chromium ] || [ -x /usr/lib/chromium/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the browser test (about 90 s)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+			|| echo "chromium could not be installed: the browser test will skip"; \
+	else echo "no chromium and no root apt-get: the browser test will skip"; fi
+
+app: setup
+	$(PY) -m atomkit.cli app $$($(PY) -m atomkit.cli samples) --out $(OUT)/app
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not integration and not notebook"

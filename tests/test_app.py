@@ -257,3 +257,26 @@ def test_one_action_at_a_time(tiny_session, samples, tmp_path):
     app.wait(600)
     assert app.search("a dog") and not app.state.error
     app.close()
+
+
+def test_page_shows_a_bad_setting_as_a_message(monkeypatch):
+    import IPython.display
+
+    from atomkit.app.serve import show_page
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs: shown.extend(objs))
+    assert show_page({"model": "nope"}) is None  # displayed as HTML, not raised
+    assert len(shown) == 1 and "cannot start" in shown[0].data and "available models" in shown[0].data
+
+
+def test_render_checks_the_script_against_the_library(app, tmp_path):
+    from atomkit.tasks import render
+
+    caps = app.state.captions
+    with pytest.raises(atomkit.InputError, match="not in the library: ghost#00"):
+        render(app.session, caps, "p", [], Script([ScriptEntry("ghost#00", "")], "edited"), tmp_path)
+    one = caps.clips[0].id
+    with pytest.raises(atomkit.InputError, match="more than once"):
+        render(app.session, caps, "p", [], Script([ScriptEntry(one, ""), ScriptEntry(one, "")], "edited"), tmp_path)
+    assert not list(tmp_path.iterdir())

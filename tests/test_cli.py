@@ -78,3 +78,26 @@ def test_quantize_writes_report(samples, tmp_path, capsys):
     assert report["scheme"] == "int8" and set(report["modules"]) == {"encoder", "decoder", "embedder"}
     assert all(m["linear_embedding_ratio"] <= 0.30 for m in report["modules"].values())
     assert "SQNR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--models", "nope"], "available models: default"),
+    (["-k", "0"], "-k must be >= 1"),
+    (["--backend", "int3"], "available backends"),
+    (["--window", "-1"], "window length must be > 0"),
+])
+def test_app_rejects_bad_settings_before_serving(argv, says, capsys, monkeypatch):
+    import atomkit.app.serve as serve
+
+    monkeypatch.setattr(serve, "serve", lambda *a, **k: pytest.fail("served despite a bad setting"))
+    assert main(["app", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_app_page_settings_are_absolute(tmp_path, monkeypatch):
+    from atomkit.app.serve import page_settings
+
+    monkeypatch.chdir(tmp_path)
+    s = page_settings(["videos", "a.mp4"], out_dir="out/app", weights=None)
+    assert s["paths"] == [str(tmp_path / "videos"), str(tmp_path / "a.mp4")]
+    assert s["out_dir"] == str(tmp_path / "out" / "app") and s["weights"] is None

@@ -78,3 +78,23 @@ def test_04_latency(tmp_path, phone, runner):
     assert result["overlap"]["disjoint"]["bound_s"] > 0 and result["components"]["model_unloading"]["reuse"]["total"] > 0
     assert result["outputs_identical"] == {"captions": True, "scripts": True}
     assert Path(result["timeline_png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_05_interactive_assembly(tmp_path):
+    from media import duration
+
+    out = run("05_interactive_assembly.ipynb", tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoke"] is True and summary["clips"] == 3 and len(summary["runs"]) == 3
+    assert {m: r["loads"] for m, r in summary["load"].items()} == {"encoder": 1, "decoder": 1, "embedder": 1}
+    sources = {Path(c["video"]).stem + "#00": Path(c["video"])
+               for c in json.loads((out / "reel-1" / "captions.json").read_text())["clips"]}
+    for n, run_ in enumerate(summary["runs"], start=1):
+        ranked = run_["ranked"]
+        assert sorted(ranked) == sorted(sources)  # k=3 of the 3 clips
+        kept = ranked[:-1]  # the notebook drops the last-ranked clip, then moves the new last to the front
+        script = json.loads((out / f"reel-{n}" / "script.json").read_text())
+        assert [e["clip_id"] for e in script["entries"]] == [kept[-1], *kept[:-1]]
+        assert script["entries"][0]["narration"] == f"Reel {n}: {run_['prompt']}."
+        reel = out / f"reel-{n}" / "reel.mp4"
+        assert abs(duration(reel) - sum(duration(sources[i]) for i in kept)) < 0.25

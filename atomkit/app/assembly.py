@@ -205,6 +205,8 @@ class AssemblyApp:
             self._set_library(index(self.session, caps))
             for c in self.page_clips():  # the first page's thumbnails, while still in the background
                 self.thumbnail(c.id)
+            for video in {c.clip.video for c in caps.clips}:  # trim bounds, so a search needs no probe
+                self.duration(video)
             videos = len({c.clip.video for c in caps.clips})
             what = f"{len(caps.clips)} clips from {videos} video(s) captioned in {caps.seconds:.1f} s"
             if caps.cancelled:
