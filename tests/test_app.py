@@ -90,6 +90,17 @@ def test_bad_edits_say_what_is_wrong(edit):
         ReelEdit("p", [], duration=lambda v: 1.0)
 
 
+def test_progress_estimate():
+    import time
+
+    from atomkit.app import AppState
+
+    st = AppState(busy="captioning", progress=(1, 4), started=time.perf_counter() - 3.0)
+    assert 8.9 < st.eta_s() < 9.5  # 3 s for 1 clip, 3 to go
+    assert AppState(busy="captioning", progress=(0, 4)).eta_s() is None
+    assert AppState(busy="", progress=(1, 4), started=time.perf_counter()).eta_s() is None
+
+
 # -- the app on the tiny model -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def app(tiny_session, samples, tmp_path_factory):

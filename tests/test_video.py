@@ -352,3 +352,34 @@ def test_find_videos(tmp_path):
 
     assert find_videos(folder / "b.mp4") == ([folder / "b.mp4"], [])  # one path, not a list
     assert find_videos([]) == ([], [])
+
+
+def test_thumbnail_is_the_frame_at_the_time(samples, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from atomkit.video import thumbnail
+
+    def shown_at(t: float) -> np.ndarray:  # the frame at t, decoded here, at the thumbnail's size
+        with av.open(str(samples["bikes.mp4"])) as c:
+            picked = None
+            for f in c.decode(c.streams.video[0]):
+                if picked is not None and f.time > t:
+                    break
+                picked = f
+        return np.asarray(picked.to_image().resize((96, 54)).convert("L"), dtype=np.float32)
+
+    def thumb(t: float) -> np.ndarray:
+        jpeg = thumbnail(samples["bikes.mp4"], t, width=96)
+        assert jpeg[:2] == b"\xff\xd8"
+        return np.asarray(Image.open(io.BytesIO(jpeg)).resize((96, 54)).convert("L"), dtype=np.float32)
+
+    for t, other in ((0.5, 9.0), (9.0, 0.5)):
+        got = thumb(t)
+        assert np.abs(got - shown_at(t)).mean() < np.abs(got - shown_at(other)).mean()
+    assert Image.open(io.BytesIO(thumbnail(samples["bikes.mp4"], 99.0))).size[0] == 192  # past the end: last frame
+    broken = tmp_path / "broken.mp4"
+    broken.write_text("not a video")
+    with pytest.raises(VideoError, match="broken.mp4"):
+        thumbnail(broken, 1.0)

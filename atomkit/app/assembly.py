@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import AssemblyError, AtomkitError, InputError
+from ..errors import AssemblyError, AtomkitError, InputError, VideoError
 from ..tasks import Captions, CaptionedClip, Index, caption, index, render, retrieve, write_script
 from ..video import probe, sample_videos, thumbnail
 from .state import AppState, ReelEdit
@@ -124,7 +124,7 @@ class AssemblyApp:
                 self.changed()
                 return False
             self._cancel.clear()
-            self.state.busy, self.state.progress = name, (0, 0)
+            self.state.busy, self.state.progress, self.state.started = name, (0, 0), time.perf_counter()
             self._job = threading.Thread(target=self._run, args=(name, work), name=f"atomkit-app-{name}", daemon=True)
         self.state.say(f"{name}…")
         self.changed()
@@ -237,10 +237,15 @@ class AssemblyApp:
         self.changed()
 
     def thumbnail(self, clip_id: str) -> bytes:
-        """A JPEG of the frame in the middle of the clip (cached)."""
+        """A JPEG of the frame in the middle of the clip (cached); empty when that frame cannot be decoded
+        (the clip was captioned, so its frames mostly can: the page shows it without a picture)."""
         if clip_id not in self._thumbs:
             clip = self.clip(clip_id).clip
-            self._thumbs[clip_id] = thumbnail(clip.video, (clip.start_s + clip.end_s) / 2)
+            try:
+                self._thumbs[clip_id] = thumbnail(clip.video, (clip.start_s + clip.end_s) / 2)
+            except VideoError as e:
+                log.warning("no thumbnail for %s: %s", clip_id, e)
+                self._thumbs[clip_id] = b""
         return self._thumbs[clip_id]
 
     def duration(self, video: Path) -> float:

@@ -175,6 +175,7 @@ class AppState:
     edit: ReelEdit | None = None
     busy: str = ""  # the action running in the background ("" when idle)
     progress: tuple[int, int] = (0, 0)  # (done, total) of the running action
+    started: float = 0.0  # time.perf_counter() when the running action started
     message: str = ""  # the last thing the page should tell the user
     error: bool = False  # whether ``message`` is an error
     last_action: tuple[str, float] | None = None  # (name, seconds) of the last finished action
@@ -195,6 +196,13 @@ class AppState:
     def say(self, message: str, *, error: bool = False) -> None:
         self.message, self.error = message, error
         self.version += 1
+
+    def eta_s(self) -> float | None:
+        """Seconds the running action still needs at its pace so far (None before its first step)."""
+        done, total = self.progress
+        if not self.busy or done <= 0 or total <= done:
+            return None
+        return (time.perf_counter() - self.started) * (total - done) / done
 
     def finish(self, name: str, t0: float) -> None:
         self.last_action = (name, time.perf_counter() - t0)

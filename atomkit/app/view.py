@@ -42,6 +42,12 @@ def _section(title: str, cls: str, *children) -> W.VBox:
     return box
 
 
+def _thumb(jpeg: bytes, width: int) -> W.Widget:
+    if not jpeg:
+        return W.HTML(f"<div class='ak-muted' style='width:{width}px'>(no picture)</div>")
+    return W.Image(value=jpeg, format="jpeg", width=width)
+
+
 def _clip_meta(c, *, with_caption: bool = True) -> str:
     concepts = ", ".join(f"{html.escape(lbl)} {p:.2f}" for lbl, p in c.concepts[:3])
     parts = [f"<b class='ak-clip-id'>{html.escape(c.id)}</b> · {c.clip.start_s:.1f}-{c.clip.end_s:.1f} s",
@@ -122,7 +128,9 @@ class AppView:
             kind = "ak-error" if st.error else "ak-info"
             self.message.value = f"<span class='{kind}'>{html.escape(st.message)}</span>" if st.message else ""
             done, total = st.progress
-            self.busy.value = (f"<b>{html.escape(st.busy)}</b> {done}/{total}" if busy and total
+            eta = st.eta_s()
+            left = f" · about {eta:.0f} s left" if eta is not None else ""
+            self.busy.value = (f"<b>{html.escape(st.busy)}</b> {done}/{total}{left}" if busy and total
                                else f"<b>{html.escape(st.busy)}</b>" if busy else "<span class='ak-muted'>idle</span>")
             self.progress.max, self.progress.value = max(1, total), min(done, max(1, total))
             self.cancel.disabled = not busy
@@ -150,7 +158,7 @@ class AppView:
         self._grid_key = key
         cards = []
         for c in app.page_clips():
-            img = W.Image(value=app.thumbnail(c.id), format="jpeg", width=192)
+            img = _thumb(app.thumbnail(c.id), 192)
             play = _button("Play", "ak-play", lambda cid=c.id: app.preview(cid))
             card = W.VBox([img, W.HTML(f"<div class='ak-card-meta'>{_clip_meta(c)}</div>"), play])
             card.add_class("ak-card")
@@ -206,7 +214,7 @@ class AppView:
                       f"{_clip_meta(c, with_caption=False)}<br>"
                       f"<span class='ak-muted'>caption: {html.escape(c.caption)}</span></div>",
                       layout=W.Layout(width="260px"))
-        thumb = W.Image(value=app.thumbnail(cid), format="jpeg", width=112)
+        thumb = _thumb(app.thumbnail(cid), 112)
         buttons = W.VBox([_button("Up", "ak-up", lambda: app.change(edit.move, cid, -1)),
                           _button("Down", "ak-down", lambda: app.change(edit.move, cid, +1)),
                           _button("Play", "ak-play", lambda: app.preview(cid))])
