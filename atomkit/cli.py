@@ -57,10 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
                      [("--prompt", 'what to make, e.g. "make a highlight reel"'),
                       ("-k", "how many retrieved clips the script may use")]),
     }
+    tasks["index"] = ("caption new or changed videos into the library (--db); unchanged ones are skipped", [])
     for name, (help_text, extra) in tasks.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders of videos")
+        p.add_argument("paths", nargs="+" if name in ("caption", "index") else "*", metavar="PATH",
+                       help="video files or folders of videos" + ("" if name in ("caption", "index") else
+                                                                  " (with --db: optional, default the whole library)"))
+        if name != "caption":
+            p.add_argument("--db", metavar="FILE", nargs="?", const="", default=None,
+                           help="the library file: captions are stored there once and reused (default file: "
+                           "$ATOMKIT_LIBRARY or ~/.local/share/atomkit/library.db)" if name != "index" else
+                           "the library file (default: $ATOMKIT_LIBRARY or ~/.local/share/atomkit/library.db)")
+        if name == "index":
+            p.add_argument("--no-prune", action="store_true",
+                           help="keep stored videos whose files are gone (default: remove them)")
         for flag, text in extra:
             if flag == "-k":
                 p.add_argument("-k", type=int, default=5, help=f"{text} (default: 5)")
@@ -191,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "  atomkit app --backend int4          # an empty library: open a folder in the page")
     p.add_argument("paths", nargs="*", metavar="PATH", help="videos or folders to open at start (optional)")
     p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--db", metavar="FILE", nargs="?", const="", default=None,
+                   help="open folders through the library: only clips it does not hold are captioned "
+                   "(default file: $ATOMKIT_LIBRARY or ~/.local/share/atomkit/library.db)")
     p.add_argument("--out", metavar="DIR", default="out/app", help="where renders go (default: %(default)s)")
     p.add_argument("-k", type=int, default=5, help="clips a search returns (default: 5)")
     p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME")
@@ -289,10 +303,39 @@ def _run(args) -> int:
         print(f"captions vs fp32: BLEU-4 {c['bleu4']:.3f}  CIDEr {c['cider']:.3f}  identical {c['identical_share']:.0%}")
         print(f"wrote {path}")
         return 0
+    from .errors import InputError
+
     progress = not args.quiet and not args.json
+    if args.command == "index":
+        args.db = args.db or ""
+    if getattr(args, "db", None) is None and not args.paths:
+        raise InputError(f"atomkit {args.command}: give video files or folders, or --db to use the library")
     with _session(args) as session:
-        caps = session.caption(args.paths, progress=progress)
-        _print_skipped(caps)
+        if getattr(args, "db", None) is not None:
+            from .indexing import load_index, update
+            from .library import Library
+
+            with Library(args.db or None) as lib:
+                report = update(session, lib, args.paths, progress=progress, prune=not getattr(args, "no_prune", False)) \
+                    if args.paths else None
+                if report is not None:
+                    for s in report.skipped:
+                        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+                    print(f"library {lib.path}: {report.summary()}", file=sys.stderr)
+                if args.command == "index":
+                    result = {"library": str(lib.path), **report.to_dict(), "counts": lib.counts(),
+                              "load": session.load_report()}
+                    result.pop("videos", None)
+                    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else
+                          f"{lib.counts()['clips']} clips of {lib.counts()['videos']} videos in {lib.path}")
+                    return 0 if report.captioned or report.cached or not report.skipped else 1
+                idx = load_index(session, lib, report.videos if report is not None else None)
+            caps = idx.captions
+            source = idx
+        else:
+            caps = session.caption(args.paths, progress=progress)
+            _print_skipped(caps)
+            source = caps
         if not caps.clips:
             print("atomkit: no input could be captioned", file=sys.stderr)
             return 1
@@ -302,14 +345,14 @@ def _run(args) -> int:
                 write_json_atomic(Path(args.out) / "captions.json", result)
             lines = [f"{c.id:24s} {c.caption}" for c in caps.clips]
         elif args.command == "retrieve":
-            hits = session.retrieve(caps, args.query, k=args.k)
+            hits = session.retrieve(source, args.query, k=args.k)
             result = {"query": args.query, "model": session.model, "hits": [h.to_dict() for h in hits],
                       "skipped": [s.to_dict() for s in caps.skipped]}
             if args.out:
                 write_json_atomic(Path(args.out) / "retrieval.json", result)
             lines = [f"{h.rank}. {h.score:.3f}  {h.clip.id:24s} {h.clip.caption}" for h in hits]
         else:
-            asm = session.assemble(caps, args.prompt, args.out or "out", k=args.k, progress=progress)
+            asm = session.assemble(source, args.prompt, args.out or "out", k=args.k, progress=progress)
             result = {"reel": str(asm.reel), "duration_s": asm.reel_info["duration_s"],
                       "script_source": asm.script.source, "problems": asm.script.problems,
                       "order": asm.script.order, "outputs": {k: str(v) for k, v in asm.outputs.items()},
@@ -344,7 +387,7 @@ def _app(args) -> int:
         raise InputError(f"-k must be >= 1, got {args.k}")
     settings = page_settings(args.paths, model=args.models, out_dir=args.out, k=args.k, device=args.device,
                              weights=args.weights, random_weights=args.random_weights, programs=args.programs,
-                             decode=decode, window=window)
+                             decode=decode, window=window, db=args.db)
     return serve(settings, port=args.port)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -19,7 +19,7 @@ from .executor import auto_executor
 from .io import write_json_atomic
 from .script import SCRIPT_ANSWER_PREFIX, Script, parse_script, script_messages
 from .structured import script_json
-from .video import Clip, clips as cut_clips, find_videos, sample_frames
+from .video import Clip, clips as cut_clips, find_videos, sample_frames, unique_ids
 
 
 @dataclass
@@ -128,11 +128,16 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
     videos, problems = find_videos(paths)
     skipped = [Skipped(str(p), r) for p, r in problems]
     todo: list[Clip] = []
+    names = unique_ids(videos)  # day1/GOPR0001 and day2/GOPR0001 get ids that tell them apart
     for v in videos:
         try:
-            todo.extend(cut_clips(v, session.window))
+            cut = cut_clips(v, session.window)
         except VideoError as e:
             skipped.append(Skipped(str(e.path), e.reason))
+            continue
+        if names[Path(v)] != Path(v).stem:
+            cut = [replace(c, uid=f"{names[Path(v)]}#{c.index:02d}") for c in cut]
+        todo.extend(cut)
 
     def load(group: list[Clip]) -> list[_Work]:
         work = []
@@ -267,8 +272,6 @@ def render(session, captions: Captions, prompt: str, hits: Sequence[Hit], script
     ``script.json`` beside it (each atomically). ``cuts`` maps a clip id to trimmed ``(start_s, end_s)`` in
     its source video (the clip's own window otherwise); ``logger`` goes to moviepy (a proglog logger, "bar"
     or None). The script's clip ids must be clips of ``captions``, each at most once."""
-    from dataclasses import replace
-
     by_id = captions.by_id()
     unknown = [cid for cid in script.order if cid not in by_id]
     if unknown:

@@ -48,11 +48,12 @@ class Clip:
     index: int  # 0-based window index within the video
     start_s: float
     end_s: float
+    uid: str | None = None  # the id where the stem alone is ambiguous (``"day1/GOPR0001#00"``); see unique_ids
 
     @property
     def id(self) -> str:
-        """Stable id, ``"<video stem>#<index:02d>"``, e.g. ``"bikes#00"``."""
-        return f"{self.video.stem}#{self.index:02d}"
+        """Stable id, ``"<video stem>#<index:02d>"``, e.g. ``"bikes#00"`` (``uid`` when set)."""
+        return self.uid or f"{self.video.stem}#{self.index:02d}"
 
     @property
     def duration_s(self) -> float:
@@ -371,6 +372,29 @@ def find_videos(
         for f in found:
             videos.setdefault(f.resolve(), f)
     return list(videos.values()), problems
+
+
+def unique_ids(paths: Iterable[Path]) -> dict[Path, str]:
+    """A short name per video, unique among ``paths``: the file stem, with as many parent folders in front as
+    it takes to tell apart files of the same name (``day1/GOPR0001`` and ``day2/GOPR0001``)."""
+    paths = list(dict.fromkeys(Path(p) for p in paths))
+    names: dict[Path, str] = {}
+    for depth in range(0, 64):
+        def name(p: Path) -> str:
+            parts = [*p.parent.parts[len(p.parent.parts) - depth:], p.stem] if depth else [p.stem]
+            return "/".join(x for x in parts if x not in ("/", ""))
+        pending = [p for p in paths if p not in names]
+        if not pending:
+            break
+        counts: dict[str, int] = {}
+        for p in paths:
+            counts[name(p)] = counts.get(name(p), 0) + 1
+        for p in pending:
+            if counts[name(p)] == 1:
+                names[p] = name(p)
+    for p in paths:  # identical up to the root: fall back to the whole path
+        names.setdefault(p, str(p))
+    return names
 
 
 def sample_videos() -> list[Path]:

@@ -59,10 +59,13 @@ class AssemblyApp:
             ``Index`` already made, or None to start empty.
         out_dir: Where renders go (the page lets the user change it).
         k: How many clips a search returns.
+        library: A ``Library``: opening a folder then captions only the clips it does not hold yet, and
+            everything else is read from it.
     """
 
-    def __init__(self, session, source=None, *, out_dir: str | Path = "out/app", k: int = 5):
+    def __init__(self, session, source=None, *, out_dir: str | Path = "out/app", k: int = 5, library=None):
         self.session = session
+        self.library = library  # an atomkit.library.Library: open() captions only what it does not hold
         self.state = AppState()
         self.out_dir = Path(out_dir)
         self.k = int(k)
@@ -196,13 +199,18 @@ class AssemblyApp:
             return False
 
         def work():
-            caps = caption(self.session, paths, on_progress=self._progress, cancel=self._cancel)
+            if self.library is not None:
+                stored = self._from_library(paths)
+                caps = stored.captions
+            else:
+                stored = None
+                caps = caption(self.session, paths, on_progress=self._progress, cancel=self._cancel)
             self.state.paths = [str(p) for p in paths]
             if not caps.clips:
                 self.state.captions, self.state.index, self.state.edit = caps, None, None
                 raise InputError("no clip could be captioned" + (" (cancelled)" if caps.cancelled else "")
                                  + f"; {len(caps.skipped)} input(s) skipped, listed below")
-            self._set_library(index(self.session, caps))
+            self._set_library(stored if stored is not None else index(self.session, caps))
             for c in self.page_clips():  # the first page's thumbnails, while still in the background
                 self.thumbnail(c.id)
             for video in {c.clip.video for c in caps.clips}:  # trim bounds, so a search needs no probe
@@ -214,6 +222,16 @@ class AssemblyApp:
             self.state.say(what + (f"; {len(caps.skipped)} skipped" if caps.skipped else ""))
 
         return self._start("captioning", work)
+
+    def _from_library(self, paths: list[Path]) -> Index:
+        """Index what the library lacks, then read the clips of ``paths`` from it (progress counts videos)."""
+        from ..indexing import load_index, update
+
+        t0 = time.perf_counter()
+        report = update(self.session, self.library, paths, on_progress=self._progress, cancel=self._cancel)
+        idx = load_index(self.session, self.library, report.videos)
+        return Index(Captions(self.session.model, idx.captions.clips, report.skipped, time.perf_counter() - t0,
+                              report.cancelled), idx.vectors)
 
     def _set_library(self, idx: Index) -> None:
         self.state.captions, self.state.index, self.state.edit = idx.captions, idx, None

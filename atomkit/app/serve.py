@@ -50,12 +50,14 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
 
 def page_settings(paths, *, model: str = "default", out_dir: str | Path = "out/app", k: int = 5,
                   device: str | None = None, weights: str | None = None, random_weights: bool = False,
-                  programs: str | None = None, decode: dict | None = None, window: dict | None = None) -> dict:
+                  programs: str | None = None, decode: dict | None = None, window: dict | None = None,
+                  db: str | None = None) -> dict:
     """The JSON the page's kernel reads: every path absolute (the kernel runs in another folder)."""
     absolute = lambda p: str(Path(p).expanduser().resolve()) if p else None  # noqa: E731
     return {"paths": [absolute(p) for p in paths or []], "model": model, "out_dir": absolute(out_dir), "k": int(k),
             "device": device, "weights": absolute(weights), "random_weights": bool(random_weights),
-            "programs": absolute(programs), "decode": decode or {}, "window": window or {}}
+            "programs": absolute(programs), "decode": decode or {}, "window": window or {},
+            "db": None if db is None else (absolute(db) or "")}
 
 
 def show_page(settings: dict | None = None):
@@ -76,8 +78,17 @@ def show_page(settings: dict | None = None):
     except AtomkitError as e:
         display(HTML(f"<p style='color:#b00020'><b>atomkit app cannot start:</b> {e}</p>"))
         return None
+    library = None
+    if cfg.get("db") is not None:
+        from ..library import Library
+
+        try:
+            library = Library(cfg["db"] or None)
+        except AtomkitError as e:
+            display(HTML(f"<p style='color:#b00020'><b>atomkit app cannot start:</b> {e}</p>"))
+            return None
     app = AssemblyApp(session, cfg.get("paths") or None, out_dir=cfg.get("out_dir") or "out/app",
-                      k=cfg.get("k", 5))
+                      k=cfg.get("k", 5), library=library)
     display(app.widget)
     return app
 
