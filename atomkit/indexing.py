@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .library import Library, config_of, fingerprint
 from .tasks import CaptionedClip, Captions, Index, Skipped, caption
-from .video import Clip, find_videos, probe, unique_ids
+from .video import Clip, probe, scan, unique_ids
 
 
 @dataclass
@@ -35,13 +35,14 @@ class IndexReport:
     pruned: list[str] = field(default_factory=list)  # stored videos whose files are gone (removed)
     clips_new: int = 0
     videos: list[Path] = field(default_factory=list)  # every readable-looking video file found under the paths
+    not_videos: int = 0  # files under the folders that are not videos (by suffix)
     cancelled: bool = False
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"captioned": self.captioned, "cached": self.cached, "moved": [list(m) for m in self.moved],
                 "skipped": [s.to_dict() for s in self.skipped], "pruned": self.pruned, "clips_new": self.clips_new,
-                "cancelled": self.cancelled, "seconds": round(self.seconds, 3)}
+                "not_videos": self.not_videos, "cancelled": self.cancelled, "seconds": round(self.seconds, 3)}
 
     def summary(self) -> str:
         parts = [f"captioned {len(self.captioned)} video(s) ({self.clips_new} clips)" if self.captioned
@@ -52,6 +53,8 @@ class IndexReport:
             parts.append(f"{len(self.skipped)} unreadable")
         if self.pruned:
             parts.append(f"{len(self.pruned)} gone from disk, removed")
+        if self.not_videos:
+            parts.append(f"{self.not_videos} other file(s) were not videos")
         return "; ".join(parts) + f" in {self.seconds:.1f} s" + (" (cancelled)" if self.cancelled else "")
 
 
@@ -68,8 +71,10 @@ def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool
     t0 = time.perf_counter()
     report = IndexReport()
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    videos, problems = find_videos(paths)
-    report.skipped += [Skipped(str(p), r) for p, r in problems]
+    found = scan(paths)
+    videos = found.videos
+    report.not_videos = found.not_videos
+    report.skipped += [Skipped(str(p), r) for p, r in found.problems]
     report.videos = [Path(v).resolve() for v in videos]
     cfg = lib.config_id(config_of(session))
     known = {v.path: v for v in lib.videos()}

@@ -341,37 +341,88 @@ def thumbnail(video: str | Path, time_s: float, *, width: int = 192) -> bytes:
     return buf.getvalue()
 
 
-def find_videos(
-    paths: str | Path | Iterable[str | Path],
-) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Expand files and folders into a list of video files.
+@dataclass
+class Scan:
+    """What :func:`scan` found: videos in order, problems ``(path, reason)``, and how many files were not videos."""
 
-    Folders are listed non-recursively, sorted, keeping non-hidden files whose lowercased
-    suffix is in :data:`VIDEO_SUFFIXES`. Files named explicitly are kept whatever their suffix
-    (:func:`probe` judges them). Duplicates (same resolved path) are dropped, order is kept.
+    videos: list[Path]
+    problems: list[tuple[Path, str]]
+    not_videos: int = 0
 
-    Args:
-        paths: One path or several.
+
+def _walk(folder: Path, problems: list, visited: set) -> tuple[list[Path], int]:
+    """Video files under ``folder``, recursively, sorted per folder; symlinked folders are followed once each
+    (a loop ends where it started) and dangling links are reported."""
+    try:
+        key = (folder.stat().st_dev, folder.stat().st_ino)
+    except OSError as e:
+        problems.append((folder, f"cannot read folder: {e.strerror or e}"))
+        return [], 0
+    if key in visited:
+        return [], 0
+    visited.add(key)
+    found, others = [], 0
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        problems.append((folder, f"cannot list folder: {e.strerror or e}"))
+        return [], 0
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and not entry.exists():
+            problems.append((entry, "dangling symbolic link (its target does not exist)"))
+        elif entry.is_dir():
+            sub, n = _walk(entry, problems, visited)
+            found += sub
+            others += n
+        elif entry.suffix.lower() in VIDEO_SUFFIXES:
+            found.append(entry)
+        else:
+            others += 1
+    return found, others
+
+
+def scan(paths: str | Path | Iterable[str | Path]) -> Scan:
+    """Expand files and folders into video files.
+
+    Folders are walked recursively (camera and phone folders nest: ``DCIM/100APPLE/...``), each folder's
+    entries sorted, keeping non-hidden files whose lowercased suffix is in :data:`VIDEO_SUFFIXES`; hidden files
+    and folders are skipped, symlinked folders are followed once (loops are safe), dangling links are reported.
+    Files named explicitly are kept whatever their suffix (:func:`probe` judges them). Duplicates (same resolved
+    path) are dropped, order is kept.
 
     Returns:
-        ``(videos, problems)``; a problem is ``(path, reason)``: ``"file not found"`` for a
-        missing path, ``"no video files in folder"`` for a folder without videos.
+        A :class:`Scan`; a problem is ``"file not found"`` for a missing path, ``"no video files in folder"``
+        for a folder without videos, or a dangling link or unreadable folder.
     """
     videos: dict[Path, Path] = {}  # resolved path -> path as found; keeps insertion order
     problems: list[tuple[Path, str]] = []
+    not_videos = 0
     for p in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
+        if p.is_symlink() and not p.exists():
+            problems.append((p, "dangling symbolic link (its target does not exist)"))
+            continue
         if not p.exists():
             problems.append((p, "file not found"))
             continue
         found = [p]
         if p.is_dir():
-            found = sorted(c for c in p.iterdir() if c.is_file() and not c.name.startswith(".")
-                           and c.suffix.lower() in VIDEO_SUFFIXES)
+            found, others = _walk(p, problems, set())
+            not_videos += others
             if not found:
                 problems.append((p, "no video files in folder"))
         for f in found:
             videos.setdefault(f.resolve(), f)
-    return list(videos.values()), problems
+    return Scan(list(videos.values()), problems, not_videos)
+
+
+def find_videos(
+    paths: str | Path | Iterable[str | Path],
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``(videos, problems)`` of :func:`scan`."""
+    found = scan(paths)
+    return found.videos, found.problems
 
 
 def unique_ids(paths: Iterable[Path]) -> dict[Path, str]:

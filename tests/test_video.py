@@ -347,11 +347,30 @@ def test_find_videos(tmp_path):
     missing = tmp_path / "missing.mp4"
 
     videos, problems = find_videos([explicit, folder, missing, str(folder / "b.mp4"), empty])
-    assert videos == [explicit] + [folder / n for n in ["a.MOV", "b.mp4", "c.webm", "d.mkv"]]
+    assert videos == [explicit] + [folder / n for n in ["a.MOV", "b.mp4", "c.webm", "d.mkv", "sub/deep.mp4"]]
     assert problems == [(missing, "file not found"), (empty, "no video files in folder")]
 
     assert find_videos(folder / "b.mp4") == ([folder / "b.mp4"], [])  # one path, not a list
     assert find_videos([]) == ([], [])
+
+
+def test_scan_walks_nested_folders_safely(tmp_path):
+    from atomkit.video import scan
+
+    root = tmp_path / "DCIM"
+    (root / "100APPLE").mkdir(parents=True)
+    (root / "101APPLE" / "deeper").mkdir(parents=True)
+    (root / ".thumbs").mkdir()
+    for rel in ["100APPLE/IMG_0001.MOV", "100APPLE/IMG_0002.JPG", "101APPLE/deeper/IMG_0100.mp4",
+                ".thumbs/t.mp4", "notes.txt"]:
+        (root / rel).write_bytes(b"x")
+    (root / "101APPLE" / "loop").symlink_to(root)  # a symlink loop
+    (root / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")  # dangling
+    found = scan(root)
+    assert found.videos == [root / "100APPLE/IMG_0001.MOV", root / "101APPLE/deeper/IMG_0100.mp4"]
+    assert found.problems == [(root / "gone.mp4", "dangling symbolic link (its target does not exist)")]
+    assert found.not_videos == 2  # IMG_0002.JPG and notes.txt
+    assert scan(root / "gone.mp4").problems == [(root / "gone.mp4", "dangling symbolic link (its target does not exist)")]
 
 
 def test_thumbnail_is_the_frame_at_the_time(samples, tmp_path):
