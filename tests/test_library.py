@@ -217,3 +217,32 @@ def test_app_opens_folders_through_the_library(tiny_session, lib, folder, tmp_pa
         assert app.render() and app.wait(300) and not app.state.error, app.state.message
         assert [e["clip_id"] for e in json.loads((tmp_path / "o2" / "script.json").read_text())["entries"]] == order
         app.close()
+
+
+def test_bench_library_json(tiny_session, folder):
+    from atomkit.bench_library import run
+
+    result = run(tiny_session, [folder], sizes=(500, 2000), repeats=12)
+    assert result["videos"] == 2 and result["library"]["clips"] == 2
+    assert result["first_index"]["clips_new"] == 2 and result["speedup"] > 1
+    assert len(result["rerun_s"]["samples"]) == 5
+    assert [s["clips"] for s in result["search_at_scale"]] == [500, 2000]
+    for s in result["search_at_scale"]:
+        assert s["synthetic_embeddings"] and s["agrees_with_numpy"] and s["n"] == 12
+        assert 0 < s["p50_ms"] <= s["p99_ms"]
+    assert result["query_on_library"]["embed_query_and_rank"]["n"] == 20
+
+
+def test_cli_index_then_retrieve_from_the_library(folder, tmp_path, capsys):
+    from atomkit.cli import main
+
+    db = str(tmp_path / "cli.db")
+    assert main(["index", str(folder), "--db", db, "--json", *TINY_CLI]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert len(first["captioned"]) == 2 and first["counts"]["clips"] == 2
+    assert main(["retrieve", "--db", db, "--query", "a cartoon rabbit", "-k", "2", "--json", *TINY_CLI]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(h["id"] for h in out["hits"]) == ["bigbuckbunny#00", "carphone_pristine#00"]
+    assert list(out["load"]) == ["embedder"]
+    assert main(["retrieve", "--query", "x", *TINY_CLI]) == 2
+    assert "give video files or folders, or --db" in capsys.readouterr().err
