@@ -341,6 +341,59 @@ def thumbnail(video: str | Path, time_s: float, *, width: int = 192) -> bytes:
     return buf.getvalue()
 
 
+def preview(video: str | Path, start_s: float, end_s: float, out: str | Path, *, width: int = 320,
+            max_fps: float = 30.0) -> Path:
+    """Write ``[start_s, end_s)`` of a video as a small silent H.264 mp4 (``width`` px wide) for playing in a
+    page: decoded and re-encoded with PyAV directly, which is several times faster than a moviepy render.
+
+    Raises:
+        VideoError: The file cannot be opened or no frame of the span decodes.
+    """
+    path, out = Path(video), Path(out)
+    _check_file(path)
+    written = 0
+    try:
+        with av.open(str(path)) as src, av.open(str(out), "w") as dst:
+            stream = src.streams.video[0]
+            stream.thread_type = "AUTO"
+            tb = stream.time_base or Fraction(1, av.time_base)
+            t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+            rate = min(max_fps, float(stream.average_rate or stream.guessed_rate or 25))
+            height = None
+            enc = None
+            if start_s > _EPS:
+                src.seek(int((start_s + t0) / tb), stream=stream, backward=True)
+            for frame in src.decode(stream):
+                t = (frame.time - t0) if frame.time is not None else None
+                if t is not None and t < start_s - _EPS:
+                    continue
+                if t is not None and t >= end_s - _EPS:
+                    break
+                if t is not None and t < start_s + written / rate - 0.5 / rate:
+                    continue  # a source faster than max_fps: drop frames, keep the clip's length
+                if enc is None:
+                    height = max(2, round(frame.height * width / frame.width / 2) * 2)
+                    fps = Fraction(rate).limit_denominator(1001)
+                    enc = dst.add_stream("libx264", rate=fps)
+                    enc.width, enc.height, enc.pix_fmt = width, height, "yuv420p"
+                    enc.options = {"preset": "ultrafast", "crf": "28"}
+                small = frame.reformat(width=width, height=height, format="yuv420p")
+                small.pts, small.time_base = written, 1 / fps  # frame n shows at n / fps
+                for packet in enc.encode(small):
+                    dst.mux(packet)
+                written += 1
+            if enc is not None:
+                for packet in enc.encode():
+                    dst.mux(packet)
+    except _AV_ERRORS as e:
+        out.unlink(missing_ok=True)
+        raise VideoError(path, f"cannot cut a preview of {start_s:.2f}-{end_s:.2f} s: {_message(e)}") from e
+    if not written:
+        out.unlink(missing_ok=True)
+        raise VideoError(path, f"no video frame could be decoded in {start_s:.2f}-{end_s:.2f} s for a preview")
+    return out
+
+
 @dataclass
 class Scan:
     """What :func:`scan` found: videos in order, problems ``(path, reason)``, and how many files were not videos."""

@@ -77,6 +77,8 @@ def test_draft_script_orders_and_excludes_the_rest(edit):
     assert edit.script().order == ["video2#00", "video0#00"]
     assert [e.narration for e in edit.script().entries] == ["second first", "then zero"]
     assert edit.source == "decoder" and edit.drafts == 1
+    edit.apply_script(Script([ScriptEntry("video1#00", "..."), ScriptEntry("video2#00", " ")], "decoder"))
+    assert [e.narration for e in edit.script().entries] == ["caption 1", "second first"]  # placeholders keep lines
 
 
 def test_bad_edits_say_what_is_wrong(edit):
@@ -291,3 +293,14 @@ def test_render_checks_the_script_against_the_library(app, tmp_path):
     with pytest.raises(atomkit.InputError, match="more than once"):
         render(app.session, caps, "p", [], Script([ScriptEntry(one, ""), ScriptEntry(one, "")], "edited"), tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_preview_plays_the_trimmed_clip(app, tmp_path):
+    app.search("a dog jumps", k=4)
+    app.change(app.edit.trim, "bikes#00", 3.0, 5.5)
+    assert app.preview("bikes#00")
+    app.wait(120)
+    assert not app.state.error and app.state.preview == "bikes#00", app.state.message
+    (tmp_path / "p.mp4").write_bytes(app.preview_bytes)
+    assert abs(duration(tmp_path / "p.mp4") - 2.5) < 0.15
+    assert not app.preview("ghost#00") and "no clip 'ghost#00'" in app.state.message

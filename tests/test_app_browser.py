@@ -85,6 +85,9 @@ def test_app_in_browser(app_server, samples, tmp_path):
             # the library opens by itself: wait until the four sample clips are captioned and shown
             expect(page.locator(".ak-message")).to_contain_text("clips from", timeout=600_000)
             expect(page.locator(".ak-card")).to_have_count(4)
+            page.locator(".ak-card button.ak-play").first.click()  # a clip plays on click
+            page.wait_for_function("() => { const v = document.querySelector('video.ak-preview, .ak-preview video');"
+                                   " return v && v.readyState >= 1 && v.duration > 0; }")
 
             page.fill(".ak-prompt input", "a man wearing a tie")
             page.click("button.ak-search")

@@ -402,3 +402,32 @@ def test_thumbnail_is_the_frame_at_the_time(samples, tmp_path):
     broken.write_text("not a video")
     with pytest.raises(VideoError, match="broken.mp4"):
         thumbnail(broken, 1.0)
+
+
+def test_preview_is_the_span_small_and_in_real_time(samples, tmp_path):
+    from atomkit.video import preview
+
+    out = preview(samples["bikes.mp4"], 2.0, 5.0, tmp_path / "p.mp4", width=160)
+    with av.open(str(out)) as c:
+        s = c.streams.video[0]
+        frames = list(c.decode(s))
+        assert (s.width, s.codec_context.name) == (160, "h264")
+        assert abs(float(s.duration * s.time_base) - 3.0) < 0.1
+    fast = preview(samples["bikes.mp4"], 2.0, 5.0, tmp_path / "slow.mp4", max_fps=10)  # frames dropped, not slowed
+    with av.open(str(fast)) as c:
+        assert abs(sum(1 for _ in c.decode(c.streams.video[0])) - 30) <= 1
+        assert abs(c.duration / av.time_base - 3.0) < 0.2
+    # its first frame is the source's frame at 2 s
+    with av.open(str(samples["bikes.mp4"])) as c:
+        src = next(f for f in c.decode(c.streams.video[0]) if f.time >= 2.0 - 1e-6)
+    want = src.to_ndarray(format="gray", width=160, height=frames[0].height).astype(np.float32)
+    later = preview(samples["bikes.mp4"], 8.0, 9.0, tmp_path / "later.mp4", width=160)
+    with av.open(str(later)) as c:
+        other = next(iter(c.decode(c.streams.video[0]))).to_ndarray(format="gray").astype(np.float32)
+    got = frames[0].to_ndarray(format="gray").astype(np.float32)
+    assert np.abs(got - want).mean() < np.abs(other - want).mean()
+    broken = tmp_path / "broken.mp4"
+    broken.write_text("nope")
+    with pytest.raises(VideoError, match="broken.mp4"):
+        preview(broken, 0, 1, tmp_path / "x.mp4")
+    assert not (tmp_path / "x.mp4").exists()

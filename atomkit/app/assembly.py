@@ -21,13 +21,13 @@ from typing import Callable, Sequence
 
 from ..errors import AssemblyError, AtomkitError, InputError, VideoError
 from ..tasks import Captions, CaptionedClip, Index, caption, index, render, retrieve, write_script
-from ..video import probe, sample_videos, thumbnail
+from ..video import preview as cut_preview, probe, sample_videos, thumbnail
 from .state import AppState, ReelEdit
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 12  # clips per page of the browser
-PREVIEW_SIZE = (320, 180)  # clip previews are small mp4s, sent to the page as bytes
+PREVIEW_WIDTH = 320  # clip previews are small mp4s (video.preview), sent to the page as bytes
 
 
 class Cancelled(AtomkitError):
@@ -219,6 +219,8 @@ class AssemblyApp:
             what = f"{len(caps.clips)} clips from {videos} video(s) captioned in {caps.seconds:.1f} s"
             if caps.cancelled:
                 what = f"cancelled: {what}, the rest left out"
+            elif self._cancel.is_set():
+                what += " (Cancel came when the last clips were already being captioned)"
             self.state.say(what + (f"; {len(caps.skipped)} skipped" if caps.skipped else ""))
 
         return self._start("captioning", work)
@@ -322,7 +324,6 @@ class AssemblyApp:
     # -- preview and render ----------------------------------------------------------------------------
     def preview(self, clip_id: str) -> bool:
         """Cut a small mp4 of the clip (with its trim, if it is in the edit) to play in the page."""
-        from ..assemble import stitch
         from dataclasses import replace
 
         try:
@@ -337,8 +338,7 @@ class AssemblyApp:
             clip = replace(clip, start_s=cut.start_s, end_s=cut.end_s)
 
         def work():
-            path = self._scratch / f"preview-{len(list(self._scratch.iterdir()))}.mp4"
-            stitch([clip], path, size=PREVIEW_SIZE, audio=False)
+            path = cut_preview(clip.video, clip.start_s, clip.end_s, self._scratch / "preview.mp4", width=PREVIEW_WIDTH)
             self.preview_bytes, self.state.preview = path.read_bytes(), clip_id
             path.unlink()
             self.state.say(f"playing {clip_id} ({clip.start_s:.1f}-{clip.end_s:.1f} s of {Path(clip.video).name})")

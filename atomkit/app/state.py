@@ -142,7 +142,9 @@ class ReelEdit:
         by_id = {c.clip_id: c for c in self.cuts}
         for e in drafted:
             by_id[e.clip_id].included = True
-            by_id[e.clip_id].line = " ".join(e.narration.split()) or by_id[e.clip_id].line
+            line = " ".join(e.narration.split())
+            if any(ch.isalnum() for ch in line):  # a draft line of only "..." (the prompt's example) keeps the old one
+                by_id[e.clip_id].line = line
         for c in rest:
             c.included = False
         self.cuts = [by_id[i] for i in order] + rest
