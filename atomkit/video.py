@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -214,8 +214,9 @@ def _to_square_rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
     return rgb[top:top + size, left:left + size]
 
 
-def _pick_frames(container, targets: list[float], size: int, seek: bool) -> list | None:
-    """Square RGB arrays for ``targets`` (s from stream start); None if seeking went wrong."""
+def _pick_frames(container, targets: list[float], convert: Callable, seek: bool) -> list | None:
+    """``convert(frame)`` of the frame shown at each of ``targets`` (s from stream start); None if seeking went
+    wrong."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     tb = stream.time_base or Fraction(1, av.time_base)
@@ -240,14 +241,14 @@ def _pick_frames(container, targets: list[float], size: int, seek: bool) -> list
             if prev is None:  # nothing precedes the target: use this first frame
                 prev = frame
             if prev_rgb is None:
-                prev_rgb = _to_square_rgb(prev, size)
+                prev_rgb = convert(prev)
             picked.append(prev_rgb)
         if len(picked) == len(targets):
             return picked
         prev, prev_rgb = frame, None
     if prev is None:
         return None if seek else []
-    last = prev_rgb if prev_rgb is not None else _to_square_rgb(prev, size)
+    last = prev_rgb if prev_rgb is not None else convert(prev)
     return picked + [last] * (len(targets) - len(picked))  # stream ended: reuse the last frame
 
 
@@ -272,73 +273,53 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig()) -> torch.Tenso
     Raises:
         VideoError: The file cannot be opened or decoded, or no frame decodes in the clip.
     """
-    path = Path(clip.video)
+    picked = _frames_at(Path(clip.video), frame_times(clip, cfg.frames), lambda f: _to_square_rgb(f, cfg.size),
+                        f"clip {clip.start_s:.3f}-{clip.end_s:.3f} s")
+    array = np.stack(picked)  # (T, H, W, 3)
+    return torch.from_numpy(array).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+
+
+def _frames_at(path: Path, targets: list[float], convert: Callable, what: str) -> list:
+    """``convert(frame)`` of the frame shown at each target time: seek to the keyframe before the first
+    target, or decode from the start where the seek fails or lands past it. Raises VideoError naming ``what``."""
     _check_file(path)
-    targets = frame_times(clip, cfg.frames)
-    span = f"clip {clip.start_s:.3f}-{clip.end_s:.3f} s"
     picked = None
     try:
         for seek in (True, False) if targets[0] > _EPS else (False,):
             with av.open(str(path)) as container:
                 if not container.streams.video:
-                    raise VideoError(path, f"no video stream (audio only?); cannot sample {span}")
-                picked = _pick_frames(container, targets, cfg.size, seek)
+                    raise VideoError(path, f"no video stream (audio only?); cannot sample {what}")
+                picked = _pick_frames(container, targets, convert, seek)
             if picked is not None:
                 break
     except _AV_ERRORS as e:
-        raise VideoError(path, f"cannot decode {span}: {_message(e)}") from e
+        raise VideoError(path, f"cannot decode {what}: {_message(e)}") from e
     if not picked:
-        raise VideoError(path, f"no video frame could be decoded in {span}")
-    array = np.stack(picked)  # (T, H, W, 3)
-    return torch.from_numpy(array).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+        raise VideoError(path, f"no video frame could be decoded in {what}")
+    return picked
 
 
 def thumbnail(video: str | Path, time_s: float, *, width: int = 192) -> bytes:
     """A JPEG of the frame shown at ``time_s`` (s from the stream start), scaled to ``width`` px wide.
 
-    Used for clip thumbnails (a frame from the middle of the clip). Decodes from the keyframe before
-    ``time_s`` only; the last frame of the stream if it ends first.
+    Used for clip thumbnails (a frame from the middle of the clip). The frame is picked as
+    :func:`sample_frames` picks them (the last frame of the stream if it ends first).
 
     Raises:
         VideoError: The file cannot be opened or no frame decodes.
     """
     import io as _io
 
-    path = Path(video)
-    _check_file(path)
     if width < 8:
         raise ValueError(f"thumbnail width must be >= 8 px, got {width}")
-    frame = None
-    try:
-        for seek in (True, False) if time_s > _EPS else (False,):
-            with av.open(str(path)) as container:
-                if not container.streams.video:
-                    raise VideoError(path, "no video stream (audio only?); no thumbnail")
-                stream = container.streams.video[0]
-                tb = stream.time_base or Fraction(1, av.time_base)
-                t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
-                if seek:
-                    container.seek(int((time_s + t0) / tb), stream=stream, backward=True)
-                first = None
-                for f in container.decode(stream):
-                    t = (f.time - t0) if f.time is not None else None
-                    if first is None:
-                        first = t
-                    if t is not None and t > time_s + _EPS and frame is not None:
-                        break
-                    frame = f
-                if not (seek and (first is None or first > time_s + _EPS)):
-                    break  # a seek that landed past the target decodes again from the start
-                frame = None
-    except _AV_ERRORS as e:
-        raise VideoError(path, f"cannot decode a thumbnail at {time_s:.2f} s: {_message(e)}") from e
-    if frame is None:
-        raise VideoError(path, f"no video frame could be decoded for a thumbnail at {time_s:.2f} s")
-    height = max(2, round(frame.height * width / frame.width))
-    image = frame.to_image(width=width, height=height)
-    buf = _io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+
+    def jpeg(frame: av.VideoFrame) -> bytes:
+        height = max(2, round(frame.height * width / frame.width))
+        buf = _io.BytesIO()
+        frame.to_image(width=width, height=height).save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+    return _frames_at(Path(video), [max(0.0, float(time_s))], jpeg, f"a thumbnail at {time_s:.2f} s")[0]
 
 
 def preview(video: str | Path, start_s: float, end_s: float, out: str | Path, *, width: int = 320,

@@ -34,20 +34,18 @@ class Cancelled(AtomkitError):
     """The user pressed Cancel."""
 
 
-class _RenderProgress:
+def _render_progress(report: Callable[[int, int], None], cancel: threading.Event):
     """A proglog logger for moviepy that reports the video frames written and stops on cancel."""
+    from proglog import ProgressBarLogger
 
-    def __new__(cls, report: Callable[[int, int], None], cancel: threading.Event):
-        from proglog import ProgressBarLogger
+    class Logger(ProgressBarLogger):
+        def bars_callback(self, bar, attr, value, old_value=None):
+            if cancel.is_set():
+                raise Cancelled("render cancelled")
+            if bar == "frame_index" and attr == "index":
+                report(int(value) + 1, int(self.bars[bar]["total"] or 0))
 
-        class Logger(ProgressBarLogger):
-            def bars_callback(self, bar, attr, value, old_value=None):
-                if cancel.is_set():
-                    raise Cancelled("render cancelled")
-                if bar == "frame_index" and attr == "index":
-                    report(int(value) + 1, int(self.bars[bar]["total"] or 0))
-
-        return Logger()
+    return Logger()
 
 
 class AssemblyApp:
@@ -103,7 +101,6 @@ class AssemblyApp:
 
     def changed(self) -> None:
         """Tell the view that the state changed (called by every action)."""
-        self.state.version += 1
         for fn in list(self._listeners):
             try:
                 fn()
@@ -134,20 +131,27 @@ class AssemblyApp:
         self._job.start()
         return True
 
-    def _run(self, name: str, work: Callable[[], None]) -> None:
-        t0 = time.perf_counter()
+    def _guarded(self, name: str, work: Callable[[], None]) -> bool:
+        """Run ``work``; what goes wrong becomes the state's message (never a traceback in the page; the log
+        keeps unexpected ones). False if it failed or was cancelled."""
         try:
             work()
+            return True
         except Cancelled as e:
             self.state.say(str(e))
         except AtomkitError as e:
             self.state.say(str(e), error=True)
-        except Exception as e:  # never a traceback in the page; the log keeps it
+        except Exception as e:
             log.exception("%s failed", name)
             self.state.say(f"{name} failed: {type(e).__name__}: {e}", error=True)
+        return False
+
+    def _run(self, name: str, work: Callable[[], None]) -> None:
+        try:
+            self._guarded(name, work)
         finally:
             self.state.busy = ""
-            self.state.finish(name, t0)
+            self.state.finish(name, self.state.started)
             self.changed()
 
     def _progress(self, done: int, total: int) -> None:
@@ -172,15 +176,7 @@ class AssemblyApp:
         """Run a quick action on the caller's thread with the same error handling; False if it failed."""
         t0 = time.perf_counter()
         try:
-            fn()
-            return True
-        except AtomkitError as e:
-            self.state.say(str(e), error=True)
-            return False
-        except Exception as e:
-            log.exception("%s failed", name)
-            self.state.say(f"{name} failed: {type(e).__name__}: {e}", error=True)
-            return False
+            return self._guarded(name, fn)
         finally:
             if timed:
                 self.state.finish(name, t0)
@@ -366,7 +362,7 @@ class AssemblyApp:
         def work():
             try:
                 done = render(self.session, self.state.captions, edit.prompt, edit.hits, script, out, cuts=cuts,
-                              logger=_RenderProgress(self._progress, self._cancel))
+                              logger=_render_progress(self._progress, self._cancel))
             except AssemblyError as e:
                 if isinstance(e.__cause__, Cancelled):
                     raise Cancelled("render cancelled; the previous reel (if any) is unchanged") from e

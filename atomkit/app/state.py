@@ -96,7 +96,8 @@ class ReelEdit:
 
     def move(self, clip_id: str, delta: int) -> None:
         """Move a clip ``delta`` places later (negative: earlier) in the reel order, clamped to the ends."""
-        i = self.ids().index(self.cut(clip_id).clip_id)
+        self.cut(clip_id)  # a clear error for an unknown id
+        i = self.ids().index(clip_id)
         j = max(0, min(len(self.cuts) - 1, i + int(delta)))
         if i != j:
             self.cuts.insert(j, self.cuts.pop(i))
@@ -185,7 +186,6 @@ class AppState:
     reel_info: dict | None = None
     preview: str | None = None  # clip id whose preview plays
     page: int = 0  # which page of the clip browser is shown
-    version: int = 0  # bumped on every change, so views know when to redraw
 
     @property
     def clips(self) -> list[CaptionedClip]:
@@ -197,7 +197,6 @@ class AppState:
 
     def say(self, message: str, *, error: bool = False) -> None:
         self.message, self.error = message, error
-        self.version += 1
 
     def eta_s(self) -> float | None:
         """Seconds the running action still needs at its pace so far (None before its first step)."""
@@ -208,4 +207,3 @@ class AppState:
 
     def finish(self, name: str, t0: float) -> None:
         self.last_action = (name, time.perf_counter() - t0)
-        self.version += 1
