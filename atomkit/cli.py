@@ -344,8 +344,10 @@ def _run(args) -> int:
                     result = {"library": str(lib.path), **report.to_dict(), "counts": lib.counts(),
                               "load": session.load_report()}
                     result.pop("videos", None)
+                    n = result["counts"]
                     print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else
-                          f"{lib.counts()['clips']} clips of {lib.counts()['videos']} videos in {lib.path}")
+                          f"{lib.path}: {n['clips']} clips of {n['videos'] - n['unreadable']} videos"
+                          + (f" ({n['unreadable']} unreadable file(s) recorded)" if n["unreadable"] else ""))
                     return 0 if report.captioned or report.cached or not report.skipped else 1
                 idx = load_index(session, lib, report.videos if report is not None else None)
             caps = idx.captions
