@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "index":
             p.add_argument("--no-prune", action="store_true",
                            help="keep stored videos whose files are gone (default: remove them)")
+            r = p.add_argument_group("scale-out on Ray (each actor keeps one resident session)")
+            r.add_argument("--ray", metavar="ADDRESS", nargs="?", const="local", default=None,
+                           help="caption on a Ray cluster: a local one for this run when no ADDRESS is given, "
+                           "or a running one (`ray start --head` prints HOST:6379; 'auto' finds it). Every node "
+                           "must see the videos under the same paths")
+            r.add_argument("--actors", type=int, default=None, metavar="N",
+                           help="Ray actors (default: the cluster's CPUs / --cpus-per-actor)")
+            r.add_argument("--cpus-per-actor", type=float, default=1, metavar="N",
+                           help="CPUs reserved per actor; its torch threads follow (default: 1)")
+            r.add_argument("--gpus-per-actor", type=float, default=0, metavar="N",
+                           help="GPUs per actor (default: 0, CPU workers)")
         for flag, text in extra:
             if flag == "-k":
                 p.add_argument("-k", type=int, default=5, help=f"{text} (default: 5)")
@@ -259,6 +270,22 @@ def _session(args):
                    window=WindowConfig(length_s=args.window, stride_s=args.stride))
 
 
+def _update_library(args, session, lib, progress: bool):
+    from .indexing import update
+
+    prune = not getattr(args, "no_prune", False)
+    if getattr(args, "ray", None) is None:
+        return update(session, lib, args.paths, progress=progress, prune=prune)
+    from .cluster import RayCaptioner
+
+    with RayCaptioner(session, address=None if args.ray == "local" else args.ray, actors=args.actors,
+                      cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor) as ray_pool:
+        if progress:
+            print(f"Ray: {len(ray_pool.actors)} actor(s) ready in {ray_pool.startup_s:.1f} s "
+                  f"({', '.join(w['worker'] for w in ray_pool.workers)})", file=sys.stderr)
+        return update(session, lib, args.paths, progress=progress, prune=prune, captioner=ray_pool)
+
+
 def _print_skipped(caps) -> None:
     for s in caps.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
@@ -330,15 +357,16 @@ def _run(args) -> int:
         raise InputError(f"atomkit {args.command}: give video files or folders, or --db to use the library")
     with _session(args) as session:
         if getattr(args, "db", None) is not None:
-            from .indexing import load_index, update
+            from .indexing import load_index
             from .library import Library
 
             with Library(args.db or None) as lib:
-                report = update(session, lib, args.paths, progress=progress, prune=not getattr(args, "no_prune", False)) \
-                    if args.paths else None
+                report = _update_library(args, session, lib, progress) if args.paths else None
                 if report is not None:
                     for s in report.skipped:
                         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+                    for s in report.failed:
+                        print(f"failed {s.path}: {s.reason}", file=sys.stderr)
                     print(f"library {lib.path}: {report.summary()}", file=sys.stderr)
                 if args.command == "index":
                     result = {"library": str(lib.path), **report.to_dict(), "counts": lib.counts(),

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -32,17 +32,21 @@ class IndexReport:
     cached: list[str] = field(default_factory=list)  # videos whose clips were already stored
     moved: list[tuple[str, str]] = field(default_factory=list)  # (old path, new path): found by fingerprint
     skipped: list[Skipped] = field(default_factory=list)  # unreadable inputs, with the reason
+    failed: list[Skipped] = field(default_factory=list)  # work that failed (a worker died): not stored, retried next run
     pruned: list[str] = field(default_factory=list)  # stored videos whose files are gone (removed)
     clips_new: int = 0
     videos: list[Path] = field(default_factory=list)  # every readable-looking video file found under the paths
     not_videos: int = 0  # files under the folders that are not videos (by suffix)
     cancelled: bool = False
     seconds: float = 0.0
+    workers: dict | None = None  # the captioner's own account (Ray: actors, deaths, retries, videos per worker)
 
     def to_dict(self) -> dict:
         return {"captioned": self.captioned, "cached": self.cached, "moved": [list(m) for m in self.moved],
-                "skipped": [s.to_dict() for s in self.skipped], "pruned": self.pruned, "clips_new": self.clips_new,
-                "not_videos": self.not_videos, "cancelled": self.cancelled, "seconds": round(self.seconds, 3)}
+                "skipped": [s.to_dict() for s in self.skipped],
+                "failed": [s.to_dict() for s in self.failed], "pruned": self.pruned, "clips_new": self.clips_new,
+                "not_videos": self.not_videos, "cancelled": self.cancelled, "seconds": round(self.seconds, 3),
+                "workers": self.workers}
 
     def summary(self) -> str:
         parts = [f"captioned {len(self.captioned)} video(s) ({self.clips_new} clips)" if self.captioned
@@ -51,6 +55,8 @@ class IndexReport:
             parts.append(f"{len(self.moved)} moved or renamed (clips kept)")
         if self.skipped:
             parts.append(f"{len(self.skipped)} unreadable")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed (tried again on the next run)")
         if self.pruned:
             parts.append(f"{len(self.pruned)} gone from disk, removed")
         if self.not_videos:
@@ -63,8 +69,12 @@ def _under(path: Path, roots: list[Path]) -> bool:
 
 
 def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool = False, prune: bool = True,
-           on_progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None) -> IndexReport:
+           on_progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
+           captioner=None) -> IndexReport:
     """Bring the library up to date with ``paths`` (files and folders) for the session's configuration.
+
+    The videos to caption go to ``captioner`` (default: ``LocalCaptioner(session)``, this process; a
+    ``atomkit.cluster.RayCaptioner`` spreads them over a Ray cluster); results are stored as they arrive.
 
     Stored videos under a scanned folder whose files no longer exist are removed when ``prune`` (their
     clips with them); a moved file is found again first. Progress counts videos (done / to do)."""
@@ -108,20 +118,24 @@ def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool
             continue
         todo.append((path, st.st_size, st.st_mtime_ns, fp))
 
-    bar = tqdm(total=len(todo), desc="indexing", unit="video", disable=not progress)
+    items = {path: (size, mtime_ns, fp) for path, size, mtime_ns, fp in todo}
+    runner = captioner or LocalCaptioner(session)
+    bar = tqdm(total=len(todo), desc=f"indexing ({runner.name})", unit="video", disable=not progress)
     if on_progress:
         on_progress(0, len(todo))
+    done = 0
     try:
-        for n, (path, size, mtime_ns, fp) in enumerate(todo):
-            if cancel is not None and cancel.is_set():
-                report.cancelled = True
-                break
-            _index_video(session, lib, cfg, path, size, mtime_ns, fp or fingerprint(path, size), report)
+        for path, result in runner.run(list(items), cancel=cancel):
+            size, mtime_ns, fp = items[path]
+            _store(lib, cfg, path, size, mtime_ns, fp or fingerprint(path, size), result, report)
+            done += 1
             bar.update(1)
             if on_progress:
-                on_progress(n + 1, len(todo))
+                on_progress(done, len(todo))
+        report.cancelled = done < len(todo)
     finally:
         bar.close()
+    report.workers = getattr(runner, "stats", lambda: None)()
 
     if prune and not report.cancelled:
         roots = [Path(p).resolve() for p in paths if Path(p).is_dir()]
@@ -134,24 +148,63 @@ def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool
     return report
 
 
-def _index_video(session, lib: Library, cfg: int, path: Path, size: int, mtime_ns: int, fp: str,
-                 report: IndexReport) -> None:
-    """Caption one video and store it with all its clips in one transaction (or its reason, if unreadable)."""
+@dataclass
+class VideoResult:
+    """What captioning one video gave, ready to store: its clips as library rows, or why it failed.
+
+    ``error`` means the file cannot be read (recorded, retried when the file changes); ``failed`` means the
+    work failed for another reason (a worker died): reported, not recorded, so the next run tries again."""
+
+    rows: list[tuple] = field(default_factory=list)  # (idx, start, end, caption, concepts, float32 vector)
+    duration_s: float | None = None
+    error: str | None = None
+    failed: str | None = None
+    skipped: list[Skipped] = field(default_factory=list)  # clips of this video whose frames failed
+    worker: str = "local"
+
+
+def caption_video(session, path: Path) -> VideoResult:
+    """Caption one video and embed its captions with the session's resident modules (a worker's unit of work)."""
     caps = caption(session, [path])
     if not caps.clips:
-        reason = "; ".join(s.reason for s in caps.skipped) or "no clip could be captioned"
-        lib.put_video(path, size=size, mtime_ns=mtime_ns, fp=fp, config_id=cfg, error=reason)
-        report.skipped.append(Skipped(str(path), reason))
-        return
+        return VideoResult(error="; ".join(s.reason for s in caps.skipped) or "no clip could be captioned")
     with session.use("embedder") as emb:
-        vectors = emb.embed([c.caption for c in caps.clips]).numpy()
+        vectors = emb.embed([c.caption for c in caps.clips]).numpy().astype(np.float32)
     rows = [(c.clip.index, c.clip.start_s, c.clip.end_s, c.caption, [list(x) for x in c.concepts], v)
             for c, v in zip(caps.clips, vectors)]
-    duration = probe(path).duration_s
-    lib.put_video(path, size=size, mtime_ns=mtime_ns, fp=fp, config_id=cfg, duration_s=duration, clips=rows)
+    return VideoResult(rows, probe(path).duration_s, skipped=caps.skipped)
+
+
+class LocalCaptioner:
+    """Captions the videos one after another in this process, with the session's resident modules."""
+
+    name = "local"
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, paths: list[Path], cancel: threading.Event | None = None) -> Iterator[tuple[Path, VideoResult]]:
+        for path in paths:
+            if cancel is not None and cancel.is_set():
+                return
+            yield path, caption_video(self.session, path)
+
+
+def _store(lib: Library, cfg: int, path: Path, size: int, mtime_ns: int, fp: str, result: VideoResult,
+           report: IndexReport) -> None:
+    """Store one video with all its clips in one transaction (or its reason, if unreadable)."""
+    if result.failed is not None:
+        report.failed.append(Skipped(str(path), result.failed))
+        return
+    if result.error is not None:
+        lib.put_video(path, size=size, mtime_ns=mtime_ns, fp=fp, config_id=cfg, error=result.error)
+        report.skipped.append(Skipped(str(path), result.error))
+        return
+    lib.put_video(path, size=size, mtime_ns=mtime_ns, fp=fp, config_id=cfg, duration_s=result.duration_s,
+                  clips=result.rows)
     report.captioned.append(str(path))
-    report.clips_new += len(rows)
-    report.skipped += caps.skipped  # clips of this video whose frames failed
+    report.clips_new += len(result.rows)
+    report.skipped += result.skipped
 
 
 def load_index(session, lib: Library, videos: Iterable[str | Path] | None = None) -> Index:

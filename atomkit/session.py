@@ -80,11 +80,20 @@ class Session:
                                    cache=Path(cache) if cache else None)
         self.decode = decode or DecodeConfig()
         self.window = window or WindowConfig()
+        self._device_arg, self._programs_arg = device, str(programs) if programs else None
         self.stats: dict[str, LoadStats] = {}
         self._modules: dict[str, torch.nn.Module] = {}
         self._load_locks = {m: threading.Lock() for m in MODULES}
         self._run_locks = {m: threading.RLock() for m in MODULES}
         self._closed = False
+
+    def settings(self) -> dict:
+        """The keyword arguments that build an equivalent session elsewhere (a Ray worker): same model, weights,
+        quantization, programs, decode and window settings; the device is chosen there unless it was given."""
+        o = self.options
+        return {"model": self.model, "device": self._device_arg, "weights": str(o.weights) if o.weights else None,
+                "random_weights": o.random_weights, "cache": str(o.cache) if o.cache else None,
+                "decode": self.decode, "window": self.window, "quant": self.quant, "programs": self._programs_arg}
 
     # -- modules -----------------------------------------------------------------------------------
     @property
