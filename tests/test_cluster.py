@@ -125,3 +125,16 @@ def test_cli_index_on_ray(cluster, tmp_path, samples, capsys):
     assert out["counts"]["clips"] == 2
     assert main(["index", str(f), "--db", str(db), "--ray", "--actors", "0"]) == 2
     assert "--actors must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_throughput_on_the_running_cluster(cluster, session, samples):
+    from atomkit.bench_library import throughput
+
+    video = samples["carphone_pristine.mp4"]
+    t = throughput(session, [video], actors=(1,), copies=2)
+    assert t["videos"] == 2
+    clips = t["one_process"]["clips"]
+    assert clips == 2 * len(session.caption([video]).clips) > 2
+    (r,) = t["ray"]
+    assert r["actors"] == 1 and r["clips"] == clips and r["videos"] == 2 and r["failed"] == 0
+    assert sum(r["videos_per_worker"].values()) == 2 and r["clips_per_s"] > 0 and r["startup_s"] > 0

@@ -98,3 +98,19 @@ def test_05_interactive_assembly(tmp_path):
         assert script["entries"][0]["narration"] == f"Reel {n}: {run_['prompt']}."
         reel = out / f"reel-{n}" / "reel.mp4"
         assert abs(duration(reel) - sum(duration(sources[i]) for i in kept)) < 0.25
+
+
+def test_06_library(tmp_path):
+    out = run("06_library.ipynb", tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoke"] is True and summary["model"] == "default"
+    assert summary["counts"] == {"videos": 3, "unreadable": 0, "clips": 3, "configs": 1}
+    ray = summary["ray"]
+    assert ray["workers"]["backend"] == "ray" and ray["workers"]["actors"] == 1
+    assert [Path(p).name for p in ray["captioned"]] == ["carphone_pristine.mp4"]
+    for q, r in summary["queries"].items():
+        scores = [h["score"] for h in r["hits"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    top = summary["queries"]["a cartoon animal in the grass"]["hits"][0]
+    assert top["id"] == "bigbuckbunny#00", top  # the Big Buck Bunny clip is the cartoon animal
+    assert [Path(p).name for p in summary["pruned"]] == ["renamed_bigbuckbunny.mp4"]

