@@ -30,6 +30,9 @@ _WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_P
                "TRANSFORMERS_VERBOSITY": "error", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+READY_TIMEOUT_S = 900  # actors that have not loaded their models by then are not coming
+
+
 class ClusterError(AtomkitError):
     """The Ray cluster could not be reached, or its workers could not load the models."""
 
@@ -100,8 +103,7 @@ class RayCaptioner:
         self.retried: list[str] = []
         self.per_worker: collections.Counter = collections.Counter()
         self.startup_s = 0.0
-        self._started_cluster = False
-        self._lock = threading.Lock()
+        self._connected = False  # this captioner called ray.init (a local cluster, or a connection to one)
 
     # -- cluster -------------------------------------------------------------------------------------
     def __enter__(self) -> "RayCaptioner":
@@ -124,17 +126,25 @@ class RayCaptioner:
                 else:
                     ray.init(num_cpus=self.local_cpus or os.cpu_count() or 1, include_dashboard=False,
                              log_to_driver=False, logging_level="ERROR", object_store_memory=256 * 2**20)
-                    self._started_cluster = True
+                self._connected = True
             except Exception as e:  # ConnectionError, a timeout, a version mismatch: all say what to do
                 raise ClusterError(f"could not {'reach the Ray cluster at ' + self.address if self.address else 'start a local Ray cluster'}: "
                                    f"{e}. Start one with `ray start --head` and pass its address, or omit the "
                                    "address for a local cluster") from e
-        cpus = ray.cluster_resources().get("CPU", 1)
+        have = ray.cluster_resources()
+        cpus, gpus = have.get("CPU", 0), have.get("GPU", 0)
         n = self.n_actors or max(1, int(cpus // self.cpus_per_actor))
+        if n * self.cpus_per_actor > cpus or n * self.gpus_per_actor > gpus:  # they would wait for ever
+            self.stop()
+            raise InputError(f"{n} actor(s) x {self.cpus_per_actor:g} CPU / {self.gpus_per_actor:g} GPU need more than "
+                             f"the cluster has ({cpus:g} CPUs, {gpus:g} GPUs): lower --actors or the per-actor share")
         self.actors = [self._new_actor() for _ in range(n)]
         try:
-            self.workers = ray.get([a.ready.remote() for a in self.actors])
+            self.workers = ray.get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
             self.names = [w["worker"] for w in self.workers]
+        except ray.exceptions.GetTimeoutError as e:
+            self.stop()
+            raise ClusterError(f"the Ray actors were not ready after {READY_TIMEOUT_S} s (is the cluster busy?)") from e
         except ray.exceptions.RayError as e:
             self.stop()
             raise ClusterError(f"the Ray workers could not load {self.settings['model']!r}: {_cause(e)}") from e
@@ -159,9 +169,9 @@ class RayCaptioner:
             except Exception:  # already dead
                 pass
         self.actors = []
-        if self._started_cluster:
+        if self._connected:  # stops a local cluster; from a running one, only this driver disconnects
             ray.shutdown()
-            self._started_cluster = False
+            self._connected = False
 
     # -- work ----------------------------------------------------------------------------------------
     def run(self, paths: list[Path], cancel: threading.Event | None = None) -> Iterator[tuple[Path, VideoResult]]:

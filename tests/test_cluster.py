@@ -125,6 +125,8 @@ def test_cli_index_on_ray(cluster, tmp_path, samples, capsys):
     assert out["counts"]["clips"] == 2
     assert main(["index", str(f), "--db", str(db), "--ray", "--actors", "0"]) == 2
     assert "--actors must be at least 1" in capsys.readouterr().err
+    assert main(["index", str(f), "--db", str(db), "--models", "tiny-default", "--ray", "--actors", "3"]) == 2
+    assert "3 actor(s) x 1 CPU / 0 GPU need more than the cluster has (2 CPUs, 0 GPUs)" in capsys.readouterr().err
 
 
 def test_bench_throughput_on_the_running_cluster(cluster, session, samples):

@@ -49,7 +49,9 @@ def test_03_serialization(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "tiny-default" and summary["quant"] == "int8" and summary["checks"]["passed"]
     report = json.loads(Path(summary["report"]).read_text())
-    assert set(report["modules"]) == {"encoder", "decoder", "embedder"}
+    assert set(report["modules"]) == {"encoder", "decoder"}  # smoke: the embedder's export is tested in test_export
+    assert report["pipeline"]["load"]["embedder"]["source"] == "eager"
+    assert all(report["pipeline"]["load"][m]["source"].endswith(".pte") for m in ("encoder", "decoder"))
     assert set(summary["load_times"]) == {"torchscript", "pte"}  # random weights: no eager registry load
     assert all(v["first_load_s"] > 0 for v in summary["load_times"].values())
     assert report["pipeline"]["clips"] == 2 and Path(report["pipeline"]["reel"]).is_file()
