@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("-k", "how many retrieved clips the script may use")]),
     }
     tasks["index"] = ("caption new or changed videos into the library (--db); unchanged ones are skipped", [])
+    tasks["eval"] = ("score retrieval (R@1/5/10, median/mean rank) and captions (BLEU-4, METEOR, ROUGE-L, CIDEr) "
+                     "against an annotation file", [])
     for name, (help_text, extra) in tasks.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the library file: captions are stored there once and reused (default file: "
                            "$ATOMKIT_LIBRARY or ~/.local/share/atomkit/library.db)" if name != "index" else
                            "the library file (default: $ATOMKIT_LIBRARY or ~/.local/share/atomkit/library.db)")
+        if name == "eval":
+            p.add_argument("--annotations", metavar="FILE",
+                           help="MSR-VTT json/csv, MSVD txt/csv, DiDeMo json or atomkit json (see atomkit.annotations)")
+            p.add_argument("--format", default="auto", choices=["auto", "msrvtt", "msvd", "didemo", "atomkit"],
+                           help="annotation format (default: from the file)")
+            p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
+            p.add_argument("--devset", action="store_true",
+                           help="evaluate on atomkit's development set (16 photos from scikit-image as pan/zoom clips "
+                           "+ the 4 sample videos, 21 hand-written queries; built into the cache on first use)")
+            p.add_argument("--views", action="store_true",
+                           help="also rank the same clips on their concepts alone, on caption + concepts, and on "
+                           "the baseline: top-5 labels of a whole-frame encoder pass (needs the video files)")
+            p.add_argument("--compare-backend", metavar="NAME",
+                           help="also evaluate with this decode backend (e.g. int8, int4) and report what it loses "
+                           "against --backend, with the paper's bound (at most 2.3 R@1 and 1.5 CIDEr points)")
+            p.add_argument("--compare-quant", metavar="SCHEME",
+                           help="the same for a torchao quantization of every module (int8, int4)")
         if name == "index":
             p.add_argument("--no-prune", action="store_true",
                            help="keep stored videos whose files are gone (default: remove them)")
@@ -293,6 +312,32 @@ def _update_library(args, session, lib, progress: bool):
         return update(session, lib, args.paths, progress=progress, prune=prune, captioner=ray_pool)
 
 
+def _eval_compared(args, annotations, reference: dict) -> dict:
+    """``atomkit eval --compare-backend/--compare-quant``: the same videos and queries on a second session."""
+    import copy
+
+    from .quality import delta, evaluate
+    from .session import Session
+    from .tasks import index as build_index
+
+    other = copy.copy(args)
+    other.backend = args.compare_backend or args.backend
+    setting = f"backend {other.backend}" + (f", quant {args.compare_quant}" if args.compare_quant else "")
+    base = _session(other)
+    with Session(**{**base.settings(), "quant": args.compare_quant or "none"}) as session:
+        if getattr(args, "db", None) is not None:
+            from .indexing import load_index, update
+            from .library import Library
+
+            with Library(args.db or None) as lib:
+                rep = update(session, lib, args.paths) if args.paths else None
+                idx = load_index(session, lib, rep.videos if rep is not None else None)
+        else:
+            idx = build_index(session, session.caption(args.paths))
+        result = evaluate(session, idx, annotations, meteor=not args.no_meteor)
+        return {"setting": setting, "result": result, "delta": delta(reference, result), "load": session.load_report()}
+
+
 def _print_skipped(caps) -> None:
     for s in caps.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
@@ -360,6 +405,19 @@ def _run(args) -> int:
     progress = not args.quiet and not args.json
     if args.command == "index":
         args.db = args.db or ""
+    annotations = None
+    if args.command == "eval":  # a bad annotation file fails before any model loads
+        from .annotations import load
+
+        if args.devset:
+            from .devset import build
+            from .config import cache_dir
+
+            videos, ann_file = build(cache_dir() / "devset")
+            args.paths, args.annotations = args.paths or [str(v) for v in videos], args.annotations or str(ann_file)
+        if not args.annotations:
+            raise InputError("atomkit eval: give --annotations FILE (or --devset)")
+        annotations = load(args.annotations, args.format)
     if getattr(args, "db", None) is None and not args.paths:
         raise InputError(f"atomkit {args.command}: give video files or folders, or --db to use the library")
     with _session(args) as session:
@@ -406,6 +464,33 @@ def _run(args) -> int:
             if args.out:
                 write_json_atomic(Path(args.out) / "retrieval.json", result)
             lines = [f"{h.rank}. {h.score:.3f}  {h.clip.id:24s} {h.clip.caption}" for h in hits]
+        elif args.command == "eval":
+            from .quality import evaluate, table
+            from .tasks import Index, index as build_index
+
+            idx = source if isinstance(source, Index) else build_index(session, source)
+            result = {"model": session.model, "annotations": annotations.source, "format": annotations.format,
+                      **evaluate(session, idx, annotations, meteor=not args.no_meteor),
+                      "skipped": [s.to_dict() for s in caps.skipped]}
+            lines = [table(result)]
+            if args.views:
+                from .quality import ablation
+
+                from .quality import baseline
+
+                result["views"] = ablation(session, idx.captions, annotations)
+                result["views"]["whole-frame tags (baseline)"] = baseline(session, idx.captions, annotations)
+                lines += [f"ranked on {v:17s} video R@1 {r['video']['r1']:.3f} R@5 {r['video']['r5']:.3f} "
+                          f"MdR {r['video']['median_rank']:.1f}" for v, r in result["views"].items()]
+            if args.compare_backend or args.compare_quant:
+                result["compared"] = _eval_compared(args, annotations, result)
+                c = result["compared"]
+                lines += [f"-- {c['setting']}", table(c["result"]),
+                          f"vs {args.backend}: video R@1 {c['delta']['video_r1_points']:+.1f} points"
+                          + (f", CIDEr {c['delta']['cider_points']:+.1f} points" if c["delta"]["cider_points"] is not None else "")
+                          + f" ({'within' if c['delta']['within_paper_bound'] else 'outside'} the paper's bound)"]
+            if args.out:
+                write_json_atomic(Path(args.out) / "eval.json", result)
         else:
             asm = session.assemble(source, args.prompt, args.out or "out", k=args.k, progress=progress)
             result = {"reel": str(asm.reel), "duration_s": asm.reel_info["duration_s"],

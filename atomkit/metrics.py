@@ -70,12 +70,33 @@ def caption_agreement(references: dict[str, str], candidates: dict[str, str], *,
         extra = sorted(set(candidates) - set(references))[:5]
         raise InputError(f"references and candidates must have the same clip ids; missing {missing}, extra {extra}")
     keys = sorted(references)
-    n = len(keys)
-    result = {"bleu4": None, "cider": None, "meteor": None, "identical_share": None, "n": n, "tokenizer": None}
-    if n == 0:
+    result = {"bleu4": None, "cider": None, "meteor": None, "identical_share": None, "n": len(keys), "tokenizer": None}
+    if not keys:
         return result
-    result["identical_share"] = sum(references[k].strip() == candidates[k].strip() for k in keys) / n
-    texts = [references[k] for k in keys] + [candidates[k] for k in keys]
+    result["identical_share"] = sum(references[k].strip() == candidates[k].strip() for k in keys) / len(keys)
+    scores = caption_scores({k: [references[k]] for k in keys}, candidates, meteor=meteor, rouge=False)
+    result.update({m: scores[m] for m in ("bleu4", "cider", "meteor", "tokenizer")})
+    return result
+
+
+def caption_scores(references: dict[str, list[str]], candidates: dict[str, str], *, meteor: bool = True,
+                   rouge: bool = True) -> dict:
+    """The captioning metrics of the paper's Tables 1-2 (pycocoevalcap): corpus BLEU-4, METEOR, ROUGE-L and
+    CIDEr-D of ``candidates`` (one caption per key) against ``references`` (one or more per key).
+
+    METEOR needs Java (None without it, or when ``meteor`` is False). Returns the scores, ``n`` and the
+    tokenizer used (PTB through Java, else lower-cased words)."""
+    if set(references) != set(candidates):
+        missing = sorted(set(references) - set(candidates))[:5]
+        extra = sorted(set(candidates) - set(references))[:5]
+        raise InputError(f"references and candidates must have the same ids; missing {missing}, extra {extra}")
+    keys = sorted(references)
+    result = {"bleu4": None, "meteor": None, "rouge_l": None, "cider": None, "n": len(keys), "tokenizer": None}
+    if not keys:
+        return result
+    if any(not references[k] for k in keys):
+        raise InputError(f"every id needs at least one reference caption; none for {[k for k in keys if not references[k]][:5]}")
+    texts = [r for k in keys for r in references[k]] + [candidates[k] for k in keys]
     tokens = _ptb_tokenize(texts)
     result["tokenizer"] = "ptb"
     if tokens is None:
@@ -84,8 +105,11 @@ def caption_agreement(references: dict[str, str], candidates: dict[str, str], *,
     # A caption with no words left after tokenization (punctuation only, empty output) would crash
     # pycocoevalcap's CIDEr; it is scored as one out-of-vocabulary word instead.
     tokens = [t if t.strip() else "<empty>" for t in tokens]
-    gts = {k: [tokens[i]] for i, k in enumerate(keys)}
-    res = {k: [tokens[n + i]] for i, k in enumerate(keys)}
+    gts, i = {}, 0
+    for k in keys:
+        gts[k] = tokens[i:i + len(references[k])]
+        i += len(references[k])
+    res = {k: [tokens[i + j]] for j, k in enumerate(keys)}
 
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -93,6 +117,10 @@ def caption_agreement(references: dict[str, str], candidates: dict[str, str], *,
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     result["bleu4"] = float(bleu[3])
     result["cider"] = float(Cider().compute_score(gts, res)[0])
+    if rouge:
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        result["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     if meteor and shutil.which("java") is not None:
         from pycocoevalcap.meteor.meteor import Meteor
 

@@ -116,3 +116,6 @@ def test_06_library(tmp_path):
     top = summary["queries"]["a cartoon animal in the grass"]["hits"][0]
     assert top["id"] == "bigbuckbunny#00", top  # the Big Buck Bunny clip is the cartoon animal
     assert [Path(p).name for p in summary["pruned"]] == ["renamed_bigbuckbunny.mp4"]
+    ev = summary["eval"]  # smoke: no bikes video, so 3 of the 4 hand-written queries are scored
+    assert ev["queries"] == 3 and ev["dropped_queries"] == 1 and ev["videos"] == 3
+    assert ev["video"]["r5"] == 1.0 and ev["video"]["r1"] >= 2 / 3, ev["per_query"]
