@@ -206,3 +206,27 @@ def test_views_are_the_texts_each_clip_is_ranked_on():
     assert VIEWS["caption"](c) == "a cat looks at the camera"
     assert VIEWS["concepts"](c) == "tabby, Egyptian cat"  # the first name of each ImageNet class
     assert VIEWS["caption+concepts"](c) == "a cat looks at the camera tabby, Egyptian cat"
+
+
+@pytest.mark.integration
+def test_eval_on_the_devset_with_the_default_models(real_session, tmp_path):
+    """The development set in the suite: the default pipeline's numbers stay in the range measured for
+    bench/quality-default.json (R@1 0.62, R@5 0.81 on 21 queries), and captions moved to the wrong clips
+    are caught."""
+    from atomkit.devset import build
+    from atomkit.quality import baseline
+
+    videos, ann_file = build(tmp_path / "dev")
+    ann = load(ann_file)
+    caps = real_session.caption(videos)
+    assert len(caps.clips) == 20 and not caps.skipped
+    r = evaluate(real_session, atomkit.tasks.index(real_session, caps), ann, captions=False)
+    assert r["queries"] == 21 and r["videos"] == 20
+    assert 0.45 <= r["video"]["r1"] <= 0.85 and r["video"]["r5"] >= 0.7, r["per_query"]
+    base = baseline(real_session, caps, ann)
+    assert 0.4 <= base["video"]["r1"] <= 0.85
+    # the same captions, each given to the next clip: the harness must see that retrieval broke
+    rolled = Captions(caps.model, [CaptionedClip(c.clip, caps.clips[i - 1].caption, c.concepts)
+                                   for i, c in enumerate(caps.clips)], [])
+    broken = evaluate(real_session, atomkit.tasks.index(real_session, rolled), ann, captions=False)
+    assert broken["video"]["r1"] <= 0.2, broken["per_query"]
