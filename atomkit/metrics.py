@@ -56,6 +56,13 @@ def _simple_tokenize(texts: list[str]) -> list[str]:
     return [" ".join(re.findall(r"[\w']+", t.lower())) for t in texts]
 
 
+def _same_ids(references: dict, candidates: dict, what: str) -> None:
+    if set(references) != set(candidates):
+        missing = sorted(set(references) - set(candidates))[:5]
+        extra = sorted(set(candidates) - set(references))[:5]
+        raise InputError(f"references and candidates must have the same {what}; missing {missing}, extra {extra}")
+
+
 def caption_agreement(references: dict[str, str], candidates: dict[str, str], *, meteor: bool = False) -> dict:
     """How closely ``candidates`` reproduce ``references`` (same clip ids as keys).
 
@@ -65,10 +72,7 @@ def caption_agreement(references: dict[str, str], candidates: dict[str, str], *,
     captions equal after ``strip()``. CIDEr's IDF comes from the references scored, so it needs
     several different clips: with one clip (or all references equal) it is 0 whatever the captions.
     """
-    if set(references) != set(candidates):
-        missing = sorted(set(references) - set(candidates))[:5]
-        extra = sorted(set(candidates) - set(references))[:5]
-        raise InputError(f"references and candidates must have the same clip ids; missing {missing}, extra {extra}")
+    _same_ids(references, candidates, "clip ids")
     keys = sorted(references)
     result = {"bleu4": None, "cider": None, "meteor": None, "identical_share": None, "n": len(keys), "tokenizer": None}
     if not keys:
@@ -86,10 +90,7 @@ def caption_scores(references: dict[str, list[str]], candidates: dict[str, str],
 
     METEOR needs Java (None without it, or when ``meteor`` is False). Returns the scores, ``n`` and the
     tokenizer used (PTB through Java, else lower-cased words)."""
-    if set(references) != set(candidates):
-        missing = sorted(set(references) - set(candidates))[:5]
-        extra = sorted(set(candidates) - set(references))[:5]
-        raise InputError(f"references and candidates must have the same ids; missing {missing}, extra {extra}")
+    _same_ids(references, candidates, "ids")
     keys = sorted(references)
     result = {"bleu4": None, "meteor": None, "rouge_l": None, "cider": None, "n": len(keys), "tokenizer": None}
     if not keys:
