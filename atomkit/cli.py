@@ -417,6 +417,14 @@ def _run(args) -> int:
             args.paths, args.annotations = args.paths or [str(v) for v in videos], args.annotations or str(ann_file)
         if not args.annotations:
             raise InputError("atomkit eval: give --annotations FILE (or --devset)")
+        if args.compare_backend:  # a wrong name fails now, not after the first evaluation
+            from .engine import check_backend
+
+            check_backend(args.compare_backend)
+        if args.compare_quant:
+            from .quant import _check_scheme
+
+            _check_scheme(args.compare_quant)
         annotations = load(args.annotations, args.format)
     if getattr(args, "db", None) is None and not args.paths:
         raise InputError(f"atomkit {args.command}: give video files or folders, or --db to use the library")

@@ -57,7 +57,8 @@ def evaluate(session, index, annotations: Annotations, *, captions: bool = True,
     with session.use("embedder") as emb:
         q = emb.embed([x.text for x in ann.queries])
     scores = q @ index.vectors.T  # (queries, clips)
-    clip_video = torch.tensor([videos.index(s) for s in stems])
+    position = {v: i for i, v in enumerate(videos)}
+    clip_video = torch.tensor([position[s] for s in stems])
     video_scores = torch.full((len(ann.queries), len(videos)), -float("inf")).scatter_reduce(
         1, clip_video.expand(len(ann.queries), -1), scores, reduce="amax")
     per_query, clip_ranks, video_ranks = [], [], []

@@ -142,6 +142,8 @@ def test_cli_eval_msrvtt_format_on_the_tiny_model(tmp_path, samples, capsys):
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["video"] == out["video"]
     assert main(["eval", str(samples["bikes.mp4"]), "--annotations", str(tmp_path / "nope.json")]) == 2
     assert "annotation file" in capsys.readouterr().err
+    assert main(["eval", str(samples["bikes.mp4"]), "--annotations", str(ann), "--compare-backend", "int3"]) == 2
+    assert "unknown decode backend 'int3'" in capsys.readouterr().err
 
 
 @pytest.mark.integration
