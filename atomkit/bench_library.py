@@ -74,7 +74,7 @@ def throughput(session, paths, *, actors=(1, 2), copies: int = 3, cpus: int | No
     started once for all counts unless one is already running."""
     import ray
 
-    from .cluster import RayCaptioner
+    from .cluster import RayCaptioner, init_local
 
     cpus = cpus or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="atomkit-bench-throughput-") as tmp:
@@ -95,8 +95,7 @@ def throughput(session, paths, *, actors=(1, 2), copies: int = 3, cpus: int | No
         runs = []
         started = not ray.is_initialized()
         if started:
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                     object_store_memory=256 * 2**20)
+            init_local(cpus)
         try:
             for n in actors:
                 with RayCaptioner(session, actors=n, cpus_per_actor=max(1, cpus // n)) as pool:

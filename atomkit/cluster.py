@@ -33,6 +33,15 @@ _WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_P
 READY_TIMEOUT_S = 900  # actors that have not loaded their models by then are not coming
 
 
+def init_local(cpus: int | None = None) -> None:
+    """Start a local Ray cluster of ``cpus`` CPUs (default: this machine's) in this process, quietly, without
+    the dashboard; ``ray.shutdown()`` stops it."""
+    import ray
+
+    ray.init(num_cpus=cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", object_store_memory=256 * 2**20)
+
+
 class ClusterError(AtomkitError):
     """The Ray cluster could not be reached, or its workers could not load the models."""
 
@@ -124,8 +133,7 @@ class RayCaptioner:
                 if self.address:
                     ray.init(address=self.address, log_to_driver=False, logging_level="ERROR")
                 else:
-                    ray.init(num_cpus=self.local_cpus or os.cpu_count() or 1, include_dashboard=False,
-                             log_to_driver=False, logging_level="ERROR", object_store_memory=256 * 2**20)
+                    init_local(self.local_cpus)
                 self._connected = True
             except Exception as e:  # ConnectionError, a timeout, a version mismatch: all say what to do
                 raise ClusterError(f"could not {'reach the Ray cluster at ' + self.address if self.address else 'start a local Ray cluster'}: "

@@ -137,15 +137,19 @@ VIEWS = {
 }
 
 
-def view_index(session, captions, view: str):
-    """An ``Index`` of the same clips embedded as another text ``view`` (see ``VIEWS``)."""
+def _text_index(session, captions, texts: list[str]):
+    """An ``Index`` of ``captions``' clips embedded as ``texts`` (one per clip) instead of their captions."""
     from .tasks import Index
 
+    with session.use("embedder") as emb:
+        return Index(captions, emb.embed(texts))
+
+
+def view_index(session, captions, view: str):
+    """An ``Index`` of the same clips embedded as another text ``view`` (see ``VIEWS``)."""
     if view not in VIEWS:
         raise InputError(f"unknown view {view!r}; one of {', '.join(VIEWS)}")
-    with session.use("embedder") as emb:
-        vectors = emb.embed([VIEWS[view](c) for c in captions.clips])
-    return Index(captions, vectors)
+    return _text_index(session, captions, [VIEWS[view](c) for c in captions.clips])
 
 
 def ablation(session, captions, annotations: Annotations, views=tuple(VIEWS)) -> dict:
@@ -160,27 +164,19 @@ def ablation(session, captions, annotations: Annotations, views=tuple(VIEWS)) ->
 def whole_frame_tags(session, captions) -> dict[str, str]:
     """The baseline of issue 14: each clip's frames resized whole to the encoder's input (no crop), the
     encoder's top-5 ImageNet labels as the clip's text. {clip id: text}."""
-    import numpy as np
+    from .video import sample_frames
 
-    from .video import _frames_at, frame_times
-
-    size, out = session.window.size, {}
+    out = {}
     for c in captions.clips:
-        frames = _frames_at(Path(c.clip.video), frame_times(c.clip, session.window.frames),
-                            lambda f: f.to_ndarray(format="rgb24", width=size, height=size, interpolation="BILINEAR"),
-                            "baseline frames")
-        x = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+        frames = sample_frames(c.clip, session.window, fit="whole")
         with session.use("encoder") as enc:
-            out[c.id] = _concept_text(enc.encode(x).concepts)
+            out[c.id] = _concept_text(enc.encode(frames).concepts)
     return out
 
 
 def baseline(session, captions, annotations: Annotations) -> dict:
     """Retrieval ranked on ``whole_frame_tags`` (the same clips, the same embedder)."""
-    from .tasks import Index
-
     tags = whole_frame_tags(session, captions)
-    with session.use("embedder") as emb:
-        vectors = emb.embed([tags[c.id] for c in captions.clips])
-    r = evaluate(session, Index(captions, vectors), annotations, captions=False)
+    r = evaluate(session, _text_index(session, captions, [tags[c.id] for c in captions.clips]), annotations,
+                 captions=False)
     return {"video": r["video"], "clip": r["clip"], "tags": tags}

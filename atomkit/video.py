@@ -252,7 +252,7 @@ def _pick_frames(container, targets: list[float], convert: Callable, seek: bool)
     return picked + [last] * (len(targets) - len(picked))  # stream ended: reuse the last frame
 
 
-def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig()) -> torch.Tensor:
+def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str = "crop") -> torch.Tensor:
     """Decode ``cfg.frames`` RGB frames of a clip, at :func:`frame_times`, resized and cropped.
 
     For each target time the frame shown at that time is taken: the last frame whose
@@ -261,7 +261,8 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig()) -> torch.Tenso
     Only the needed part is decoded: seek to the keyframe before the first target, decode
     forward keeping one frame, stop after the last target; if the seek fails or lands past
     the first target (some containers seek poorly), decode from the start instead. Each frame
-    is resized (bilinear) so its short side is ``cfg.size``, then centre-cropped to a square.
+    is resized (bilinear) so its short side is ``cfg.size``, then centre-cropped to a square
+    (``fit="whole"``: the whole frame resized to ``cfg.size`` x ``cfg.size``, as a plain classifier pass sees it).
 
     Args:
         clip: The clip to sample.
@@ -273,7 +274,12 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig()) -> torch.Tenso
     Raises:
         VideoError: The file cannot be opened or decoded, or no frame decodes in the clip.
     """
-    picked = _frames_at(Path(clip.video), frame_times(clip, cfg.frames), lambda f: _to_square_rgb(f, cfg.size),
+    if fit not in ("crop", "whole"):
+        raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
+    size = cfg.size
+    convert = (lambda f: _to_square_rgb(f, size)) if fit == "crop" else \
+        (lambda f: f.to_ndarray(format="rgb24", width=size, height=size, interpolation="BILINEAR"))
+    picked = _frames_at(Path(clip.video), frame_times(clip, cfg.frames), convert,
                         f"clip {clip.start_s:.3f}-{clip.end_s:.3f} s")
     array = np.stack(picked)  # (T, H, W, 3)
     return torch.from_numpy(array).permute(3, 0, 1, 2).unsqueeze(0).contiguous()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import atomkit
-from atomkit.cluster import ClusterError, RayCaptioner
+from atomkit.cluster import ClusterError, RayCaptioner, init_local
 from atomkit.indexing import load_index, update
 from atomkit.library import Library
 
@@ -27,8 +27,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster of 2 CPUs for this module's tests."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             object_store_memory=256 * 2**20)
+    init_local(2)
     yield ray.cluster_resources()
     ray.shutdown()
 

@@ -232,3 +232,14 @@ def test_eval_on_the_devset_with_the_default_models(real_session, tmp_path):
                                    for i, c in enumerate(caps.clips)], [])
     broken = evaluate(real_session, atomkit.tasks.index(real_session, rolled), ann, captions=False)
     assert broken["video"]["r1"] <= 0.2, broken["per_query"]
+
+
+def test_whole_frame_sampling_keeps_the_edges_that_the_crop_drops(samples):
+    from atomkit.video import clips, sample_frames
+
+    clip = clips(samples["bikes.mp4"], atomkit.WindowConfig())[0]  # a 4:3 video (wider than tall)
+    crop, whole = sample_frames(clip), sample_frames(clip, fit="whole")
+    assert crop.shape == whole.shape == (1, 3, 6, 224, 224)
+    assert (crop.float() - whole.float()).abs().mean() > 5  # the same frames, seen differently
+    with pytest.raises(ValueError, match="fit must be"):
+        sample_frames(clip, fit="pad")
