@@ -30,6 +30,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
     g.add_argument("--beams", type=int, default=4, help="beam width for captions (paper: 4)")
+    g.add_argument("--captions", choices=["grounded", "free"], default="grounded",
+                   help="grounded: the decoder picks the subject among the encoder's concepts and the sentence "
+                   "names nothing else (default); free: the paper's free beam search over the concept prompt")
     g.add_argument("--caption-batch", type=int, default=4, metavar="N",
                    help="clips whose captions are decoded together as one batch (default: %(default)s)")
     g.add_argument("--backend", default="auto", metavar="NAME",
@@ -39,6 +42,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     v = p.add_argument_group("video")
     v.add_argument("--window", type=float, default=10.0, help="clip length in seconds (default: 10)")
     v.add_argument("--stride", type=float, default=5.0, help="hop between clip starts in seconds (default: 5)")
+    v.add_argument("--fit", choices=["whole", "crop"], default="whole",
+                   help="what the encoder sees of each frame: the whole frame resized (default) or a centre crop")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="write results (JSON, and the reel for assemble) here")
     o.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -88,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "against --backend, with the paper's bound (at most 2.3 R@1 and 1.5 CIDEr points)")
             p.add_argument("--compare-quant", metavar="SCHEME",
                            help="the same for a torchao quantization of every module (int8, int4)")
+            p.add_argument("--compare-captions", choices=["grounded", "free"],
+                           help="the same with the other caption mode (e.g. free: the paper's beam search)")
         if name == "index":
             p.add_argument("--no-prune", action="store_true",
                            help="keep stored videos whose files are gone (default: remove them)")
@@ -292,8 +299,9 @@ def _session(args):
     return Session(args.models, device=args.device, weights=args.weights, random_weights=args.random_weights,
                    programs=args.programs,
                    decode=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
-                                       caption_batch=args.caption_batch, backend=args.backend),
-                   window=WindowConfig(length_s=args.window, stride_s=args.stride))
+                                       caption_batch=args.caption_batch, backend=args.backend,
+                                       captions=getattr(args, "captions", "grounded")),
+                   window=WindowConfig(length_s=args.window, stride_s=args.stride, fit=getattr(args, "fit", "whole")))
 
 
 def _update_library(args, session, lib, progress: bool):
@@ -322,7 +330,9 @@ def _eval_compared(args, annotations, reference: dict) -> dict:
 
     other = copy.copy(args)
     other.backend = args.compare_backend or args.backend
-    setting = f"backend {other.backend}" + (f", quant {args.compare_quant}" if args.compare_quant else "")
+    other.captions = args.compare_captions or args.captions
+    setting = (f"backend {other.backend}" + (f", quant {args.compare_quant}" if args.compare_quant else "")
+               + f", {other.captions} captions")
     base = _session(other)
     with Session(**{**base.settings(), "quant": args.compare_quant or "none"}) as session:
         if getattr(args, "db", None) is not None:
@@ -332,9 +342,11 @@ def _eval_compared(args, annotations, reference: dict) -> dict:
             with Library(args.db or None) as lib:
                 rep = update(session, lib, args.paths) if args.paths else None
                 idx = load_index(session, lib, rep.videos if rep is not None else None)
+            seconds = None
         else:
-            idx = build_index(session, session.caption(args.paths))
-        result = evaluate(session, idx, annotations, meteor=not args.no_meteor)
+            caps = session.caption(args.paths)
+            idx, seconds = build_index(session, caps), caps.seconds
+        result = evaluate(session, idx, annotations, meteor=not args.no_meteor) | {"caption_seconds": seconds}
         return {"setting": setting, "result": result, "delta": delta(reference, result), "load": session.load_report()}
 
 
@@ -479,7 +491,7 @@ def _run(args) -> int:
             idx = source if isinstance(source, Index) else build_index(session, source)
             result = {"model": session.model, "annotations": annotations.source, "format": annotations.format,
                       **evaluate(session, idx, annotations, meteor=not args.no_meteor),
-                      "skipped": [s.to_dict() for s in caps.skipped]}
+                      "caption_seconds": caps.seconds, "skipped": [s.to_dict() for s in caps.skipped]}
             lines = [table(result)]
             if args.views:
                 from .quality import ablation
@@ -488,9 +500,9 @@ def _run(args) -> int:
 
                 result["views"] = ablation(session, idx.captions, annotations)
                 result["views"]["whole-frame tags (baseline)"] = baseline(session, idx.captions, annotations)
-                lines += [f"ranked on {v:17s} video R@1 {r['video']['r1']:.3f} R@5 {r['video']['r5']:.3f} "
+                lines += [f"ranked on {v:37s} R@1 {r['video']['r1']:.3f} R@5 {r['video']['r5']:.3f} "
                           f"MdR {r['video']['median_rank']:.1f}" for v, r in result["views"].items()]
-            if args.compare_backend or args.compare_quant:
+            if args.compare_backend or args.compare_quant or args.compare_captions:
                 result["compared"] = _eval_compared(args, annotations, result)
                 c = result["compared"]
                 lines += [f"-- {c['setting']}", table(c["result"]),

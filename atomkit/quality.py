@@ -18,6 +18,7 @@ import torch
 
 from .annotations import Annotations
 from .errors import InputError
+from .concepts import grounding_table
 from .metrics import caption_scores
 
 
@@ -74,7 +75,8 @@ def evaluate(session, index, annotations: Annotations, *, captions: bool = True,
                           "top_clip": clips[top].id, "top_caption": clips[top].caption})
     result = {"queries": len(ann.queries), "dropped_queries": dropped, "videos": len(videos), "clips": len(clips),
               "video": recall_table(video_ranks), "clip": recall_table(clip_ranks), "per_query": per_query,
-              "ties": "pessimistic", "captions": None}
+              "ties": "pessimistic", "captions": None,
+              "grounding": grounding_table((c.caption, c.concepts) for c in clips)}
     refs = {v: ann.references[v] for v in videos if ann.references.get(v)}
     if captions and refs:
         chosen = {}
@@ -101,6 +103,11 @@ def table(result: dict) -> str:
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         rows.append(f"captions ({c['n']} videos): BLEU-4 {fmt(c['bleu4'])}  METEOR {fmt(c['meteor'])}  "
                     f"ROUGE-L {fmt(c['rouge_l'])}  CIDEr {fmt(c['cider'])}")
+    g = result.get("grounding")
+    if g and g["object_words"]:
+        rows.append(f"grounding: {g['grounded_share']:.3f} of {g['object_words']} object words name a concept or a "
+                    f"broader word; {g['captions_with_invented_object']} of {g['captions']} captions name something "
+                    f"else, {g['captions_with_number']} contain a number")
     if result["dropped_queries"]:
         rows.append(f"({result['dropped_queries']} queries dropped: none of their videos is indexed)")
     return "\n".join(rows)
@@ -127,14 +134,18 @@ def delta(reference: dict, other: dict) -> dict:
 
 # -- what the ranking reads: an ablation over the text each clip is embedded as ---------------------------
 def _concept_text(concepts) -> str:
-    return ", ".join(str(label).split(",")[0] for label, _ in concepts) or "nothing recognisable"
+    from .ranking import concept_names
+
+    return concept_names(concepts) or "nothing recognisable"
 
 
 VIEWS = {
-    "caption": lambda c: c.caption,  # what retrieve ranks today
-    "concepts": lambda c: _concept_text(c.concepts),  # the encoder's top ImageNet labels alone
-    "caption+concepts": lambda c: f"{c.caption} {_concept_text(c.concepts)}",
+    "caption": lambda c: c.caption,  # the caption's words alone
+    "concepts": lambda c: _concept_text(c.concepts[:5]),  # the encoder's top-5 ImageNet labels alone
+    "caption+concepts": lambda c: f"{c.caption} {_concept_text(c.concepts[:5])}",  # one text
 }
+VECTOR_VIEWS = ("concept vector", "caption + concepts + concept vector")  # atomkit.ranking; the second is what
+# retrieve ranks (the same as the main result)
 
 
 def _text_index(session, captions, texts: list[str]):
@@ -146,14 +157,23 @@ def _text_index(session, captions, texts: list[str]):
 
 
 def view_index(session, captions, view: str):
-    """An ``Index`` of the same clips embedded as another text ``view`` (see ``VIEWS``)."""
+    """An ``Index`` of the same clips ranked on another view (``VIEWS`` texts or ``VECTOR_VIEWS``)."""
+    from .ranking import clip_vectors, concept_vectors
+    from .tasks import Index
+
+    if view == VECTOR_VIEWS[0]:
+        with session.use("embedder") as emb:
+            return Index(captions, concept_vectors(emb, [c.concepts for c in captions.clips]))
+    if view == VECTOR_VIEWS[1]:
+        with session.use("embedder") as emb:
+            return Index(captions, clip_vectors(emb, captions.clips))
     if view not in VIEWS:
-        raise InputError(f"unknown view {view!r}; one of {', '.join(VIEWS)}")
+        raise InputError(f"unknown view {view!r}; one of {', '.join([*VIEWS, *VECTOR_VIEWS])}")
     return _text_index(session, captions, [VIEWS[view](c) for c in captions.clips])
 
 
-def ablation(session, captions, annotations: Annotations, views=tuple(VIEWS)) -> dict:
-    """Retrieval of the same clips ranked on each text view: {view: {"video": ..., "clip": ...}}."""
+def ablation(session, captions, annotations: Annotations, views=(*VIEWS, *VECTOR_VIEWS)) -> dict:
+    """Retrieval of the same clips ranked on each view: {view: {"video": ..., "clip": ...}}."""
     out = {}
     for v in views:
         r = evaluate(session, view_index(session, captions, v), annotations, captions=False)
@@ -170,7 +190,7 @@ def whole_frame_tags(session, captions) -> dict[str, str]:
     for c in captions.clips:
         frames = sample_frames(c.clip, session.window, fit="whole")
         with session.use("encoder") as enc:
-            out[c.id] = _concept_text(enc.encode(frames).concepts)
+            out[c.id] = _concept_text(enc.encode(frames).concepts[:5])
     return out
 
 

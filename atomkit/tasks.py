@@ -198,9 +198,12 @@ def _as_captions(session, source, progress: bool) -> Captions | Index:
 
 
 def index(session, captions: Captions) -> Index:
-    """Embed every caption once; retrieval for any number of prompts reuses the index."""
+    """Embed every clip once (caption fused with its concepts, ``atomkit.ranking``); retrieval for any number of
+    prompts reuses the index."""
+    from .ranking import clip_vectors
+
     with session.use("embedder") as emb:
-        vectors = emb.embed([c.caption for c in captions.clips])
+        vectors = clip_vectors(emb, captions.clips)
     return Index(captions, vectors)
 
 

@@ -252,7 +252,7 @@ def _pick_frames(container, targets: list[float], convert: Callable, seek: bool)
     return picked + [last] * (len(targets) - len(picked))  # stream ended: reuse the last frame
 
 
-def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str = "crop") -> torch.Tensor:
+def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str | None = None) -> torch.Tensor:
     """Decode ``cfg.frames`` RGB frames of a clip, at :func:`frame_times`, resized and cropped.
 
     For each target time the frame shown at that time is taken: the last frame whose
@@ -261,8 +261,9 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str = 
     Only the needed part is decoded: seek to the keyframe before the first target, decode
     forward keeping one frame, stop after the last target; if the seek fails or lands past
     the first target (some containers seek poorly), decode from the start instead. Each frame
-    is resized (bilinear) so its short side is ``cfg.size``, then centre-cropped to a square
-    (``fit="whole"``: the whole frame resized to ``cfg.size`` x ``cfg.size``, as a plain classifier pass sees it).
+    is resized (bilinear) to ``cfg.size`` x ``cfg.size`` whole, as a plain classifier pass sees it
+    (``fit="crop"``: resized so its short side is ``cfg.size``, then centre-cropped to a square, which
+    drops the sides of a wide frame). ``fit`` overrides ``cfg.fit``.
 
     Args:
         clip: The clip to sample.
@@ -274,6 +275,7 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str = 
     Raises:
         VideoError: The file cannot be opened or decoded, or no frame decodes in the clip.
     """
+    fit = cfg.fit if fit is None else fit
     if fit not in ("crop", "whole"):
         raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
     size = cfg.size

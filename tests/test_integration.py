@@ -11,6 +11,7 @@ import av
 import pytest
 
 import atomkit
+from atomkit.concepts import grounding
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +30,10 @@ def test_real_captions_describe_what_the_encoder_saw(real_session, real_captions
         assert len(words) >= 3, c.caption
         assert len(tok(c.caption, add_special_tokens=False)["input_ids"]) <= real_session.decode.max_new_tokens
         assert c.concepts[0][1] > 0.05  # a trained classifier is confident about something
+        g = grounding(c.caption, c.concepts)
+        assert g["named"] and not g["invented"] and not g["number"], (c.caption, g)
+        first = c.caption.split(",")[0].split(" (")[0].removesuffix(".")  # "An academic gown"
+        assert first.split(" ", 1)[1] in [lbl for lbl, _ in c.concepts[:5]], c.caption  # the subject comes first
     # the carphone clips show a man in a suit and tie: the concept bridge must carry that into the caption
     carphone = real_captions.by_id()["carphone_pristine#00"]
     assert "tie" in " ".join(l for l, _ in carphone.concepts[:3])
@@ -58,7 +63,11 @@ def test_cli_assemble_folder_with_corrupt_file(mixed_folder, tmp_path):
     with av.open(str(out / "reel.mp4")) as c:
         assert c.duration and c.duration > 0
         assert sum(1 for _ in c.decode(video=0)) > 30
-    assert len(json.loads((out / "captions.json").read_text())["clips"]) == 2
+    clips = json.loads((out / "captions.json").read_text())["clips"]
+    assert len(clips) == 2
+    for c in clips:  # what a person reads: no numbers, nothing the encoder did not report
+        g = grounding(c["caption"], [(x["label"], x["p"]) for x in c["concepts"]])
+        assert not g["invented"] and not g["number"], (c["caption"], g)
 
 
 def test_converted_decoder_cache_is_reused(real_session):

@@ -62,7 +62,9 @@ def test_stored_clips_are_what_captioning_gave(tiny_session, lib, folder):
         d = direct[c.id]
         assert (c.caption, c.clip.start_s, c.clip.end_s) == (d.caption, d.clip.start_s, d.clip.end_s)
         assert [lbl for lbl, _ in c.concepts] == [lbl for lbl, _ in d.concepts]
-    embedded = tiny_session.embedder.embed([c.caption for c in stored.captions.clips])
+    from atomkit.ranking import clip_vectors
+
+    embedded = clip_vectors(tiny_session.embedder, stored.captions.clips)  # what indexing embeds
     assert (stored.vectors - embedded).abs().max() < 1e-5
 
 

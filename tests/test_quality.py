@@ -135,10 +135,11 @@ def test_cli_eval_msrvtt_format_on_the_tiny_model(tmp_path, samples, capsys):
             "--beams", "1", "--no-meteor", "--json", "--out", str(tmp_path / "out")]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
-    # the tiny model writes the same text for every clip: all three videos tie, so each query ranks last (3)
+    # random weights: the ranks mean nothing, but each of the two queries ranks one of the three videos
     assert out["queries"] == 2 and out["dropped_queries"] == 1 and out["videos"] == 3
-    assert [q["video_rank"] for q in out["per_query"]] == [3, 3]
-    assert out["video"]["r1"] == 0.0 and out["video"]["median_rank"] == 3.0
+    ranks = [q["video_rank"] for q in out["per_query"]]
+    assert all(r in (1, 2, 3) for r in ranks) and [q["relevant"] for q in out["per_query"]] == [["bigbuckbunny"], ["bikes"]]
+    assert out["video"]["r1"] == sum(r == 1 for r in ranks) / 2 and out["video"]["r5"] == 1.0
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["video"] == out["video"]
     assert main(["eval", str(samples["bikes.mp4"]), "--annotations", str(tmp_path / "nope.json")]) == 2
     assert "annotation file" in capsys.readouterr().err
@@ -182,7 +183,7 @@ def test_devset_is_built_from_packaged_media_and_every_query_has_its_video(tmp_p
     assert len(videos) == 20 and all(v.is_file() for v in videos)
     ann = load(ann_file)
     stems = {v.stem for v in videos}
-    assert len(ann.queries) == 21 and all(q.relevant <= stems for q in ann.queries)
+    assert len(ann.queries) == 40 and all(q.relevant <= stems for q in ann.queries)
     assert {q for qs in PHOTOS.values() for q in qs} <= {q.text for q in ann.queries}
     photo = tmp_path / "dev" / "coffee.mp4"
     assert abs(duration(photo) - 6.0) < 0.2
@@ -212,9 +213,9 @@ def test_views_are_the_texts_each_clip_is_ranked_on():
 
 @pytest.mark.integration
 def test_eval_on_the_devset_with_the_default_models(real_session, tmp_path):
-    """The development set in the suite: the default pipeline's numbers stay in the range measured for
-    bench/quality-default.json (R@1 0.62, R@5 0.81 on 21 queries), and captions moved to the wrong clips
-    are caught."""
+    """The development set in the suite: the default pipeline stays in the range measured for
+    bench/quality-default.json (R@1 0.65, R@5 0.85 on 40 queries) and ahead of the whole-frame tags baseline
+    (0.55), its captions are grounded, and captions and concepts moved to the wrong clips are caught."""
     from atomkit.devset import build
     from atomkit.quality import baseline
 
@@ -223,12 +224,15 @@ def test_eval_on_the_devset_with_the_default_models(real_session, tmp_path):
     caps = real_session.caption(videos)
     assert len(caps.clips) == 20 and not caps.skipped
     r = evaluate(real_session, atomkit.tasks.index(real_session, caps), ann, captions=False)
-    assert r["queries"] == 21 and r["videos"] == 20
-    assert 0.45 <= r["video"]["r1"] <= 0.85 and r["video"]["r5"] >= 0.7, r["per_query"]
+    assert r["queries"] == 40 and r["videos"] == 20
+    assert 0.55 <= r["video"]["r1"] <= 0.85 and r["video"]["r5"] >= 0.75, r["per_query"]
     base = baseline(real_session, caps, ann)
-    assert 0.4 <= base["video"]["r1"] <= 0.85
-    # the same captions, each given to the next clip: the harness must see that retrieval broke
-    rolled = Captions(caps.model, [CaptionedClip(c.clip, caps.clips[i - 1].caption, c.concepts)
+    assert 0.4 <= base["video"]["r1"] <= 0.7
+    assert r["video"]["r1"] >= base["video"]["r1"] + 0.05, (r["video"], base["video"])
+    g = r["grounding"]
+    assert g["grounded_share"] == 1.0 and g["captions_with_number"] == 0 and g["object_words"] >= 20, g
+    # each clip given the previous clip's caption and concepts: the harness must see that retrieval broke
+    rolled = Captions(caps.model, [CaptionedClip(c.clip, caps.clips[i - 1].caption, caps.clips[i - 1].concepts)
                                    for i, c in enumerate(caps.clips)], [])
     broken = evaluate(real_session, atomkit.tasks.index(real_session, rolled), ann, captions=False)
     assert broken["video"]["r1"] <= 0.2, broken["per_query"]
@@ -238,7 +242,7 @@ def test_whole_frame_sampling_keeps_the_edges_that_the_crop_drops(samples):
     from atomkit.video import clips, sample_frames
 
     clip = clips(samples["bikes.mp4"], atomkit.WindowConfig())[0]  # a 4:3 video (wider than tall)
-    crop, whole = sample_frames(clip), sample_frames(clip, fit="whole")
+    crop, whole = sample_frames(clip, fit="crop"), sample_frames(clip)  # whole is the default
     assert crop.shape == whole.shape == (1, 3, 6, 224, 224)
     assert (crop.float() - whole.float()).abs().mean() > 5  # the same frames, seen differently
     with pytest.raises(ValueError, match="fit must be"):

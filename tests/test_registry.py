@@ -82,7 +82,7 @@ def test_tiny_default_encoder_concepts_are_imagenet_labels(tiny_session):
     enc = tiny_session.encoder.encode(frames)
     labels = set(atomkit.modules.encoder.imagenet_labels())
     assert enc.features.shape == (6, 1280)
-    assert len(enc.concepts) == 5 and all(c in labels for c, _ in enc.concepts)
+    assert len(enc.concepts) == 10 and all(c in labels for c, _ in enc.concepts)
     probs = [p for _, p in enc.concepts]
     assert probs == sorted(probs, reverse=True)
 

@@ -18,7 +18,7 @@ def test_caption_all_sample_clips(tiny_captions, samples):
     ids = [c.id for c in tiny_captions.clips]
     assert sorted(ids) == sorted(f"{p.stem}#00" for p in samples.values())  # every sample is <= one window
     for c in tiny_captions.clips:
-        assert isinstance(c.caption, str) and len(c.concepts) == 5
+        assert isinstance(c.caption, str) and len(c.concepts) == 10
 
 
 def test_caption_skips_corrupt_and_missing_inputs(tiny_session, mixed_folder):

@@ -153,19 +153,21 @@ def test_clips_synthetic(grey12, tmp_path):
 
 
 # --- frame sampling --------------------------------------------------------------------------
+CROP = "crop"  # the frame-picking tests read grey levels off a centre crop (no resampling across the frame's width)
+
 
 def test_sample_frames_picks_frame_at_or_before_each_target(grey12):
     levels = grey_levels(grey12)
     assert len(levels) == 60
     first, second = clips(grey12)
     # targets 0.83, 2.5, 4.17, 5.83, 7.5, 9.17 s -> frames at 0.8, 2.4, 4.0, 5.8, 7.4, 9.0 s
-    x = sample_frames(first, WindowConfig(size=32))
+    x = sample_frames(first, WindowConfig(size=32, fit=CROP))
     assert frame_indices(x, levels) == [4, 12, 20, 29, 37, 45]
     # targets 2.83 ... 11.17 s; the seek lands before the first target, mid-GOP
-    x = sample_frames(second, WindowConfig(size=32))
+    x = sample_frames(second, WindowConfig(size=32, fit=CROP))
     assert frame_indices(x, levels) == [14, 22, 30, 39, 47, 55]
     # targets exactly on frame times (1, 3, 5, 7, 9 s) take that frame
-    x = sample_frames(first, WindowConfig(frames=5, size=32))
+    x = sample_frames(first, WindowConfig(frames=5, size=32, fit=CROP))
     assert frame_indices(x, levels) == [5, 15, 25, 35, 45]
 
 
@@ -175,7 +177,7 @@ def test_sample_frames_other_containers(tmp_path, suffix):
     levels = grey_levels(path)
     assert probe(path).duration_s == pytest.approx(12.0, abs=0.05)
     second = clips(path)[1]
-    assert frame_indices(sample_frames(second, WindowConfig(size=32)), levels) == [
+    assert frame_indices(sample_frames(second, WindowConfig(size=32, fit=CROP)), levels) == [
         14, 22, 30, 39, 47, 55]
 
 
@@ -213,7 +215,7 @@ def test_sample_frames_centre_crops_wide_video(tmp_path):
         return a
 
     path = write_video(tmp_path / "wide.mp4", 10, 5, draw, w=96, h=48)
-    x = sample_frames(clips(path)[0], WindowConfig(frames=2, size=32))[0].float()
+    x = sample_frames(clips(path)[0], WindowConfig(frames=2, size=32, fit="crop"))[0].float()
     assert x.shape == (3, 2, 32, 32)
     left, right = x[:, :, :, 3:13], x[:, :, :, 19:29]
     assert left.max() < 40  # black, not red

@@ -146,6 +146,10 @@ class TextDecoder(nn.Module):
         """
         if not encs:
             return []
+        if self.projector is None and cfg.captions == "grounded":
+            from ..grounded import captions as grounded_captions
+
+            return grounded_captions(self, [e.concepts for e in encs], cfg.backend, cfg.max_new_tokens)
         texts = [self.render(self.caption_messages(e)) for e in encs]
         if self.projector is None:
             prompt = dict(prompts=[self._ids(t)[0] for t in texts])

@@ -37,7 +37,7 @@ class VideoEncoder(nn.Module):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     labels: list[str] | None = None  # when set, forward returns (features, probs) and concepts are made
-    top_concepts: int = 5
+    top_concepts: int = 10  # kept per clip: captions choose among the first 5, ranking weighs all (atomkit.ranking)
     channels_last: bool = False  # encode() hands forward NHWC-strided frames (faster for CNNs on CPU)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""Grounded captions (atomkit.grounded), the grounding measure (atomkit.concepts) and the fused ranking
+(atomkit.ranking). Expected sentences and words are written by hand; the tiny model has random weights
+(its decoder's preferences are noise), its embedder is the real MiniLM."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from atomkit import grounded
+from atomkit.concepts import broader, grounding, grounding_table, has_number, named_objects
+from atomkit.tasks import CaptionedClip
+from atomkit.video import Clip
+
+CAT = [("Egyptian cat", 0.63), ("tiger cat", 0.20), ("tabby", 0.12), ("lynx", 0.02), ("plastic bag", 0.001)]
+
+
+def test_broader_words_come_from_the_table():
+    assert broader("pug")[:1] == ["dog"] and "animal" in broader("pug")
+    assert broader("espresso")[0] == "coffee" and broader("moped")[0] == "motorbike"
+    assert broader("Windsor tie")[0] == "tie" and broader("tripod") == [] and broader("not a class") == []
+
+
+def test_render_names_the_subject_first_and_nothing_outside_the_concepts():
+    assert grounded.render("Egyptian cat", CAT) == "An Egyptian cat, or perhaps a tiger cat, a tabby or a lynx."
+    # plastic bag (0.001) is under 2 % of the subject's 0.63: left out
+    assert grounded.render("tabby", CAT, max_others=1) == "A tabby (a kind of cat), or perhaps an Egyptian cat."
+    assert grounded.render("pug", [("pug", 0.9)]) == "A pug (a kind of dog)."
+    assert grounded.render("bow tie", [("bow tie", 0.7), ("Windsor tie", 0.1)]) == "A bow tie, or perhaps a Windsor tie."
+
+
+def test_grounding_counts_invented_objects_and_numbers():
+    free = "The clip shows an Egyptian cat (0.41), a tiger cat (0.34), a tab"
+    assert grounding(free, CAT) == {"named": ["egyptian cat", "tiger cat"], "invented": [], "number": True}
+    g = grounding("A person wearing an academic gown and a bow tie", [("academic gown", 0.2), ("bow tie", 0.1)])
+    assert g["invented"] == ["person"] and not g["number"]
+    assert grounding("Two dogs chase a cat", [("pug", 0.5)])["invented"] == ["cat"]  # "dogs": a pug is a dog
+    assert has_number("six frames of a clip") and not has_number("a frame of a clip")
+    assert named_objects("a tiger cat") == ["tiger cat"]  # one object, not a tiger and a cat
+    t = grounding_table([(free, CAT), ("A lynx next to a car.", CAT)])
+    assert t["object_words"] == 4 and t["grounded_share"] == 0.75
+    assert t["captions_with_invented_object"] == 1 and t["captions_with_number"] == 1 and t["invented_examples"] == ["car"]
+
+
+def test_subject_is_a_candidate_and_follows_a_confident_classifier(tiny_session):
+    dec = tiny_session.decoder
+    sure = [("pizza", 0.999999), ("tabby", 1e-7), ("lynx", 1e-7)]
+    # log-prior gap ~16 nats: more than any mean log-probability of a 2-3 token phrase can undo
+    assert grounded.subjects(dec, [sure, list(reversed(sure))]) == ["pizza", "pizza"]
+    even = [("pizza", 0.25), ("tabby", 0.25), ("lynx", 0.25), ("tench", 0.25)]
+    assert grounded.subjects(dec, [even])[0] in {"pizza", "tabby", "lynx", "tench"}
+    assert grounded.subjects(dec, [[]]) == [None]
+    assert grounded.captions(dec, [[]]) == ["Nothing the classifier recognises."]
+
+
+def test_batched_scores_equal_the_lms_own_forward_pass(tiny_session):
+    """All prompts in one left-padded batch, spread over their options: the same log-probabilities as
+    transformers' forward pass of each prompt + option (the exact fp32 engine)."""
+    dec = tiny_session.decoder
+    lists = [CAT, [("pug", 0.5), ("Chihuahua", 0.3)], [("espresso", 0.8), ("cup", 0.1), ("eggnog", 0.05)]]
+    prompts = [dec._ids(dec.render(grounded.messages(c)) + grounded.ANSWER_PREFIX)[0] for c in lists]
+    options = [grounded._options(dec, grounded.candidates(c)) for c in lists]
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    stepper = dec.stepper("torch")
+    pad = dec._search(1, 1)["pad_token_id"]
+    batched = grounded._stepper_scores(stepper, prompts, options, pad)
+    for p, opts, got in zip(prompts, options, batched):
+        ref = grounded._hf_scores(dec, p, opts)
+        assert got == pytest.approx(ref, abs=1e-4)
+    one = grounded._stepper_scores(stepper, [prompts[1]], [[options[1][1]]], 0)[0][0]
+    assert one == pytest.approx(batched[1][1], abs=1e-4)  # a batch-1 program's path
+
+
+def test_captions_fit_the_token_budget(tiny_session):
+    dec = tiny_session.decoder
+    many = [("black-and-tan coonhound", 0.3), ("curly-coated retriever", 0.25), ("Mexican hairless", 0.2),
+            ("Great Dane", 0.15), ("Doberman", 0.1)]
+    full = grounded.captions(dec, [many])[0]
+    short = grounded.captions(dec, [many], max_tokens=12)[0]
+    assert len(dec._ids(full)[0]) > 12 and len(short) < len(full)
+    assert len(dec._ids(short)[0]) <= 12 or ", or perhaps" not in short  # the subject alone may pass it
+
+
+def test_fused_vectors_rank_on_what_the_encoder_saw(tiny_session):
+    from atomkit.ranking import clip_vectors, concept_vectors
+
+    emb = tiny_session.embedder
+    clip = lambda i, cap, con: CaptionedClip(Clip(Path("/v/x.mp4"), i, 0, 1), cap, con)  # noqa: E731
+    clips = [clip(0, "A clip.", [("golden retriever", 0.7), ("Labrador retriever", 0.2)]),
+             clip(1, "A clip.", [("pizza", 0.8), ("plate", 0.1)]),
+             clip(2, "A clip.", [])]
+    v = clip_vectors(emb, clips)
+    assert torch.allclose(v.norm(dim=-1), torch.ones(3), atol=1e-5)
+    q = emb.embed(["a dog playing"])[0]
+    assert float(v[0] @ q) > float(v[1] @ q)  # the captions are equal: only the concepts tell them apart
+    names = emb.embed(["golden retriever, Labrador retriever"])[0]
+    caption = emb.embed(["A clip."])[0]
+    part = concept_vectors(emb, [clips[0].concepts])[0]
+    want = torch.nn.functional.normalize(caption + names + part, dim=0)
+    assert torch.allclose(v[0], want, atol=1e-5)  # the three unit vectors, summed
+    assert torch.allclose(v[2], emb.embed(["A clip."])[0], atol=1e-6)  # no concepts: the caption alone
+    c = concept_vectors(emb, [[("pizza", 1.0)], [("pizza", 0.2)]])
+    assert torch.allclose(c[0], c[1], atol=1e-6)  # one concept: its direction, whatever its probability

