@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="DIR", help="weights folder for atom-paper")
     p.add_argument("--random-weights", action="store_true", help="random weights (latency and memory do not depend on them)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--captions", choices=["grounded", "free"], default="grounded",
+                   help="caption mode of both paths (default: grounded; free: the paper's beam search, slower)")
     p.add_argument("--prompts", type=int, default=5, help="number of prompts per path (default: 5)")
     p.add_argument("-k", type=int, default=3, help="clips retrieved per prompt (default: 3)")
     p.add_argument("--max-new-tokens", type=int, default=23, help="caption length limit (paper: 23)")
@@ -672,7 +674,7 @@ def _bench(args) -> int:
     from .io import write_json_atomic
 
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams, caption_batch=args.caption_batch,
-                          script_max_new_tokens=args.script_tokens, backend=args.backend)
+                          script_max_new_tokens=args.script_tokens, backend=args.backend, captions=args.captions)
     result = benchmark(args.models, prompts=args.prompts, videos=args.paths or None, k=args.k, device=args.device,
                        weights=args.weights, random_weights=args.random_weights, decode=decode,
                        warmup=not args.no_warmup, executor=args.executor, repeats=args.repeats, cold=args.cold,

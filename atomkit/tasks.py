@@ -248,7 +248,32 @@ def write_script(session, prompt: str, hits: Sequence[Hit]) -> Script:
         if raw is None:  # free decoding (generate, or beams), parsed leniently
             raw = dec.chat(messages, max_new_tokens=cfg.script_max_new_tokens, num_beams=cfg.script_num_beams,
                            answer_prefix=SCRIPT_ANSWER_PREFIX, backend=cfg.backend)
-    return parse_script(raw, clips)
+    return grounded_narration(parse_script(raw, clips), hits)
+
+
+def grounded_narration(script: Script, hits: Sequence[Hit]) -> Script:
+    """A narration line is shown in the reel: one that names an object its clip's encoder did not report, or
+    carries a number, is replaced by the clip's caption, and the replacement is listed in ``problems``."""
+    from dataclasses import replace
+
+    from .concepts import grounding
+
+    by_id = {h.clip.id: h.clip for h in hits}
+    entries = []
+    for e in script.entries:
+        clip = by_id.get(e.clip_id)
+        if clip is None or not clip.concepts or not e.narration:
+            entries.append(e)
+            continue
+        g = grounding(e.narration, clip.concepts)
+        if g["invented"] or g["number"]:
+            why = (f"names {', '.join(g['invented'])}, which its clip's encoder did not report" if g["invented"]
+                   else "has a number")
+            script.problems.append(f"narration for {e.clip_id} {why}: its caption is used instead")
+            e = replace(e, narration=clip.caption)
+        entries.append(e)
+    script.entries = entries
+    return script
 
 
 def assemble(session, source, prompt: str, out_dir: str | Path, *, k: int = 5, progress: bool = False,

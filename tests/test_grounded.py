@@ -102,3 +102,21 @@ def test_fused_vectors_rank_on_what_the_encoder_saw(tiny_session):
     assert torch.allclose(v[2], emb.embed(["A clip."])[0], atol=1e-6)  # no concepts: the caption alone
     c = concept_vectors(emb, [[("pizza", 1.0)], [("pizza", 0.2)]])
     assert torch.allclose(c[0], c[1], atol=1e-6)  # one concept: its direction, whatever its probability
+
+
+def test_narration_that_names_what_the_clip_does_not_show_is_replaced_by_its_caption():
+    from atomkit.script import Script, ScriptEntry
+    from atomkit.tasks import Hit, grounded_narration
+
+    tie = CaptionedClip(Clip(Path("/v/car.mp4"), 0, 0, 10), "A bow tie, or perhaps a Windsor tie.",
+                        [("bow tie", 0.7), ("Windsor tie", 0.1)])
+    cat = CaptionedClip(Clip(Path("/v/cat.mp4"), 0, 0, 10), "An Egyptian cat.", CAT)
+    hits = [Hit(tie, 0.9, 1), Hit(cat, 0.8, 2)]
+    script = Script([ScriptEntry(tie.id, "A bow tie (a kind of bird) in a car"), ScriptEntry(cat.id, "A tabby cat looks up")],
+                    "decoder")
+    out = grounded_narration(script, hits)
+    assert [e.narration for e in out.entries] == ["A bow tie, or perhaps a Windsor tie.", "A tabby cat looks up"]
+    assert out.problems == [f"narration for {tie.id} names bird, car, which its clip's encoder did not report: "
+                            "its caption is used instead"]
+    three = grounded_narration(Script([ScriptEntry(cat.id, "Three cats")], "decoder"), hits)
+    assert three.entries[0].narration == "An Egyptian cat." and "has a number" in three.problems[0]

@@ -47,7 +47,7 @@ A folder of videos and a prompt go in; a stitched reel comes out. Three modules 
 | module | `default` model | job |
 |---|---|---|
 | video encoder | EfficientNet-Lite0 (ImageNet-1k) | 6 frames per clip → features + visual concepts |
-| language decoder | SmolLM2-135M-Instruct | concepts → caption; later, text only, the assembly script |
+| language decoder | SmolLM2-135M-Instruct | concepts → a grounded caption (it picks the subject); later, text only, the assembly script |
 | sentence embedder | all-MiniLM-L6-v2 | captions and prompts → vectors for retrieval |
 
 All weights ship inside installed packages; nothing is downloaded."""),
@@ -97,7 +97,7 @@ captions = session.caption(paths, progress=True)
 for c in captions.clips:
     print(f"{c.id:24s} {c.caption}\\n{'':24s} concepts: {', '.join(f'{l} {p:.2f}' for l, p in c.concepts[:3])}")
 print("skipped:", captions.skipped)"""),
-    ("md", "## 3 · Retrieval\nThe embedder ranks captions against a query by cosine similarity; the caption index is built once and reused."),
+    ("md", "## 3 · Retrieval\nThe embedder ranks clips against a query by cosine similarity. A clip's vector fuses its caption, its concept names and a probability-weighted concept vector (`atomkit.ranking`); the index is built once and reused."),
     ("code", """
 idx = atomkit.index(session, captions)
 hits = session.retrieve(idx, query, k=k)
