@@ -109,8 +109,9 @@ _NUMBER_WORDS = re.compile(r"\b(zero|one|two|three|four|five|six|seven|eight|nin
 
 
 def has_number(text: str) -> bool:
-    """Digits (probabilities, ids, counts) or number words in a caption."""
-    return bool(re.search(r"\d", text) or _NUMBER_WORDS.search(text))
+    """Digits (probabilities, ids, counts) or number words in a caption; a class name that holds one
+    ("three-toed sloth", "four-poster") is a name, not a number."""
+    return bool(re.search(r"\d", text) or _NUMBER_WORDS.search(_names_re().sub(" ", text.lower())))
 
 
 def grounding(caption: str, concepts) -> dict:

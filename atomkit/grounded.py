@@ -12,9 +12,9 @@ not report and never carries a probability or an id.
 * ``<other>``: the next concepts in the classifier's order, at most ``MAX_OTHERS``, each at least
   ``MIN_SHARE`` of the subject's probability, and fewer where the caption would pass its token budget.
 
-Each clip costs one batched prefill of its candidates plus a few steps, on the same decode engine (and so
-the same quantized weights) as free captions; a decoder without a stepper (``hf``) scores with the LM's
-forward pass instead.
+A group of clips costs one batched prefill of their prompts, spread over every candidate phrase, plus a
+step per phrase token, on the same decode engine (and so the same quantized weights) as free captions; a
+batch-1 program scores phrase by phrase, and a decoder without a stepper (``hf``) with the LM's forward pass.
 """
 from __future__ import annotations
 

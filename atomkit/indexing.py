@@ -164,7 +164,8 @@ class VideoResult:
 
 
 def caption_video(session, path: Path) -> VideoResult:
-    """Caption one video and embed its clips (``atomkit.ranking``) with the session's resident modules (a worker's unit of work)."""
+    """Caption one video and embed its clips (``atomkit.ranking``) with the session's resident modules (a
+    worker's unit of work)."""
     caps = caption(session, [path])
     if not caps.clips:
         return VideoResult(error="; ".join(s.reason for s in caps.skipped) or "no clip could be captioned")

@@ -1,10 +1,10 @@
 """Result quality, measured: text-to-video retrieval (R@1/5/10, median and mean rank; video- and clip-level)
 and caption metrics (BLEU-4, METEOR, ROUGE-L, CIDEr) against an annotation file (``atomkit.annotations``).
 
-Retrieval ranks every clip of the index by cosine between the query and the clip's caption embedding (what
-``retrieve`` does). Video-level: a video scores its best clip. A query's rank is that of its best-ranked
-relevant item, counted pessimistically on ties (a relevant item tied with irrelevant ones ranks after
-them), so a model that gives every input the same text scores as badly as it should.
+Retrieval ranks every clip of the index by cosine between the query and the clip's vector (caption fused with
+concepts, ``atomkit.ranking``: what ``retrieve`` does). Video-level: a video scores its best clip. A query's
+rank is that of its best-ranked relevant item, counted pessimistically on ties (a relevant item tied with
+irrelevant ones ranks after them), so a model that gives every input the same text scores as badly as it should.
 
 Captions: a video's caption is that of its clip nearest the video's middle (one caption per video, as the
 datasets' references describe whole videos).

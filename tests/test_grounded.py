@@ -37,6 +37,7 @@ def test_grounding_counts_invented_objects_and_numbers():
     assert g["invented"] == ["person"] and not g["number"]
     assert grounding("Two dogs chase a cat", [("pug", 0.5)])["invented"] == ["cat"]  # "dogs": a pug is a dog
     assert has_number("six frames of a clip") and not has_number("a frame of a clip")
+    assert not has_number("A three-toed sloth (a kind of animal).") and has_number("three sloths")
     assert named_objects("a tiger cat") == ["tiger cat"]  # one object, not a tiger and a cat
     t = grounding_table([(free, CAT), ("A lynx next to a car.", CAT)])
     assert t["object_words"] == 4 and t["grounded_share"] == 0.75
