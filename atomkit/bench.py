@@ -365,7 +365,9 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     read from storage; the drops themselves are not timed.
     """
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        from .errors import InputError
+
+        raise InputError(f"--repeats must be >= 1, got {repeats}")
     from tqdm.auto import tqdm
 
     from .session import default_device

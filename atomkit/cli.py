@@ -352,6 +352,19 @@ def _eval_compared(args, annotations, reference: dict) -> dict:
         return {"setting": setting, "result": result, "delta": delta(reference, result), "load": session.load_report()}
 
 
+def _check_out_dir(out: Path) -> None:
+    """--out names a folder atomkit can write: checked before any model loads or video is read."""
+    from .errors import InputError
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder (it is created if missing)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: cannot write in {parent}; give a folder you can write to")
+
+
 def _print_skipped(caps) -> None:
     for s in caps.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
@@ -387,6 +400,8 @@ def _run(args) -> int:
 
     from .io import write_json_atomic
 
+    if args.command in ("caption", "retrieve", "assemble", "eval", "index") and getattr(args, "out", None):
+        _check_out_dir(Path(args.out))
     if args.command == "bench":
         return _bench(args)
     if args.command == "bench-decode":

@@ -1,6 +1,7 @@
 """Dataclass configs. Each validates itself on construction."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,10 @@ class WindowConfig:
     fit: str = "whole"  # "whole": the whole frame, as a plain classifier pass sees it; "crop": centre crop
 
     def __post_init__(self):
-        if not self.length_s > 0:
-            raise InputError(f"window length must be > 0 s, got {self.length_s}")
-        if not 0 < self.stride_s:
-            raise InputError(f"window stride must be > 0 s, got {self.stride_s}")
+        if not (self.length_s > 0 and math.isfinite(self.length_s)):
+            raise InputError(f"window length must be a finite number of seconds > 0, got {self.length_s}")
+        if not (self.stride_s > 0 and math.isfinite(self.stride_s)):
+            raise InputError(f"window stride must be a finite number of seconds > 0, got {self.stride_s}")
         if self.frames < 1:
             raise InputError(f"frames per clip must be >= 1, got {self.frames}")
         if self.size < 16:

@@ -22,6 +22,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None) -> str | None:
+    """``device`` if atomkit can run there ("cpu", "cuda", "cuda:N"), else an InputError that says so."""
+    import re
+
+    from .errors import InputError
+
+    if device is None:
+        return None
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise InputError(f"unknown device {device!r}: use cpu or cuda (cuda:N for another GPU)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but torch sees no CUDA GPU here: use --device cpu")
+    return device
+
+
 def module_bytes(module: torch.nn.Module) -> tuple[int, int]:
     """(parameter count, bytes held by parameters and buffers) of a module; quantized weights count
     their real storage and tied weights count once."""
@@ -74,7 +89,7 @@ class Session:
         self.spec = get_spec(model)
         # ExecuTorch programs from `atomkit export`: a module with DIR/<module>.pte runs that program
         self.programs = _check_programs(Path(programs), self.spec.name, quant) if programs else None
-        self.options = LoadOptions(device=device or default_device(),
+        self.options = LoadOptions(device=check_device(device) or default_device(),
                                    weights=Path(weights) if weights else None,
                                    random_weights=random_weights,
                                    cache=Path(cache) if cache else None)

@@ -84,7 +84,7 @@ def test_quantize_writes_report(samples, tmp_path, capsys):
     (["--models", "nope"], "available models: default"),
     (["-k", "0"], "-k must be >= 1"),
     (["--backend", "int3"], "available backends"),
-    (["--window", "-1"], "window length must be > 0"),
+    (["--window", "-1"], "window length must be a finite number of seconds > 0"),
 ])
 def test_app_rejects_bad_settings_before_serving(argv, says, capsys, monkeypatch):
     import atomkit.app.serve as serve
@@ -101,3 +101,21 @@ def test_app_page_settings_are_absolute(tmp_path, monkeypatch):
     s = page_settings(["videos", "a.mp4"], out_dir="out/app", weights=None)
     assert s["paths"] == [str(tmp_path / "videos"), str(tmp_path / "a.mp4")]
     assert s["out_dir"] == str(tmp_path / "out" / "app") and s["weights"] is None
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["caption", "{video}", "--window", "inf"], "window length must be a finite number of seconds > 0, got inf"),
+    (["caption", "{video}", "--stride", "nan"], "window stride must be a finite number"),
+    (["caption", "{video}", "--device", "tpu"], "unknown device 'tpu'"),
+    (["assemble", "{video}", "--prompt", "a reel", "--out", "{file}"], "is a file; give a folder"),
+    (["bench", "--random-weights", "--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bad_arguments_fail_before_any_model_loads(argv, says, tmp_path, samples, capsys, monkeypatch):
+    import atomkit.session
+
+    monkeypatch.setattr(atomkit.session.Session, "use", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "taken").write_text("not a folder")
+    argv = [a.format(video=samples["bikes.mp4"], file=tmp_path / "taken") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
