@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .assemble import stitch
 from .errors import InputError, VideoError
 from .executor import auto_executor
-from .io import write_json_atomic
+from .io import output_set, sha256_file, write_json_atomic
 from .script import SCRIPT_ANSWER_PREFIX, Script, parse_script, script_messages
 from .structured import script_json
 from .video import Clip, clips as cut_clips, find_videos, sample_frames, unique_ids
@@ -280,7 +280,7 @@ def assemble(session, source, prompt: str, out_dir: str | Path, *, k: int = 5, p
              reel_name: str = "reel.mp4") -> Assembly:
     """Prompt -> top-k clips -> script -> stitched mp4, with ``captions.json`` and ``script.json`` beside it.
 
-    Every output is written atomically: an interrupted run leaves the previous files or none.
+    The three outputs are published as one set: an interrupted run leaves the previous set (or none).
     """
     prompt = _check_text(prompt, "prompt")
     src = _as_captions(session, source, progress)
@@ -297,7 +297,9 @@ def assemble(session, source, prompt: str, out_dir: str | Path, *, k: int = 5, p
 def render(session, captions: Captions, prompt: str, hits: Sequence[Hit], script: Script, out_dir: str | Path, *,
            cuts: dict[str, tuple[float, float]] | None = None, reel_name: str = "reel.mp4", logger=None) -> Assembly:
     """Stitch the clips of ``script`` in its order into ``out_dir/reel_name`` and write ``captions.json`` and
-    ``script.json`` beside it (each atomically). ``cuts`` maps a clip id to trimmed ``(start_s, end_s)`` in
+    ``script.json`` beside it, published as one set (``atomkit.io.output_set``: a reader sees all three files
+    of this run or all three of the previous one, whenever the process is killed; ``script.json`` records the
+    SHA-256 of the reel and of ``captions.json``). ``cuts`` maps a clip id to trimmed ``(start_s, end_s)`` in
     its source video (the clip's own window otherwise); ``logger`` goes to moviepy (a proglog logger, "bar"
     or None). The script's clip ids must be clips of ``captions``, each at most once."""
     by_id = captions.by_id()
@@ -312,13 +314,17 @@ def render(session, captions: Captions, prompt: str, hits: Sequence[Hit], script
     chosen = [replace(by_id[cid].clip, start_s=cuts[cid][0], end_s=cuts[cid][1]) if cid in cuts
               else by_id[cid].clip for cid in script.order]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reel = out_dir / reel_name
-    info = stitch(chosen, reel, logger=logger)
-    outputs = {"reel": reel, "captions": out_dir / "captions.json", "script": out_dir / "script.json"}
-    write_json_atomic(outputs["captions"], captions.to_dict())
-    write_json_atomic(outputs["script"], {
-        "prompt": prompt, "model": session.model, "random_weights": session.random_weights,
-        "retrieved": [h.to_dict() for h in hits], **script.to_dict(), "reel": info,
-    })
+    names = {"reel": reel_name, "captions": "captions.json", "script": "script.json"}
+    with output_set(out_dir, names.values()) as stage:  # the three files appear together or not at all
+        info = stitch(chosen, stage / reel_name, logger=logger)
+        info["path"] = str(out_dir / reel_name)
+        info["sha256"] = sha256_file(stage / reel_name)
+        write_json_atomic(stage / names["captions"], captions.to_dict())
+        write_json_atomic(stage / names["script"], {
+            "prompt": prompt, "model": session.model, "random_weights": session.random_weights,
+            "retrieved": [h.to_dict() for h in hits], **script.to_dict(), "reel": info,
+            "captions_sha256": sha256_file(stage / names["captions"]),
+        })
+    outputs = {k: out_dir / name for k, name in names.items()}
+    reel = outputs["reel"]
     return Assembly(prompt, list(hits), script, reel, info, outputs)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import cache_dir
 from .errors import ModelNotFound
-from .io import atomic_dir
+from .io import atomic_dir, remove_stale, sha256_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAPER_WEIGHTS_ENV = "ATOMKIT_PAPER_WEIGHTS"
@@ -60,8 +60,9 @@ def smollm2_converted(cache: Path | None = None) -> Path:
     """
     gguf = smollm2_gguf()
     target = (cache or cache_dir()) / "smollm2-135m-instruct"
-    stamp = {"sha256": _sha256(gguf)}  # by content: two checkouts' venvs share one cache
+    stamp = {"sha256": sha256_file(gguf)}  # by content: two checkouts' venvs share one cache
     meta = target / "atomkit.json"
+    remove_stale(target)  # the half-written conversion of a killed run (about 0.5 GB)
     if meta.is_file() and json.loads(meta.read_text()).get("stamp") == stamp:
         return target
 
@@ -83,16 +84,6 @@ def smollm2_converted(cache: Path | None = None) -> Path:
         tok.save_pretrained(tmp)
         (tmp / "atomkit.json").write_text(json.dumps({"stamp": stamp, "converted_from": "GGUF Q4_1 dequantised to float32"}, indent=2))
     return target
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def paper_weights(weights: str | Path | None) -> dict[str, Path]:

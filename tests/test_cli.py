@@ -38,7 +38,7 @@ def test_assemble_folder_with_corrupt_file(mixed_folder, tmp_path, capsys):
     result = json.loads(captured.out)
     assert "broken.mp4" in captured.err  # reported by name, with its reason
     assert [s["path"] for s in result["skipped"]] == [str(mixed_folder / "broken.mp4")]
-    assert sorted(p.name for p in out.iterdir()) == ["captions.json", "reel.mp4", "script.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".atomkit", "captions.json", "reel.mp4", "script.json"]
     assert {o.split("#")[0] for o in result["order"]} == {"bunny", "carphone"}
     assert all(r["loads"] == 1 for r in result["load"].values())
 

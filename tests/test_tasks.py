@@ -1,6 +1,7 @@
 """Tasks over a Session with tiny random-weight models: batches, skipping, retrieval, assembly outputs."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import av
@@ -61,8 +62,10 @@ def test_empty_query_or_prompt_is_an_input_error(tiny_session, tiny_captions, ba
 def test_assemble_writes_reel_script_and_captions(tiny_session, tiny_captions, tmp_path):
     asm = tiny_session.assemble(tiny_captions, "make a highlight reel", tmp_path, k=3)
     assert asm.reel == tmp_path / "reel.mp4"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.json", "reel.mp4", "script.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".atomkit", "captions.json", "reel.mp4", "script.json"]
     script = json.loads((tmp_path / "script.json").read_text())
+    assert script["reel"]["sha256"] == hashlib.sha256(asm.reel.read_bytes()).hexdigest()
+    assert script["captions_sha256"] == hashlib.sha256((tmp_path / "captions.json").read_bytes()).hexdigest()
     # structured decoding: even random weights fill in a valid script that orders every retrieved clip
     # (free text that does not parse falls back to rank order: tests/test_script.py)
     assert script["source"] == "decoder" and script["problems"] == [], script["raw"]
