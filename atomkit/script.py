@@ -51,6 +51,16 @@ class Script:
             raise ScriptError(f"not a script: expected {{'entries': [{{'clip_id', 'narration'}}]}} ({e!r})") from e
 
 
+EXAMPLE_LINES = ("short narration", "...")  # the narration of the format example in the prompt
+
+
+def _copied(line: str, prompt: str | None) -> bool:
+    """Whether a narration line only repeats the prompt's format example or the request itself."""
+    norm = lambda t: " ".join(re.findall(r"\w+", t.lower()))  # noqa: E731
+    said = norm(line)
+    return said in {norm(x) for x in EXAMPLE_LINES} or (prompt is not None and said == norm(prompt))
+
+
 def handles(n: int) -> list[str]:
     """The short handles shown to the decoder instead of real clip ids: c1, c2, ..."""
     return [f"c{i}" for i in range(1, n + 1)]
@@ -78,7 +88,7 @@ def script_messages(prompt: str, clips: list[tuple[str, str]]) -> list[dict]:
         raise InputError("empty prompt: say what the reel should show")
     hs = handles(len(clips))
     listing = "\n".join(f"{h}: {_one_line(cap) or '(no caption)'}" for h, (_, cap) in zip(hs, clips))
-    example = json.dumps([{"clip": hs[-1], "line": "short narration"}, {"clip": hs[0], "line": "..."}])
+    example = json.dumps([{"clip": hs[-1], "line": EXAMPLE_LINES[0]}, {"clip": hs[0], "line": EXAMPLE_LINES[1]}])
     system = ("You are a video editor. You pick and order clips for a short reel. "
               "You answer only with JSON.")
     user = (f"Request: {_one_line(prompt)}\n"
@@ -171,8 +181,11 @@ def _first(d: dict, keys: tuple[str, ...]):
     return None
 
 
-def parse_script(raw: str, clips: list[tuple[str, str]]) -> Script:
+def parse_script(raw: str, clips: list[tuple[str, str]], prompt: str | None = None) -> Script:
     """Parse and validate decoder output against the ranked `clips` [(clip_id, caption)].
+
+    A narration line that is missing, not text, or only repeats the prompt's format example or the request
+    (``prompt``) is replaced by the clip's caption, and the replacement is listed in ``problems``.
 
     Never raises for bad output: problems are recorded and, if nothing usable remains, the script
     falls back to all clips in ranked order narrated by their captions. Raises InputError only if
@@ -233,6 +246,9 @@ def parse_script(raw: str, clips: list[tuple[str, str]]) -> Script:
         cid, caption = clips[i]
         if line is not None and not isinstance(line, str):
             problems.append(f"narration for {hs[i]} is not text; using its caption")
+            line = None
+        elif line is not None and _one_line(line) and _copied(line, prompt):
+            problems.append(f"narration for {hs[i]} copies the prompt ({_one_line(line)!r}); using its caption")
             line = None
         entries.append(ScriptEntry(cid, _one_line(line or "") or _one_line(caption)))
 

@@ -248,7 +248,7 @@ def write_script(session, prompt: str, hits: Sequence[Hit]) -> Script:
         if raw is None:  # free decoding (generate, or beams), parsed leniently
             raw = dec.chat(messages, max_new_tokens=cfg.script_max_new_tokens, num_beams=cfg.script_num_beams,
                            answer_prefix=SCRIPT_ANSWER_PREFIX, backend=cfg.backend)
-    return grounded_narration(parse_script(raw, clips), hits)
+    return grounded_narration(parse_script(raw, clips, prompt), hits)
 
 
 def grounded_narration(script: Script, hits: Sequence[Hit]) -> Script:

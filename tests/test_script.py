@@ -212,3 +212,13 @@ def test_from_dict_rejects_non_scripts():
         Script.from_dict({"entries": [{"narration": "no id"}]})
     with pytest.raises(ScriptError):
         Script.from_dict({"source": "decoder"})
+
+
+def test_narration_copied_from_the_prompt_is_replaced_by_the_caption():
+    raw = ('[{"clip": "c2", "line": "Short narration."}, {"clip": "c1", "line": "Make a highlight reel!"},'
+           ' {"clip": "c3", "line": "..."}]')
+    s = parse_script(raw, CLIPS, prompt="make a highlight reel")
+    assert [e.narration for e in s.entries] == [CAPTION["beach#01"], CAPTION["beach#00"], CAPTION["city#03"]]
+    assert len(s.problems) == 3 and all("copies the prompt" in p for p in s.problems)
+    own = parse_script('[{"clip": "c1", "line": "A highlight of the dog."}]', CLIPS, prompt="make a highlight reel")
+    assert own.entries[0].narration == "A highlight of the dog."  # its own line, though it shares words
