@@ -377,8 +377,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args)
-    except AtomkitError as e:
-        print(f"atomkit: error: {e}", file=sys.stderr)
+    except (AtomkitError, ValueError, OSError) as e:
+        if os.environ.get("ATOMKIT_DEBUG"):
+            raise
+        what = str(e) if isinstance(e, AtomkitError) else f"{e} ({type(e).__name__}; ATOMKIT_DEBUG=1 shows where)"
+        print(f"atomkit: error: {what}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("atomkit: interrupted; no partial outputs were written", file=sys.stderr)
@@ -402,6 +405,14 @@ def _run(args) -> int:
 
     if args.command in ("caption", "retrieve", "assemble", "eval", "index") and getattr(args, "out", None):
         _check_out_dir(Path(args.out))
+    if args.command in ("retrieve", "assemble"):  # before any model loads or video is read
+        from .errors import InputError
+        from .tasks import check_text
+
+        check_text(args.query if args.command == "retrieve" else args.prompt,
+                   "query" if args.command == "retrieve" else "prompt")
+        if args.k < 1:
+            raise InputError(f"-k must be >= 1, got {args.k}")
     if args.command == "bench":
         return _bench(args)
     if args.command == "bench-decode":

@@ -100,6 +100,34 @@ def script_messages(prompt: str, clips: list[tuple[str, str]]) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
+def order_messages(prompt: str, captions: list[str]) -> list[dict]:
+    """Chat messages asking only for the order of the ranked clips (their ``captions``, shown as c1..ck), as a
+    JSON array of handles; the answer is started with ``ORDER_ANSWER_PREFIX`` (``atomkit.structured`` writes the
+    rest)."""
+    if not captions:
+        raise InputError("no clips to order")
+    if not prompt or not prompt.strip():
+        raise InputError("empty prompt: say what the reel should show")
+    hs = handles(len(captions))
+    listing = "\n".join(f"{h}: {_one_line(cap) or '(no caption)'}" for h, cap in zip(hs, captions))
+    system = "You are a video editor. You order clips for a short reel. You answer only with JSON."
+    user = (f"Request: {_one_line(prompt)}\n"
+            f"Clips:\n{listing}\n"
+            "Put the clips in the order that best serves the request. "
+            f"Answer ONLY a JSON array of all {len(captions)} handles, for example {json.dumps(hs[::-1][:2])}.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def narration_messages(prompt: str, caption: str) -> list[dict]:
+    """Chat messages asking for one narration sentence for a clip of the reel, given its caption."""
+    cap = _one_line(caption) or "a scene"
+    return [{"role": "system", "content": "You narrate highlight reels. Answer with one short sentence."},
+            {"role": "user", "content": f"Reel: {_one_line(prompt)}.\n"
+                                        f"Write the narration for a clip that shows {cap[:1].lower() + cap[1:]}"}]
+
+
+ORDER_ANSWER_PREFIX = '["c'  # the order array is started for the decoder (atomkit.structured)
+
 # ---------------------------------------------------------------- parsing
 
 # The decoder's answer is started for it: a 135M model given the opening of the array continues

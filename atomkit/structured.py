@@ -1,33 +1,37 @@
-"""Structured decoding of the assembly script: the decoder fills in a JSON array it cannot break.
+"""Structured script decoding: the program writes the JSON, the decoder makes the choices.
 
-A 135M chat model asked for JSON rarely writes valid JSON, and greedy decoding runs on for every
-one of its ``script_max_new_tokens`` (it never closes the array). Here the structure is written by
-the program and only the choices are the model's, all greedy over an engine ``Stepper``
-(``atomkit.engine``):
+A 135M chat model asked for a JSON script rarely writes valid JSON (greedy decoding ran to the whole
+budget without closing the array), and when it does, it copies the narration of the prompt's format
+example into every line. So the script is made in two passes over the resident decoder:
 
-    [{"clip": "c<k>", "line": "<narration>"}, ...]
+1. **Order**: the decoder is shown the ranked clips as handles ``c1``, ``c2``, ... and asked for the
+   order as a JSON array of handles. The program writes ``["c`` ... ``", "c`` ... ``"]`` and the decoder
+   picks each handle, greedily, among the clips not used yet (each clip exactly once). A handle may be
+   several tokens (``c12`` is ``1`` ``2`` for SmolLM2): the choice is made token by token over the
+   unused handles, the most likely token that continues one of them, or that ends one where it is
+   complete (so ``c1`` is chosen only where the model prefers ending after ``1`` to going on to ``c12``).
+   The fixed pieces are fed token by token, so the choices are conditioned on the text as it is parsed.
+2. **Narration**: one line per clip, all clips as one batch (``TextDecoder.generate_batch``): the
+   decoder is shown the request and that clip's caption, and its answer is started with the clip's
+   subject (``An albatross``), so the line is about its own clip; the line is cut to its first sentence
+   or clause.
 
-* ``<k>``: the most likely handle among the clips not used yet (each clip at most once), chosen token by token
-  over the handles' tokens (``c12`` may be two tokens): at each step the most likely token that continues an
-  unused handle, or that ends one;
-* ``<narration>``: free tokens to the end of a sentence, until the model wants a quote or a newline,
-  or the line budget (a word in progress may finish);
-* every retrieved clip gets an entry: the script orders the top clips, the model picks the order.
-
-The fixed pieces are fed to the model token by token, so its choices are conditioned on the text
-exactly as it will be parsed. The result always parses (``atomkit.script.parse_script``) and costs
-a fraction of free decoding: a few tokens per entry instead of the whole budget.
+The result is JSON text in the script format that ``atomkit.script.parse_script`` reads
+(``[{"clip": "c3", "line": "..."}, ...]``); it always parses and uses every clip once.
 """
 from __future__ import annotations
+
+import json
+import re
 
 import torch
 
 from .engine import Stepper
-from .script import SCRIPT_ANSWER_PREFIX
+from .script import ORDER_ANSWER_PREFIX, handles, narration_messages, order_messages
 
-NEXT_ENTRY = ', {"clip": "c'
-LINE_OPEN = '", "line": "'
-ENTRY_CLOSE = '"}'
+NEXT = '", "c'  # between two handles of the order array
+CLOSE = '"]'
+NARRATION_TOKENS = 20  # new tokens of a narration line (cut to a sentence or clause afterwards)
 
 
 class _Cursor:
@@ -42,11 +46,7 @@ class _Cursor:
             self.pos += 1
 
 
-MIN_LINE_TOKENS = 8  # every clip's narration line may have at least this many tokens, whatever the budget
-WORD_SLACK = 6  # past its budget a line may still finish the word it is in, up to this many tokens
-
-
-def _choose(cur: _Cursor, handles: dict[int, list[int]], left: set[int], end: int) -> int:
+def _choose(cur: _Cursor, ids: dict[int, list[int]], left: set[int], end: int) -> int:
     """The unused handle the model prefers, greedily over the token trie of the unused handles: at each step the
     most likely among the tokens that continue one of them, and ``end`` (the token after a handle) where a
     handle is complete. The chosen handle's tokens are fed; ``end`` is not."""
@@ -54,7 +54,7 @@ def _choose(cur: _Cursor, handles: dict[int, list[int]], left: set[int], end: in
     while True:
         options: dict[int, int | None] = {}
         for k in left:
-            seq = handles[k]
+            seq = ids[k]
             if seq[:len(prefix)] == prefix:
                 if len(seq) == len(prefix):
                     options[end] = k
@@ -67,44 +67,63 @@ def _choose(cur: _Cursor, handles: dict[int, list[int]], left: set[int], end: in
         cur.feed([tok])
 
 
-def script_json(decoder, stepper: Stepper, messages: list[dict], n_clips: int, *, max_new_tokens: int,
-                max_line_tokens: int = 20) -> str:
-    """The script as JSON text written under the grammar above.
-
-    Every clip gets an entry; the narration lines share what ``max_new_tokens`` leaves after the fixed pieces
-    and handles, at most ``max_line_tokens`` and at least ``MIN_LINE_TOKENS`` each (so a script of many clips
-    may take more than ``max_new_tokens`` steps rather than leave lines empty).
-    """
-    ids = lambda text: decoder._ids(text)[0].tolist()  # noqa: E731 - no special tokens
-    handles = {k: ids(str(k)) for k in range(1, n_clips + 1)}
-    stop = set(decoder.stop_ids())  # none for random-weight decoders: their lines run to the budget
-    fixed = {s: ids(s) for s in (NEXT_ENTRY, LINE_OPEN, ENTRY_CLOSE)}
-    per_entry = (max(map(len, handles.values())) + len(fixed[LINE_OPEN]) + len(fixed[ENTRY_CLOSE])
-                 + len(fixed[NEXT_ENTRY]))
-    line_budget = min(max_line_tokens, max(MIN_LINE_TOKENS, (max_new_tokens - n_clips * per_entry) // n_clips))
-
-    prompt = decoder._ids(decoder.render(messages) + SCRIPT_ANSWER_PREFIX).reshape(1, -1)
-    stepper.reset(1, prompt.shape[1] + n_clips * (per_entry + line_budget + WORD_SLACK))
-    cur = _Cursor(stepper, stepper.prefill(prompt), prompt.shape[1])
-    text, left = SCRIPT_ANSWER_PREFIX, set(handles)
-    while True:
-        k = _choose(cur, handles, left, fixed[LINE_OPEN][0])
+def choose_order(decoder, stepper: Stepper, prompt: str, captions: list[str]) -> list[int]:
+    """The clips' play order (1-based handles), every clip once, chosen by the decoder as described above."""
+    tokens = lambda text: decoder._ids(text)[0].tolist()  # noqa: E731 - no special tokens
+    n = len(captions)
+    ids = {k: tokens(str(k)) for k in range(1, n + 1)}
+    nxt, close = tokens(NEXT), tokens(CLOSE)
+    messages = order_messages(prompt, captions)
+    prompt_ids = decoder._ids(decoder.render(messages) + ORDER_ANSWER_PREFIX).reshape(1, -1)
+    stepper.reset(1, prompt_ids.shape[1] + n * (max(map(len, ids.values())) + len(nxt)) + 1)
+    cur = _Cursor(stepper, stepper.prefill(prompt_ids), prompt_ids.shape[1])
+    order, left = [], set(ids)
+    while left:
+        k = _choose(cur, ids, left, nxt[0] if len(left) > 1 else close[0])
+        order.append(k)
         left.discard(k)
-        cur.feed(fixed[LINE_OPEN])
-        line: list[int] = []
-        while True:
-            tok = int(cur.logits.argmax())
-            piece = decoder.tokenizer.decode([tok])
-            if tok in stop or any(c in piece for c in '"\\\n\r\t'):  # would end or break the JSON string
-                break
-            if len(line) >= line_budget and not (piece[:1].isalnum() and len(line) < line_budget + WORD_SLACK):
-                break  # at the budget only a word in progress goes on, so a line is not cut inside a word
-            line.append(tok)
-            cur.feed([tok])
-            if "." in piece and len(line) > 3:  # one sentence
-                break
-        text += f"{k}{LINE_OPEN}{decoder.tokenizer.decode(line).strip()}{ENTRY_CLOSE}"
-        if not left:
-            return text + "]"
-        cur.feed(fixed[ENTRY_CLOSE] + fixed[NEXT_ENTRY])
-        text += NEXT_ENTRY
+        if left:
+            cur.feed(nxt)
+    return order
+
+
+def subject(caption: str) -> str:
+    """What a caption is mainly about, to start its narration: the words before the first bracket, comma or full
+    stop (``"An albatross (a kind of bird), or perhaps ..."`` -> ``"An albatross"``)."""
+    return re.split(r"\s*[(,;:.!?]", caption.strip(), maxsplit=1)[0].strip()
+
+
+def one_sentence(text: str) -> str:
+    """The first sentence of ``text``; without one, the words up to the last clause break (a comma) of at least
+    three words, else all of it; ending with a full stop."""
+    text = " ".join(text.split())
+    m = re.match(r"(.+?[.!?])(\s|$)", text)
+    if m:
+        return m.group(1)
+    cut = text.rfind(",")
+    if cut > 0 and len(text[:cut].split()) >= 3:
+        text = text[:cut]
+    return text.rstrip(" ,;:-") + "." if text else ""
+
+
+def narrations(decoder, prompt: str, captions: list[str], backend: str = "auto",
+               max_new_tokens: int = NARRATION_TOKENS) -> list[str]:
+    """One narration line per caption, decoded as one batch (greedy): each answer starts with its clip's subject."""
+    starts = [subject(c) for c in captions]
+    texts = [decoder.render(narration_messages(prompt, c)) + s for c, s in zip(captions, starts)]
+    rows = decoder.generate_batch(prompts=[decoder._ids(t)[0] for t in texts], max_new_tokens=max_new_tokens,
+                                  num_beams=1, backend=backend)
+    lines = []
+    for start, row in zip(starts, rows):  # decoded with the start's tokens, so the words join as the model wrote them
+        text = decoder.tokenizer.decode(decoder._ids(start)[0].tolist() + row.tolist(), skip_special_tokens=True)
+        lines.append(one_sentence(text.split("\n")[0]))
+    return lines
+
+
+def script_json(decoder, stepper: Stepper, prompt: str, captions: list[str], backend: str = "auto") -> str:
+    """The assembly script of the ranked ``captions`` as JSON text (``[{"clip": "c3", "line": "..."}, ...]``):
+    the order chosen by the decoder over ``stepper``, a narration line written for every clip."""
+    order = choose_order(decoder, stepper, prompt, captions)
+    lines = narrations(decoder, prompt, [captions[k - 1] for k in order], backend)
+    hs = handles(len(captions))
+    return json.dumps([{"clip": hs[k - 1], "line": line} for k, line in zip(order, lines)], ensure_ascii=False)

@@ -207,7 +207,8 @@ def index(session, captions: Captions) -> Index:
     return Index(captions, vectors)
 
 
-def _check_text(text: str, what: str) -> str:
+def check_text(text: str, what: str) -> str:
+    """``text`` stripped; an InputError when it is not a string or only whitespace."""
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"{what} is empty; give a sentence such as 'make a highlight reel'")
     return text.strip()
@@ -218,7 +219,7 @@ def retrieve(session, source, query: str, *, k: int = 5, progress: bool = False)
 
     ``source`` is an ``Index``, ``Captions``, or video paths (captioned first).
     """
-    query = _check_text(query, "query")
+    query = check_text(query, "query")
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     idx = _as_captions(session, source, progress)
@@ -235,17 +236,17 @@ def retrieve(session, source, query: str, *, k: int = 5, progress: bool = False)
 
 
 def write_script(session, prompt: str, hits: Sequence[Hit]) -> Script:
-    """The resident decoder, text only, orders the retrieved clips: it fills in the JSON of the script
-    (``atomkit.structured``; free decoding with lenient parsing where no stepper runs); bad output falls back
+    """The resident decoder, text only, orders the retrieved clips and narrates each (``atomkit.structured``: the
+    program writes the JSON, the decoder picks the order and writes a line per clip); where no stepper runs
+    (``hf``, beam-search scripts) it decodes the script freely and it is parsed leniently; bad output falls back
     to rank order."""
     clips = [(h.clip.id, h.clip.caption) for h in hits]
     cfg, messages = session.decode, script_messages(prompt, clips)
     with session.use("decoder") as dec, torch.inference_mode():
-        raw = None
         stepper = dec.stepper(cfg.backend) if cfg.script_num_beams == 1 else None
-        if stepper is not None:  # the JSON structure written by the program, the choices by the model
-            raw = script_json(dec, stepper, messages, len(clips), max_new_tokens=cfg.script_max_new_tokens)
-        if raw is None:  # free decoding (generate, or beams), parsed leniently
+        if stepper is not None:
+            raw = script_json(dec, stepper, prompt, [c for _, c in clips], cfg.backend)
+        else:
             raw = dec.chat(messages, max_new_tokens=cfg.script_max_new_tokens, num_beams=cfg.script_num_beams,
                            answer_prefix=SCRIPT_ANSWER_PREFIX, backend=cfg.backend)
     return grounded_narration(parse_script(raw, clips, prompt), hits)
@@ -282,7 +283,7 @@ def assemble(session, source, prompt: str, out_dir: str | Path, *, k: int = 5, p
 
     The three outputs are published as one set: an interrupted run leaves the previous set (or none).
     """
-    prompt = _check_text(prompt, "prompt")
+    prompt = check_text(prompt, "prompt")
     src = _as_captions(session, source, progress)
     captions = src.captions if isinstance(src, Index) else src
     hits = retrieve(session, src, prompt, k=k)

@@ -104,18 +104,57 @@ def test_app_page_settings_are_absolute(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, says", [
+    (["assemble", "{video}", "--prompt", ""], "prompt is empty"),
+    (["assemble", "{video}", "--prompt", " \t "], "prompt is empty"),
+    (["retrieve", "{video}", "--query", "   "], "query is empty"),
+    (["retrieve", "{video}", "--query", "a dog", "-k", "0"], "-k must be >= 1, got 0"),
+    (["assemble", "{video}", "--prompt", "a reel", "-k", "-3"], "-k must be >= 1, got -3"),
+    (["caption", "{video}", "--window", "0"], "window length must be a finite number of seconds > 0, got 0.0"),
+    (["caption", "{video}", "--stride", "-1"], "window stride must be a finite number of seconds > 0, got -1.0"),
     (["caption", "{video}", "--window", "inf"], "window length must be a finite number of seconds > 0, got inf"),
     (["caption", "{video}", "--stride", "nan"], "window stride must be a finite number"),
+    (["index", "{video}", "--db", "{tmp}/lib.db", "--window", "0"], "window length must be"),
     (["caption", "{video}", "--device", "tpu"], "unknown device 'tpu'"),
+    (["caption", "{video}", "--models", "nope"], "unknown model 'nope'; available models: default"),
+    (["caption", "{video}", "--backend", "int3"], "unknown decode backend 'int3'; available backends"),
+    (["caption", "{video}", "--beams", "0"], "num_beams must be >= 1"),
+    (["caption", "{video}", "--programs", "{tmp}/empty"], "none of encoder.pte, decoder.pte, embedder.pte is there"),
     (["assemble", "{video}", "--prompt", "a reel", "--out", "{file}"], "is a file; give a folder"),
+    (["caption", "{video}", "--out", "{file}/sub"], "cannot write in"),
+    (["eval", "{video}"], "give --annotations FILE (or --devset)"),
     (["bench", "--random-weights", "--repeats", "0"], "--repeats must be >= 1"),
+    (["bench-decode", "--new-tokens", "1"], "--new-tokens must be >= 2"),
+    (["bench-library", "--copies", "0"], "must be >= 1"),
+    (["app", "--models", "nope"], "available models: default"),
 ])
 def test_bad_arguments_fail_before_any_model_loads(argv, says, tmp_path, samples, capsys, monkeypatch):
+    import atomkit.app.serve
     import atomkit.session
 
-    monkeypatch.setattr(atomkit.session.Session, "use", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(atomkit.session.Session, "get", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(atomkit.app.serve, "serve", lambda *a, **k: pytest.fail("the app was served"))
     (tmp_path / "taken").write_text("not a folder")
-    argv = [a.format(video=samples["bikes.mp4"], file=tmp_path / "taken") for a in argv]
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(video=samples["bikes.mp4"], file=tmp_path / "taken", tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+    assert err.startswith("atomkit: error: ") and err.count("\n") == 1  # one line
+
+
+def test_os_and_value_errors_are_one_line_errors(samples, tmp_path, capsys, monkeypatch):
+    import atomkit.tasks
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomkit.tasks, "stitch", full)
+    argv = ["assemble", str(samples["carphone_pristine.mp4"]), "--prompt", "a reel", "--out", str(tmp_path / "o"), *TINY]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "atomkit: error: [Errno 28] No space left on device (OSError; ATOMKIT_DEBUG=1 shows where)" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o" / "reel.mp4").exists()
+    monkeypatch.setenv("ATOMKIT_DEBUG", "1")
+    with pytest.raises(OSError, match="No space left"):
+        main(argv)

@@ -5,18 +5,19 @@ and a scripted stepper whose preferences are known; the integration test runs Sm
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 import atomkit
 from atomkit.registry import LoadOptions, get_spec
-from atomkit.script import parse_script, script_messages
-import re
+from atomkit.script import parse_script
+from atomkit.structured import NEXT, one_sentence, script_json, subject
 
-from atomkit.structured import LINE_OPEN, MIN_LINE_TOKENS, NEXT_ENTRY, WORD_SLACK, script_json
-
-CLIPS = [("dog#00", "a dog jumps over a fence"), ("car#01", "a red car drives by"), ("cat#02", "a cat sleeps")]
+CLIPS = [("dog#00", "A dog jumps over a fence."), ("car#01", "A red car (a kind of vehicle), or perhaps a cab."),
+         ("cat#02", "A cat sleeps")]
+CAPTIONS = [c for _, c in CLIPS]
 
 
 class CountingStepper:
@@ -47,62 +48,32 @@ def tiny():
     return get_spec("tiny-default").load("decoder", LoadOptions())
 
 
-@pytest.mark.parametrize("budget", [160, 40])
-def test_script_is_valid_json_with_every_clip_once(tiny, budget):
+def test_subject_and_one_sentence():
+    assert subject("An albatross (a kind of bird), or perhaps a gorilla.") == "An albatross"
+    assert subject("A tripod.") == "A tripod" and subject("  A dog jumps over a fence") == "A dog jumps over a fence"
+    assert one_sentence("An albatross soars. It is big") == "An albatross soars."
+    assert one_sentence("An albatross, a seabird with long wings, soaring over the") == \
+        "An albatross, a seabird with long wings."
+    assert one_sentence("A tripod, on") == "A tripod, on."  # no clause of three words to cut back to
+    assert one_sentence("") == ""
+
+
+def test_script_is_valid_json_with_every_clip_once_and_a_line_each(tiny):
     stepper = CountingStepper(tiny.stepper("torch"))
     with torch.inference_mode():
-        raw = script_json(tiny, stepper, script_messages("make a reel", CLIPS), len(CLIPS), max_new_tokens=budget)
+        raw = script_json(tiny, stepper, "make a reel", CAPTIONS)
     entries = json.loads(raw)  # strict JSON, not the lenient parser
-    assert sorted(e["clip"] for e in entries) == ["c1", "c2", "c3"]  # every clip once, whatever the budget
-    script = parse_script(raw, CLIPS)
+    assert sorted(e["clip"] for e in entries) == ["c1", "c2", "c3"]
+    assert stepper.steps <= 3 * (1 + len(tiny._ids(NEXT)[0]))  # a handle and a separator per clip, no more
+    for e in entries:  # each line is about its own clip: it starts with that clip's subject
+        # (the stand-in tokenizer of the tiny model is uncased)
+        assert e["line"].lower().startswith(subject(CAPTIONS[int(e["clip"][1:]) - 1]).lower()), entries
+    script = parse_script(raw, CLIPS, "make a reel")
     assert script.source == "decoder" and script.problems == []
-    line_tokens = [len(tiny._ids(e["line"])[0]) for e in entries]
-    if budget == 160:  # fixed pieces + lines within the budget
-        assert stepper.steps <= budget
-    else:  # 40 tokens hardly cover the fixed pieces: every line still gets MIN_LINE_TOKENS (+ a word's end)
-        assert max(line_tokens) <= MIN_LINE_TOKENS + WORD_SLACK
 
 
-class PreferenceStepper:
-    """A stepper whose next-token scores are fixed: it likes clip 3, then 1, then 2, and ends every
-    narration after two words by asking for a quote."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.vocab = len(tok)
-        ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        self.pref = {ids("3")[0]: 3.0, ids("1")[0]: 2.0, ids("2")[0]: 1.0}
-        self.words = ids(" hello world")
-        self.quote = next(i for i in range(self.vocab) if '"' in tok.decode([i]))
-        self.in_line = 0
-
-    def reset(self, batch_size, seq_len):
-        self.in_line = 0
-
-    def _logits(self):
-        x = torch.zeros(1, self.vocab)
-        for t, v in self.pref.items():
-            x[0, t] = v
-        x[0, self.words[self.in_line] if self.in_line < len(self.words) else self.quote] = 10.0
-        return x
-
-    def prefill(self, input_ids=None, inputs_embeds=None, pad=None):
-        return self._logits()
-
-    def step(self, tokens, pos):
-        t = int(tokens[0])
-        self.in_line = self.in_line + 1 if t in self.words else 0
-        return self._logits()
-
-    def reorder(self, index, keep=0):
-        pass
-
-
-def test_the_model_picks_the_order_and_ends_the_line(tiny):
-    raw = script_json(tiny, PreferenceStepper(tiny.tokenizer), script_messages("reel", CLIPS), 3, max_new_tokens=160)
-    entries = json.loads(raw)
-    assert [e["clip"] for e in entries] == ["c3", "c1", "c2"]  # its preference among clips not used yet
-    assert all(e["line"] == "hello world" for e in entries)  # stopped where it asked for a quote
+WORDS = ("apple brick cloud drum eagle flute grape harbor island jacket kettle lemon mirror needle orchid parrot "
+         "quilt rocket saddle tulip umbrella violin walrus yacht zebra anchor bottle candle dolphin engine falcon").split()
 
 
 class SplitDigits:
@@ -110,45 +81,35 @@ class SplitDigits:
     handles c10 and up are two tokens and c1 is a prefix of c12."""
 
     def __init__(self, dec):
-        self.dec, self.tokenizer = dec, dec.tokenizer
+        self.dec = dec
+
+    def __getattr__(self, name):
+        return getattr(self.dec, name)
 
     def _ids(self, text):
         return self.dec._ids(re.sub(r"(?<=\d)(?=\d)", " ", text))
 
-    def render(self, messages):
-        return self.dec.render(messages)
-
-    def stop_ids(self):
-        return self.dec.stop_ids()
-
 
 class WantsOrder:
-    """A stepper that wants the clips in a given order: while a handle is written it scores the next token of
-    the handle it wants (and the token after a handle once that handle is complete) highest; a narration line
-    is "clip <k>" and then a quote."""
+    """A stepper that wants the clips in a given order: it scores the next token of the handle it wants highest,
+    and the token after a handle once that handle is complete; every digit is a plausible, worse choice."""
 
     def __init__(self, dec, order):
         self.order, self.ids = list(order), lambda s: dec._ids(s)[0].tolist()
         self.vocab = len(dec.tokenizer)
-        self.open, self.next_entry = self.ids(LINE_OPEN), self.ids(NEXT_ENTRY)
-        self.end = self.open[0]
-        self.quote = next(i for i in range(self.vocab) if '"' in dec.tokenizer.decode([i]))
-        self.written, self.fed, self.mode, self.line = [], [], "handle", []
+        self.next = self.ids(NEXT)
+        self.written, self.fed, self.separator = [], [], []
 
     def reset(self, batch_size, seq_len):
         pass
 
     def _logits(self):
         x = torch.zeros(1, self.vocab)
-        if self.mode == "handle":
+        for t in range(10):
+            x[0, self.ids(str(t))[0]] = 1.0
+        if len(self.written) < len(self.order) and not self.separator:
             want = self.ids(str(self.order[len(self.written)]))
-            done = self.fed[-len(want):] == want if len(self.fed) >= len(want) else False
-            x[0, self.end if done else want[len(self.fed)]] = 10.0
-            for t in range(10):  # every other digit is a plausible but worse choice
-                x[0, self.ids(str(t))[0]] += 1.0
-        elif not self.fed:
-            words = self.ids(f" clip {self.written[-1]}")
-            x[0, words[len(self.line)] if len(self.line) < len(words) else self.quote] = 10.0
+            x[0, self.next[0] if self.fed == want else want[len(self.fed)]] = 10.0
         return x
 
     def prefill(self, input_ids=None, inputs_embeds=None, pad=None):
@@ -156,18 +117,13 @@ class WantsOrder:
 
     def step(self, tokens, pos):
         t = int(tokens[0])
-        if self.mode == "handle":
-            if t == self.end:
-                self.written.append(self.order[len(self.written)])
-                self.mode, self.line, self.fed = "line", [], self.open[1:]
-            else:
-                self.fed.append(t)
-        elif self.fed:  # the rest of the line's opening
-            self.fed = self.fed[1:]
+        if self.separator:  # the rest of the separator
+            self.separator.pop(0)
+        elif t == self.next[0]:
+            self.written.append(self.order[len(self.written)])
+            self.fed, self.separator = [], self.next[1:]
         else:
-            self.line.append(t)
-            if self.line[-len(self.next_entry):] == self.next_entry:
-                self.mode = "handle"
+            self.fed.append(t)
         return self._logits()
 
     def reorder(self, index, keep=0):
@@ -178,14 +134,16 @@ class WantsOrder:
 def test_scripts_of_many_clips_use_multi_token_handles(tiny, n):
     dec = SplitDigits(tiny)
     assert len(dec._ids("12")[0]) == 2  # c12 is two tokens and starts like c1
-    clips = [(f"v{i}#00", f"caption {i}") for i in range(1, n + 1)]
+    captions = [f"A {w}, or perhaps something else" for w in WORDS[:n]]
     order = [12, 1, 10, 2, 11, 3] + [k for k in range(n, 0, -1) if k not in (12, 1, 10, 2, 11, 3)]
-    raw = script_json(dec, WantsOrder(dec, order), script_messages("reel", clips), n, max_new_tokens=160)
+    with torch.inference_mode():
+        raw = script_json(dec, WantsOrder(dec, order), "reel", captions)
     entries = json.loads(raw)
     assert [e["clip"] for e in entries] == [f"c{k}" for k in order]  # c1 is not taken where c12 was wanted
-    lines = [re.sub(r"(?<=\d) (?=\d)", "", e["line"]) for e in entries]  # the tokenizer spaced the digits
-    assert lines == [f"clip {k}" for k in order]  # a line written for each clip
-    script = parse_script(raw, clips)
+    for k, e in zip(order, entries):  # each line starts with its own clip's subject (no word starts another)
+        assert [w for w in WORDS[:n] if e["line"].lower().startswith(f"a {w}")] == [WORDS[k - 1]], e
+    clips = [(f"v{i}#00", c) for i, c in enumerate(captions, 1)]
+    script = parse_script(raw, clips, "reel")
     assert script.source == "decoder" and script.problems == [] and len(script.entries) == n
 
 
@@ -201,13 +159,18 @@ def test_write_script_uses_structured_decoding_on_a_stepper_backend():
 
 @pytest.mark.integration
 def test_smollm2_scripts_always_parse():
-    clips = [("a#0", "a majestic sea lion and a king penguin"), ("b#0", "a red sports car on a road"),
-             ("c#0", "a person in an academic gown talking")]
+    clips = [("a#0", "A king penguin (a kind of bird), or perhaps a sea lion."), ("b#0", "A sports car on a road."),
+             ("c#0", "An academic gown (a kind of clothing), or perhaps a bow tie.")]
     with atomkit.Session("default", device="cpu") as s:
         dec = s.get("decoder")
         for prompt in ("make a highlight reel", "show the animals", "vehicles and movement"):
             with torch.inference_mode():
-                raw = script_json(dec, dec.stepper("torch"), script_messages(prompt, clips), 3, max_new_tokens=160)
-            script = parse_script(raw, clips)
+                raw = script_json(dec, dec.stepper("torch"), prompt, [c for _, c in clips])
+            script = parse_script(raw, clips, prompt)
             assert script.source == "decoder" and script.problems == [], raw
-            assert sorted(script.order) == ["a#0", "b#0", "c#0"] and all(e.narration for e in script.entries)
+            assert sorted(script.order) == ["a#0", "b#0", "c#0"]
+            caption = dict(clips)
+            for e in script.entries:  # a line of its own for each clip, starting with its subject
+                assert e.narration.startswith(subject(caption[e.clip_id])), raw
+            # the decoder wrote on after the subject ("A king penguin, with its majestic appearance ...")
+            assert sum(len(e.narration) > len(subject(caption[e.clip_id])) + 1 for e in script.entries) >= 2, raw
