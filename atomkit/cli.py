@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="decode engine backend (auto = exact fp32 static-cache engine; int4, int8, bf16, "
                    "int4-compiled trade exactness for speed; hf = transformers generate; see `atomkit bench-decode`)")
     g.add_argument("--programs", metavar="DIR", help="run the modules exported there by `atomkit export` (.pte)")
+    g.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
+                   help="refuse, before loading, a module that would take the resident modules past MIB MiB; the "
+                   "error says which settings would fit (e.g. 1500 for a phone-sized share)")
     v = p.add_argument_group("video")
     v.add_argument("--window", type=float, default=10.0, help="clip length in seconds (default: 10)")
     v.add_argument("--stride", type=float, default=5.0, help="hop between clip starts in seconds (default: 5)")
@@ -299,7 +302,7 @@ def _session(args):
     from .session import Session
 
     return Session(args.models, device=args.device, weights=args.weights, random_weights=args.random_weights,
-                   programs=args.programs,
+                   programs=args.programs, memory_budget_mib=getattr(args, "memory_budget", None),
                    decode=DecodeConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
                                        caption_batch=args.caption_batch, backend=args.backend,
                                        captions=getattr(args, "captions", "grounded")),

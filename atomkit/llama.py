@@ -44,12 +44,14 @@ class Linear:
     sees many rows, such as the output head, which a prefill applies to the last position only).
     """
 
-    def __init__(self, w: torch.Tensor, kind: str, rows: str = "bf16"):
+    def __init__(self, w: torch.Tensor, kind: str, rows: str = "bf16", *, owned: bool = False):
         self.kind, self.out_features = kind, w.shape[0]
+        self.owned = owned  # ``w`` is this Linear's own tensor (a fused concatenation), not the model's
         w = w.detach()
-        self.full = w  # the model's fp32 tensor (no copy)
         quantized = kind in ("int8", "int4")
-        self.rows_w = w.to(torch.bfloat16) if quantized and rows == "bf16" and w.is_cpu else None
+        self.rows_w = w.to(torch.bfloat16) if quantized and rows == "bf16" and not w.is_cuda else None
+        # the fp32 weights: the model's tensor (no copy), kept for a prefill only where no bf16 copy serves it
+        self.full = w if kind == "fp32" or self.rows_w is None else None
         if kind == "fp32":
             self.w = w  # the model's own tensor: no copy
         elif kind == "bf16":
@@ -92,8 +94,19 @@ class Linear:
         return y.float().reshape(*shape, self.out_features)
 
     def nbytes(self) -> int:
+        """Bytes of the weights a one-token step reads (values and scales)."""
         extra = [getattr(self, a) for a in ("scale", "sz") if hasattr(self, a)]
         return sum(t.numel() * t.element_size() for t in [self.w, *extra])
+
+    def held_bytes(self) -> int:
+        """Bytes this Linear keeps in memory beyond the model's own tensors (packed weights, scales, bf16 prefill
+        copies, fused concatenations)."""
+        held = 0 if self.kind == "fp32" and not self.owned else self.nbytes()
+        if self.rows_w is not None:
+            held += self.rows_w.numel() * self.rows_w.element_size()
+        if self.owned and self.full is not None and self.full is not self.w:
+            held += self.full.numel() * self.full.element_size()
+        return held
 
 
 class LlamaStepper:
@@ -134,8 +147,8 @@ class LlamaStepper:
             L = dict(ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
                      o=Linear(a.o_proj.weight, weights), down=Linear(m.down_proj.weight, weights))
             if fuse:
-                L["qkv"] = Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), weights)
-                L["gate_up"] = Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), weights)
+                L["qkv"] = Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), weights, owned=True)
+                L["gate_up"] = Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), weights, owned=True)
             else:
                 L.update(q=Linear(a.q_proj.weight, weights), k=Linear(a.k_proj.weight, weights),
                          v=Linear(a.v_proj.weight, weights), gate=Linear(m.gate_proj.weight, weights),
@@ -287,7 +300,14 @@ class LlamaStepper:
             x = self._mlp(L, x + L["o"](a.transpose(1, 2).reshape(b, 1, -1)))
         return self.lm_head(self._rms(x[:, -1], self.norm)).float()
 
+    def _linears(self) -> list[Linear]:
+        return [v for L in self.layers for v in L.values() if isinstance(v, Linear)] + [self.lm_head]
+
     def weight_bytes(self) -> int:
         """Bytes of the matrices this stepper reads per token (embedding table excluded)."""
-        lins = [v for L in self.layers for v in L.values() if isinstance(v, Linear)] + [self.lm_head]
-        return sum(lin.nbytes() for lin in lins)
+        return sum(lin.nbytes() for lin in self._linears())
+
+    def held_bytes(self) -> int:
+        """Bytes of weights this stepper holds beyond the model's own tensors (the KV cache not counted: it is
+        sized per generation)."""
+        return sum(lin.held_bytes() for lin in self._linears())

@@ -41,10 +41,23 @@ class ModelSpec:
     encoder: Callable[[LoadOptions], VideoEncoder]
     decoder: Callable[[LoadOptions], TextDecoder]
     embedder: Callable[[LoadOptions], SentenceEmbedder]
+    # module -> builds its architecture without reading weights (called under torch.device("meta") by
+    # atomkit.budget to know a module's size before loading it); random-weight specs use their loaders
+    arch: dict[str, Callable[[LoadOptions], torch.nn.Module]] | None = None
     test_only: bool = False  # tiny random-weight models: unit tests only, their text is noise
 
     def is_random(self, opts: LoadOptions) -> bool:
         return self.test_only or opts.random_weights
+
+    def architecture(self, module: str, opts: LoadOptions) -> torch.nn.Module:
+        """The module's architecture as its loader builds it, without reading weights: call it under
+        ``torch.device("meta")`` to get shapes and sizes without memory (``atomkit.budget``)."""
+        if module not in MODULES:
+            raise ValueError(f"unknown module {module!r}; modules are {MODULES}")
+        build = (self.arch or {}).get(module)
+        if build is None and not self.is_random(opts):
+            raise ValueError(f"model {self.name!r} does not say how to build its {module} without weights")
+        return (build or getattr(self, module))(opts).eval()
 
     def load(self, module: str, opts: LoadOptions):
         if module not in MODULES:
@@ -113,6 +126,39 @@ def _default_decoder(opts: LoadOptions) -> TextDecoder:
 
 def _minilm(opts: LoadOptions) -> SentenceEmbedder:
     return minilm(W.minilm_dir(), device=opts.device)
+
+
+# -- architectures without weights (atomkit.budget builds them on the meta device) -----------------
+def _lite0_arch(opts: LoadOptions) -> VideoEncoder:
+    return efficientnet_lite0(pretrained=False)
+
+
+def _smollm2_arch(opts: LoadOptions) -> TextDecoder:
+    """SmolLM2's architecture from the converted copy's config (converting first if this is the first use)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(W.smollm2_converted(opts.cache), local_files_only=True)
+    return TextDecoder(LlamaForCausalLM(config), tokenizer=None)
+
+
+def _minilm_arch(opts: LoadOptions) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig.from_pretrained(str(W.minilm_dir()), local_files_only=True))
+
+
+def _paper_encoder_arch(opts: LoadOptions) -> VideoEncoder:
+    return clip_vision("ViT-L-14")
+
+
+def _paper_decoder_arch(opts: LoadOptions) -> TextDecoder:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = llama32_1b_config() if opts.random_weights else \
+        LlamaConfig.from_pretrained(W.paper_weights(opts.weights)["llama"], local_files_only=True)
+    dec = TextDecoder(LlamaForCausalLM(config), tokenizer=None)
+    dec.projector = Projector(768, config.hidden_size)
+    return dec
 
 
 # -- atom-paper: CLIP ViT-L/14 -> projector -> Llama-3.2-1B ---------------------------------------
@@ -199,14 +245,16 @@ _SPECS = {
     s.name: s
     for s in [
         ModelSpec("default", "EfficientNet-Lite0 concepts -> SmolLM2-135M-Instruct captions; all-MiniLM-L6-v2 "
-                  "(real weights from registry packages)", _default_encoder, _default_decoder, _minilm),
+                  "(real weights from registry packages)", _default_encoder, _default_decoder, _minilm,
+                  arch={"encoder": _lite0_arch, "decoder": _smollm2_arch, "embedder": _minilm_arch}),
         ModelSpec("atom-paper", "the paper's CLIP ViT-L/14 -> projector -> Llama-3.2-1B; all-MiniLM-L6-v2 "
                   f"(weights you supply: --weights DIR or ${W.PAPER_WEIGHTS_ENV}; or --random-weights)",
-                  _paper_encoder, _paper_decoder, _minilm),
+                  _paper_encoder, _paper_decoder, _minilm,
+                  arch={"encoder": _paper_encoder_arch, "decoder": _paper_decoder_arch, "embedder": _minilm_arch}),
         ModelSpec("tiny-default", "EfficientNet-Lite0 + 2-layer Llama, random weights (unit tests only)",
-                  _tiny_default_encoder, _tiny_decoder, _minilm, test_only=True),
+                  _tiny_default_encoder, _tiny_decoder, _minilm, arch={"embedder": _minilm_arch}, test_only=True),
         ModelSpec("tiny-paper", "2-layer ViT -> projector -> 2-layer Llama, random weights (unit tests only)",
-                  _tiny_paper_encoder, _tiny_paper_decoder, _minilm, test_only=True),
+                  _tiny_paper_encoder, _tiny_paper_decoder, _minilm, arch={"embedder": _minilm_arch}, test_only=True),
     ]
 }
 

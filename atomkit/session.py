@@ -39,11 +39,13 @@ def check_device(device: str | None) -> str | None:
 
 def module_bytes(module: torch.nn.Module) -> tuple[int, int]:
     """(parameter count, bytes held by parameters and buffers) of a module; quantized weights count
-    their real storage and tied weights count once."""
+    their real storage, tied weights count once, and a decoder's built engines count what they hold beyond
+    its weights (packed weights, bf16 prefill copies)."""
     from .quant import weight_bytes
 
     params = sum(p.numel() for p in module.parameters())
-    return params, weight_bytes(module)["total"]
+    engine = getattr(module, "engine_bytes", None)
+    return params, weight_bytes(module)["total"] + (engine() if engine else 0)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Session:
     def __init__(self, model: str = "default", *, device: str | None = None, weights: str | Path | None = None,
                  random_weights: bool = False, cache: str | Path | None = None,
                  decode: DecodeConfig | None = None, window: WindowConfig | None = None, quant: str = "none",
-                 programs: str | Path | None = None):
+                 programs: str | Path | None = None, memory_budget_mib: float | None = None):
         from .quant import _check_scheme
 
         _check_scheme(quant)
@@ -93,6 +95,12 @@ class Session:
                                    weights=Path(weights) if weights else None,
                                    random_weights=random_weights,
                                    cache=Path(cache) if cache else None)
+        if memory_budget_mib is not None and not memory_budget_mib > 0:
+            from .errors import InputError
+
+            raise InputError(f"the memory budget must be a number of MiB > 0, got {memory_budget_mib}")
+        # resident modules may not exceed this (atomkit.budget): a module that would is refused before it loads
+        self.memory_budget_mib = memory_budget_mib
         self.decode = decode or DecodeConfig()
         self.window = window or WindowConfig()
         self._device_arg, self._programs_arg = device, str(programs) if programs else None
@@ -108,7 +116,8 @@ class Session:
         o = self.options
         return {"model": self.model, "device": self._device_arg, "weights": str(o.weights) if o.weights else None,
                 "random_weights": o.random_weights, "cache": str(o.cache) if o.cache else None,
-                "decode": self.decode, "window": self.window, "quant": self.quant, "programs": self._programs_arg}
+                "decode": self.decode, "window": self.window, "quant": self.quant, "programs": self._programs_arg,
+                "memory_budget_mib": self.memory_budget_mib}
 
     # -- modules -----------------------------------------------------------------------------------
     @property
@@ -130,6 +139,9 @@ class Session:
             raise ValueError(f"unknown module {module!r}; modules are {MODULES}")
         with self._load_locks[module]:
             if module not in self._modules:
+                from .budget import check
+
+                check(self, module)  # refused before anything is read when it would not fit the memory budget
                 t0 = time.perf_counter()
                 program = self.programs and self.programs.get(module)
                 if program:

@@ -86,6 +86,12 @@ class TextDecoder(nn.Module):
             engines[name] = get_engine(name, self)
         return engines[name]
 
+    def engine_bytes(self) -> int:
+        """Bytes the built decode engines hold beyond the LM's own weights (packed weights, bf16 prefill copies,
+        fused matrices); part of what a resident decoder costs."""
+        engines = self.__dict__.get("_engines", {})
+        return sum(getattr(getattr(e, "stepper", None), "held_bytes", lambda: 0)() for e in engines.values())
+
     def stop_ids(self) -> list[int]:
         """The token ids decoding stops at: the LM's EOS ids, none when ``stop_at_eos`` is False."""
         from ..engine import _eos_list

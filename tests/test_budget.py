@@ -1,0 +1,58 @@
+"""A module's size before it loads (atomkit.budget.footprint) and the session's memory budget."""
+from __future__ import annotations
+
+import pytest
+
+import atomkit
+from atomkit.budget import MIB, MemoryBudgetError, footprint
+from atomkit.cli import main
+from atomkit.session import module_bytes
+
+
+@pytest.mark.parametrize("quant, backend", [("none", "torch"), ("none", "int8"), ("none", "int4"), ("none", "fused"),
+                                            ("int8", "hf"), ("int4", "hf")])
+def test_footprint_is_what_the_loaded_module_holds(quant, backend):
+    with atomkit.Session("tiny-default", device="cpu", quant=quant, decode=atomkit.DecodeConfig(backend=backend)) as s:
+        for module in ("encoder", "decoder", "embedder"):
+            before = footprint(s.spec, module, s.options, quant=quant, backend=backend)
+            assert s.loaded().count(module) == 0  # measured without loading
+            assert before.total == module_bytes(s.get(module))[1] == s.load_report()[module]["bytes"], module
+            if module == "decoder" and backend in ("int8", "int4", "fused"):
+                assert before.engine > 0  # packed weights, bf16 copies or fused matrices are counted
+
+
+@pytest.mark.integration
+def test_footprint_of_the_default_models():
+    with atomkit.Session("default", device="cpu", decode=atomkit.DecodeConfig(backend="int4")) as s:
+        sizes = {m: footprint(s.spec, m, s.options, backend="int4") for m in ("encoder", "decoder", "embedder")}
+        for m, f in sizes.items():
+            assert module_bytes(s.get(m))[1] == f.total, m
+        # SmolLM2-135M: 134.5 M fp32 parameters (tied head) + the int4 engine's packed weights and bf16 copies
+        assert 500 < sizes["decoder"].weights / MIB < 520 and 250 < sizes["decoder"].engine / MIB < 350
+
+
+def test_a_module_that_would_not_fit_is_refused_before_it_loads(samples):
+    need = {m: footprint(atomkit.registry.get_spec("tiny-default"), m, atomkit.registry.LoadOptions()).total
+            for m in ("encoder", "decoder", "embedder")}
+    budget = (need["encoder"] + need["decoder"] // 2) / MIB  # the encoder fits, the decoder does not
+    with atomkit.Session("tiny-default", device="cpu", memory_budget_mib=budget) as s:
+        with pytest.raises(MemoryBudgetError) as e:
+            s.caption([samples["carphone_pristine.mp4"]])
+        assert s.loaded() == ["encoder"]  # the decoder was refused before anything of it was read
+    msg = str(e.value)
+    assert f"loading the decoder of 'tiny-default' needs {need['decoder'] / MIB:.0f} MiB" in msg
+    assert f"{need['encoder'] / MIB:.0f} MiB resident (encoder)" in msg
+    assert "what would fit: torchao int8 weights (Session(quant='int8'))" in msg  # int8 decoder: ~1/3 the bytes
+
+
+def test_memory_budget_from_the_command_line(samples, capsys):
+    argv = ["caption", str(samples["carphone_pristine.mp4"]), "--models", "tiny-default", "--device", "cpu",
+            "--memory-budget", "20", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    # the encoder (18 MiB) fits in 20 MiB, the decoder (8 MiB) no longer does
+    assert err.startswith("atomkit: error: loading the decoder of 'tiny-default' needs 8 MiB but the memory budget "
+                          "is 20 MiB with 18 MiB resident (encoder)"), err
+    assert "Traceback" not in err
+    assert main([*argv[:-3], "--memory-budget", "0", "-q"]) == 2
+    assert "memory budget must be a number of MiB > 0" in capsys.readouterr().err
