@@ -261,9 +261,9 @@ class HFEngine:
 
 def _llama(**opts) -> Callable:
     def make(decoder, max_seq_len: int | None = None):
-        from .llama import LlamaStepper
+        from .engine_store import stepper  # packed once, then read from the decoder's engine store
 
-        return LlamaStepper(decoder.lm, max_seq_len=max_seq_len, **opts)
+        return stepper(decoder, max_seq_len=max_seq_len, **opts)
     return make
 
 

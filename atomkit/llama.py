@@ -93,6 +93,38 @@ class Linear:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w, INT4_GROUP, self.sz)
         return y.float().reshape(*shape, self.out_features)
 
+    _STORED = ("w", "scale", "sz", "rows_w")  # what ``state`` holds: everything packing computed
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors packing computed (for the engine store, ``atomkit.engine_store``); empty for a Linear that
+        only refers to the model's own fp32 tensor."""
+        if self.kind == "fp32" and not self.owned:
+            return {}
+        state = {a: getattr(self, a) for a in self._STORED if getattr(self, a, None) is not None}
+        if self.owned and self.full is not None and self.full is not self.w:
+            state["full"] = self.full  # a fused fp32 matrix that prefills use (no bf16 copy on this device)
+        return state
+
+    @classmethod
+    def restore(cls, w: torch.Tensor, kind: str, state: dict[str, torch.Tensor], *, owned: bool = False) -> "Linear":
+        """A Linear from ``state`` (what ``state()`` returned for the same ``w`` and ``kind``): no packing is redone.
+        ``w`` is the model's fp32 tensor (for an owned Linear, only its shape is used)."""
+        self = cls.__new__(cls)
+        self.kind, self.out_features, self.owned = kind, w.shape[0], owned
+        self.rows_w = state.get("rows_w")
+        if kind == "fp32" and not owned:
+            self.w = w.detach()
+        else:
+            for a in cls._STORED:
+                if a in state:
+                    setattr(self, a, state[a])
+        self.full = self.w if kind == "fp32" else state.get("full", w.detach() if not owned else None)
+        if self.rows_w is not None:
+            self.full = None
+        if self.full is None and self.rows_w is None:
+            raise ValueError(f"a stored {kind} Linear of shape {tuple(w.shape)} has neither prefill weights nor a model tensor")
+        return self
+
     def nbytes(self) -> int:
         """Bytes of the weights a one-token step reads (values and scales)."""
         extra = [getattr(self, a) for a in ("scale", "sz") if hasattr(self, a)]
@@ -119,10 +151,12 @@ class LlamaStepper:
             exact arithmetic, so the exact backend keeps them apart).
         compile: run the one-token step under ``torch.compile``.
         max_seq_len: the longest prompt + new tokens this stepper accepts.
+        packed: what ``packed_state()`` returned for the same LM and settings (``atomkit.engine_store``): the
+            matrices are taken from it instead of being converted again.
     """
 
     def __init__(self, lm, *, weights: str = "fp32", fuse: bool = False, compile: bool = False,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, packed: dict[str, torch.Tensor] | None = None):
         cfg = lm.config
         self.name = "llama-" + weights + ("-compiled" if compile else "")
         self.kind = weights
@@ -141,21 +175,35 @@ class LlamaStepper:
         self.inv_freq = rot.inv_freq.detach().float()
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
         self.norm = model.norm.weight.detach()
+        stored = packed is not None
+        groups: dict[str, dict[str, torch.Tensor]] = {}  # stored tensors by Linear name
+        for key, t in (packed or {}).items():
+            name, attr = key.rsplit(".", 1)
+            groups.setdefault(name, {})[attr] = t
+
+        def linear(name: str, ws: list[torch.Tensor], kind: str, rows: str = "bf16") -> Linear:
+            """The Linear of the model tensors ``ws`` (several: fused along the output), packed or restored."""
+            owned = len(ws) > 1
+            if not stored:
+                return Linear(torch.cat(ws) if owned else ws[0], kind, rows, owned=owned)
+            shape = torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], device="meta") if owned else ws[0]
+            return Linear.restore(shape, kind, groups.get(name, {}), owned=owned)
+
         self.layers = []
-        for layer in model.layers:
-            a, m = layer.self_attn, layer.mlp
+        for i, layer in enumerate(model.layers):
+            a, m, p = layer.self_attn, layer.mlp, f"layers.{i}."
             L = dict(ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
-                     o=Linear(a.o_proj.weight, weights), down=Linear(m.down_proj.weight, weights))
+                     o=linear(p + "o", [a.o_proj.weight], weights), down=linear(p + "down", [m.down_proj.weight], weights))
             if fuse:
-                L["qkv"] = Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), weights, owned=True)
-                L["gate_up"] = Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), weights, owned=True)
+                L["qkv"] = linear(p + "qkv", [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], weights)
+                L["gate_up"] = linear(p + "gate_up", [m.gate_proj.weight, m.up_proj.weight], weights)
             else:
-                L.update(q=Linear(a.q_proj.weight, weights), k=Linear(a.k_proj.weight, weights),
-                         v=Linear(a.v_proj.weight, weights), gate=Linear(m.gate_proj.weight, weights),
-                         up=Linear(m.up_proj.weight, weights))
+                L.update({n: linear(p + n, [w], weights) for n, w in (
+                    ("q", a.q_proj.weight), ("k", a.k_proj.weight), ("v", a.v_proj.weight),
+                    ("gate", m.gate_proj.weight), ("up", m.up_proj.weight))})
             self.layers.append(L)
         # int4 output rows lose too much (the GGUF stores them as Q8_0): int8 for the head of int4
-        self.lm_head = Linear(lm.lm_head.weight, "int8" if weights == "int4" else weights, rows="fp32")
+        self.lm_head = linear("lm_head", [lm.lm_head.weight], "int8" if weights == "int4" else weights, rows="fp32")
         self.fuse = fuse
         self.compiled = compile
         self._step_fn = torch.compile(self._step_static, dynamic=False) if compile else None
@@ -300,8 +348,18 @@ class LlamaStepper:
             x = self._mlp(L, x + L["o"](a.transpose(1, 2).reshape(b, 1, -1)))
         return self.lm_head(self._rms(x[:, -1], self.norm)).float()
 
+    def _named_linears(self) -> dict[str, Linear]:
+        named = {f"layers.{i}.{k}": v for i, L in enumerate(self.layers) for k, v in L.items() if isinstance(v, Linear)}
+        return {**named, "lm_head": self.lm_head}
+
     def _linears(self) -> list[Linear]:
-        return [v for L in self.layers for v in L.values() if isinstance(v, Linear)] + [self.lm_head]
+        return list(self._named_linears().values())
+
+    def packed_state(self) -> dict[str, torch.Tensor]:
+        """Everything this stepper computed from the LM's weights (packed and quantized matrices, scales, bf16
+        prefill copies, fused matrices), by name: ``LlamaStepper(lm, ..., packed=...)`` rebuilds it without
+        converting anything."""
+        return {f"{name}.{k}": t for name, lin in self._named_linears().items() for k, t in lin.state().items()}
 
     def weight_bytes(self) -> int:
         """Bytes of the matrices this stepper reads per token (embedding table excluded)."""

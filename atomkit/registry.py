@@ -121,7 +121,9 @@ def _default_decoder(opts: LoadOptions) -> TextDecoder:
 
     folder = W.smollm2_converted(opts.cache)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    return TextDecoder(lm.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    dec = TextDecoder(lm.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    dec.store = (opts.cache or cache_dir()) / "engines"
+    return dec
 
 
 def _minilm(opts: LoadOptions) -> SentenceEmbedder:
@@ -216,7 +218,9 @@ def _paper_decoder(opts: LoadOptions) -> TextDecoder:
     projector.load_state_dict(load_file(str(files["projector"])))
     tok = AutoTokenizer.from_pretrained(files["llama"], local_files_only=True)
     # random weights: never stop at EOS, so every run decodes the full length (what latency work wants)
-    return TextDecoder(lm.eval(), tok, projector=projector, stop_at_eos=not opts.random_weights)
+    dec = TextDecoder(lm.eval(), tok, projector=projector, stop_at_eos=not opts.random_weights)
+    dec.store = (opts.cache or cache_dir()) / "engines"
+    return dec
 
 
 # -- tiny random-weight versions of both architectures: unit tests only --------------------------

@@ -10,6 +10,8 @@ giving it the clip:
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Sequence
 
 import torch
@@ -49,6 +51,7 @@ class TextDecoder(nn.Module):
         self.projector = projector
         self.tokenizer = tokenizer
         self.stop_at_eos = stop_at_eos
+        self.store: Path | None = None  # the engine store folder (atomkit.engine_store); None: pack in memory
 
     @property
     def device(self) -> torch.device:
