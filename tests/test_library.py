@@ -87,6 +87,9 @@ def test_unique_ids():
     got = unique_ids([Path("/a/day1/G1.mp4"), Path("/a/day2/G1.mp4"), Path("/a/x.mp4"), Path("/b/day1/G1.mp4")])
     assert got == {Path("/a/day1/G1.mp4"): "a/day1/G1", Path("/a/day2/G1.mp4"): "day2/G1", Path("/a/x.mp4"): "x",
                    Path("/b/day1/G1.mp4"): "b/day1/G1"}
+    same_stem = [Path("/v/h264.mkv"), Path("/v/h264.mov"), Path("/w/h264.mkv"), Path("/v/other.mp4")]
+    assert unique_ids(same_stem) == {Path("/v/h264.mkv"): "v/h264.mkv", Path("/v/h264.mov"): "h264.mov",
+                                     Path("/w/h264.mkv"): "w/h264", Path("/v/other.mp4"): "other"}
 
 
 def test_moved_file_keeps_its_clips_and_a_changed_one_is_captioned_again(tiny_session, lib, folder, samples):
