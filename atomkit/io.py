@@ -25,8 +25,26 @@ def _unlink_quietly(path: str | Path) -> None:
         os.unlink(path)
 
 
+def printable(text: str) -> str:
+    """``text`` with each lone surrogate written as ``\\udcXX``, so that it always encodes to valid UTF-8.
+
+    A file name that is not valid UTF-8 reaches Python as a str with lone surrogates (``os.fsdecode``,
+    surrogateescape: byte 0xE9 is ``"\\udce9"``), which UTF-8 cannot encode (printing it, or sending it to a
+    page, fails). Every other character is kept as itself.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_text(obj) -> str:
+    """`obj` as JSON text (indent 2, non-ASCII kept) that always encodes to valid UTF-8, losslessly: a lone
+    surrogate (:func:`printable`) becomes the JSON escape ``\\udcXX``, so ``json.loads`` gives back the same
+    str, and ``os.fsencode`` of a file name the original bytes."""
+    return printable(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
 def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write `obj` as JSON (indent 2, UTF-8, trailing newline) to `path` atomically.
+    """Write `obj` as JSON (:func:`json_text`: indent 2, UTF-8, names that are not UTF-8 escaped losslessly,
+    trailing newline) to `path` atomically.
 
     The JSON goes to a temp file in the same directory, is flushed and fsync'd, then renamed over
     `path`. On any failure (including serialisation errors) the temp file is removed and the
@@ -39,7 +57,7 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     )
     try:
         with tmp:
-            json.dump(obj, tmp, indent=2, ensure_ascii=False)
+            tmp.write(json_text(obj))
             tmp.write("\n")
             tmp.flush()
             os.fsync(tmp.fileno())

@@ -92,6 +92,7 @@ class Assembly:
     reel: Path
     reel_info: dict
     outputs: dict[str, Path]
+    dropped: list[dict] = field(default_factory=list)  # clips left out of the reel: {"clip_id", "video", "reason"}
 
 
 @dataclass
@@ -299,7 +300,8 @@ def render(session, captions: Captions, prompt: str, hits: Sequence[Hit], script
     """Stitch the clips of ``script`` in its order into ``out_dir/reel_name`` and write ``captions.json`` and
     ``script.json`` beside it (each atomically). ``cuts`` maps a clip id to trimmed ``(start_s, end_s)`` in
     its source video (the clip's own window otherwise); ``logger`` goes to moviepy (a proglog logger, "bar"
-    or None). The script's clip ids must be clips of ``captions``, each at most once."""
+    or None). The script's clip ids must be clips of ``captions``, each at most once. A clip that cannot be
+    stitched is left out of the reel and listed under ``"dropped"`` in ``script.json`` and the ``Assembly``."""
     by_id = captions.by_id()
     unknown = [cid for cid in script.order if cid not in by_id]
     if unknown:
@@ -315,10 +317,11 @@ def render(session, captions: Captions, prompt: str, hits: Sequence[Hit], script
     out_dir.mkdir(parents=True, exist_ok=True)
     reel = out_dir / reel_name
     info = stitch(chosen, reel, logger=logger)
+    dropped = info.pop("dropped")
     outputs = {"reel": reel, "captions": out_dir / "captions.json", "script": out_dir / "script.json"}
     write_json_atomic(outputs["captions"], captions.to_dict())
     write_json_atomic(outputs["script"], {
         "prompt": prompt, "model": session.model, "random_weights": session.random_weights,
-        "retrieved": [h.to_dict() for h in hits], **script.to_dict(), "reel": info,
+        "retrieved": [h.to_dict() for h in hits], **script.to_dict(), "reel": info, "dropped": dropped,
     })
-    return Assembly(prompt, list(hits), script, reel, info, outputs)
+    return Assembly(prompt, list(hits), script, reel, info, outputs, dropped)

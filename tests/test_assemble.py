@@ -238,6 +238,18 @@ def test_write_json_atomic(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
+def test_names_that_are_not_utf8_round_trip_through_json(tmp_path):
+    """A Latin-1 file name (bytes, as the OS gives them) is written as valid UTF-8 JSON and read back to the
+    same bytes; a name that spells a backslash escape itself stays apart from it."""
+    raw = [b"caf\xe9 latin-1.mp4", b"\\udce9 literal.mp4", "日本 ü.mp4".encode()]
+    names = [os.fsdecode(b) for b in raw]
+    path = write_json_atomic(tmp_path / "names.json", {"videos": names})
+    data = path.read_bytes()
+    text = data.decode("utf-8")  # valid UTF-8 (strict)
+    assert "\\udce9 latin-1.mp4" in text and "日本 ü.mp4" in text
+    assert [os.fsencode(n) for n in json.loads(text)["videos"]] == raw
+
+
 def test_write_json_atomic_failure_keeps_old_file_and_removes_temp(tmp_path):
     path = tmp_path / "script.json"
     write_json_atomic(path, {"ok": True})
