@@ -489,6 +489,8 @@ def _run(args) -> int:
                           + (f" ({n['unreadable']} unreadable file(s) recorded)" if n["unreadable"] else ""))
                     return 0 if report.captioned or report.cached or not report.skipped else 1
                 idx = load_index(session, lib, report.videos if report is not None else None)
+                if report is not None:  # what the library could not read goes into the result's "skipped" too
+                    idx.captions.skipped += report.skipped
             caps = idx.captions
             source = idx
         else:

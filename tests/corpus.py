@@ -31,6 +31,7 @@ class Expect:
         display: ``(width, height)`` as the video is shown, rotation applied (captioned entries).
         dropped: A part of the reason it is left out of a reel (captioned entries moviepy cannot read);
             empty: it is in the reel.
+        colour: The background colour of its frames (captioned corpus entries): tells its reel segment apart.
     """
 
     group: str
@@ -38,6 +39,7 @@ class Expect:
     reason: str = ""
     display: tuple[int, int] | None = None
     dropped: str = ""
+    colour: tuple[int, int, int] | None = None
 
 
 def _picture(w: int, h: int, i: int, colour: tuple[int, int, int]) -> np.ndarray:
@@ -141,7 +143,7 @@ def write_corpus(folder: str | Path) -> dict[str, Expect]:
         return path
 
     def good(name: str, kind: str, display=(64, 48), dropped: str = "", **video) -> Path:
-        m[name] = Expect(CAPTIONED, kind, display=display, dropped=dropped)
+        m[name] = Expect(CAPTIONED, kind, display=display, dropped=dropped, colour=video["colour"])
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_video(path, **video)
