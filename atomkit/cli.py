@@ -373,7 +373,16 @@ def _print_skipped(caps) -> None:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
 
 
+def _printable_names() -> None:
+    """File names that are not UTF-8 (lone surrogates in Python) print as ``\\udcXX`` escapes instead of
+    crashing a print or writing invalid UTF-8."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _printable_names()
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from .errors import AtomkitError
@@ -404,7 +413,7 @@ def _run(args) -> int:
         print("\n".join(str(p) for p in sample_videos()))
         return 0
 
-    from .io import write_json_atomic
+    from .io import json_text, write_json_atomic
 
     if args.command in ("caption", "retrieve", "assemble", "eval", "index") and getattr(args, "out", None):
         _check_out_dir(Path(args.out))
@@ -489,11 +498,13 @@ def _run(args) -> int:
                               "load": session.load_report()}
                     result.pop("videos", None)
                     n = result["counts"]
-                    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else
+                    print(json_text(result) if args.json else
                           f"{lib.path}: {n['clips']} clips of {n['videos'] - n['unreadable']} videos"
                           + (f" ({n['unreadable']} unreadable file(s) recorded)" if n["unreadable"] else ""))
                     return 0 if report.captioned or report.cached or not report.skipped else 1
                 idx = load_index(session, lib, report.videos if report is not None else None)
+                if report is not None:  # what the library could not read goes into the result's "skipped" too
+                    idx.captions.skipped += report.skipped
             caps = idx.captions
             source = idx
         else:
@@ -547,15 +558,19 @@ def _run(args) -> int:
             result = {"reel": str(asm.reel), "duration_s": asm.reel_info["duration_s"],
                       "script_source": asm.script.source, "problems": asm.script.problems,
                       "order": asm.script.order, "outputs": {k: str(v) for k, v in asm.outputs.items()},
-                      "skipped": [s.to_dict() for s in caps.skipped]}
+                      "skipped": [s.to_dict() for s in caps.skipped], "dropped": asm.dropped}
+            for d in asm.dropped:
+                print(f"dropped {d['clip_id']} ({d['video']}) from the reel: {d['reason']}", file=sys.stderr)
             lines = [f"{i + 1}. {e.clip_id:24s} {e.narration}" for i, e in enumerate(asm.script.entries)]
             lines.append(f"script from the {asm.script.source}"
                          + (f" ({'; '.join(asm.script.problems)})" if asm.script.problems else ""))
-            lines.append(f"wrote {asm.reel} ({asm.reel_info['duration_s']:.1f} s, {len(asm.script.entries)} clips), "
-                         f"{asm.outputs['script']}, {asm.outputs['captions']}")
+            dropped = (f"; dropped {len(asm.dropped)} that could not be read: "
+                       + ", ".join(d["clip_id"] for d in asm.dropped)) if asm.dropped else ""
+            lines.append(f"wrote {asm.reel} ({asm.reel_info['duration_s']:.1f} s, {asm.reel_info['n_clips']} clips"
+                         f"{dropped}), {asm.outputs['script']}, {asm.outputs['captions']}")
         result["load"] = session.load_report()
         if args.json:
-            print(json.dumps(result, indent=2, ensure_ascii=False))
+            print(json_text(result))
         else:
             print("\n".join(lines))
             loads = ", ".join(f"{m} {s['seconds']:.1f} s" for m, s in session.load_report().items())

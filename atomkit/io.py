@@ -92,15 +92,31 @@ def remove_stale(path: str | Path) -> list[Path]:
     return removed
 
 
+def printable(text: str) -> str:
+    """``text`` with each lone surrogate written as ``\\udcXX``, so that it always encodes to valid UTF-8.
+
+    A file name that is not valid UTF-8 reaches Python as a str with lone surrogates (``os.fsdecode``,
+    surrogateescape: byte 0xE9 is ``"\\udce9"``), which UTF-8 cannot encode (printing it, or sending it to a
+    page, fails). Every other character is kept as itself.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_text(obj) -> str:
+    """`obj` as JSON text (indent 2, non-ASCII kept) that always encodes to valid UTF-8, losslessly: a lone
+    surrogate (:func:`printable`) becomes the JSON escape ``\\udcXX``, so ``json.loads`` gives back the same
+    str, and ``os.fsencode`` of a file name the original bytes."""
+    return printable(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
 def _dumps(obj) -> bytes:
-    """JSON text (indent 2, UTF-8, trailing newline). Names the OS gave as undecodable bytes (lone surrogates,
-    Python's surrogateescape) are written as ``\\udcXX`` escapes, so the file stays valid UTF-8 and
-    ``os.fsencode(json.loads(...))`` gives the original bytes back."""
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8", errors="backslashreplace")
+    """:func:`json_text` with a trailing newline, as UTF-8 bytes."""
+    return (json_text(obj) + "\n").encode("utf-8")
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write `obj` as JSON (indent 2, UTF-8, trailing newline) to `path` atomically.
+    """Write `obj` as JSON (:func:`json_text`: indent 2, UTF-8, names that are not UTF-8 escaped losslessly,
+    trailing newline) to `path` atomically.
 
     The JSON goes to a temp file in the same directory, is flushed and fsync'd, then renamed over
     `path`. On any failure (including serialisation errors) the temp file is removed and the

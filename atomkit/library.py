@@ -2,8 +2,9 @@
 
 Tables (schema version in ``PRAGMA user_version``):
 
-* ``videos``: one row per file: path, size, mtime, a content fingerprint, duration, and the reason when it
-  could not be read (retried only once the file changes);
+* ``videos``: one row per file: path (text; the file system's bytes, as a BLOB, for a name that is not
+  UTF-8), size, mtime, a content fingerprint, duration, and the reason when it could not be read (retried
+  only once the file changes);
 * ``configs``: the settings that produce captions (model, quantization, decoding, windows, atomkit version),
   stored as JSON under their hash: clips made under another configuration are never mixed in;
 * ``clips``: the windows of a video under one configuration: bounds, caption, concepts and the caption's
@@ -101,6 +102,21 @@ def config_of(session) -> dict:
             "ranking": RANKING}
 
 
+def _stored(path: str | Path) -> str | bytes:
+    """A path as the ``videos.path`` column holds it: text, or the file system's bytes (a BLOB) for a name
+    that is not valid UTF-8, which SQLite text cannot hold; :func:`_path` reads either back unchanged."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+    return text
+
+
+def _path(stored: str | bytes) -> Path:
+    return Path(os.fsdecode(stored))
+
+
 @dataclass(frozen=True)
 class VideoRow:
     id: int
@@ -181,18 +197,18 @@ class Library:
 
     def video(self, path: Path) -> VideoRow | None:
         row = self._db.execute("SELECT id, path, size, mtime_ns, fingerprint, duration_s, error FROM videos "
-                               "WHERE path=?", (str(path),)).fetchone()
-        return VideoRow(row[0], Path(row[1]), *row[2:]) if row else None
+                               "WHERE path=?", (_stored(path),)).fetchone()
+        return VideoRow(row[0], _path(row[1]), *row[2:]) if row else None
 
     def videos(self) -> list[VideoRow]:
         rows = self._db.execute("SELECT id, path, size, mtime_ns, fingerprint, duration_s, error FROM videos "
                                 "ORDER BY path").fetchall()
-        return [VideoRow(r[0], Path(r[1]), *r[2:]) for r in rows]
+        return [VideoRow(r[0], _path(r[1]), *r[2:]) for r in rows]
 
     def by_fingerprint(self, fp: str) -> list[VideoRow]:
         rows = self._db.execute("SELECT id, path, size, mtime_ns, fingerprint, duration_s, error FROM videos "
                                 "WHERE fingerprint=?", (fp,)).fetchall()
-        return [VideoRow(r[0], Path(r[1]), *r[2:]) for r in rows]
+        return [VideoRow(r[0], _path(r[1]), *r[2:]) for r in rows]
 
     def is_done(self, video_id: int, config_id: int) -> bool:
         return self._db.execute("SELECT 1 FROM done WHERE video_id=? AND config_id=?",
@@ -201,7 +217,7 @@ class Library:
     def move(self, video_id: int, path: Path, size: int, mtime_ns: int) -> None:
         """A file found again under another path (same fingerprint): its clips move with it."""
         with self.transaction() as db:
-            db.execute("UPDATE videos SET path=?, size=?, mtime_ns=? WHERE id=?", (str(path), size, mtime_ns, video_id))
+            db.execute("UPDATE videos SET path=?, size=?, mtime_ns=? WHERE id=?", (_stored(path), size, mtime_ns, video_id))
 
     def touch(self, video_id: int, size: int, mtime_ns: int) -> None:
         with self.transaction() as db:
@@ -217,8 +233,8 @@ class Library:
                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
                        "mtime_ns=excluded.mtime_ns, fingerprint=excluded.fingerprint, "
                        "duration_s=excluded.duration_s, error=excluded.error",
-                       (str(path), size, mtime_ns, fp, duration_s, error))
-            vid = db.execute("SELECT id FROM videos WHERE path=?", (str(path),)).fetchone()[0]
+                       (_stored(path), size, mtime_ns, fp, duration_s, error))
+            vid = db.execute("SELECT id FROM videos WHERE path=?", (_stored(path),)).fetchone()[0]
             db.execute("DELETE FROM clips WHERE video_id=? AND config_id=?", (vid, config_id))
             db.execute("DELETE FROM done WHERE video_id=? AND config_id=?", (vid, config_id))
             db.executemany("INSERT INTO clips(video_id, config_id, idx, start_s, end_s, caption, concepts, embedding) "
@@ -241,9 +257,9 @@ class Library:
             "SELECT v.path, c.idx, c.start_s, c.end_s, c.caption, c.concepts, c.embedding FROM clips c "
             "JOIN videos v ON v.id = c.video_id WHERE c.config_id=? ORDER BY v.path, c.idx", (config_id,)).fetchall()
         if videos is not None:
-            wanted = {str(p) for p in videos}
+            wanted = {_stored(p) for p in videos}
             rows = [r for r in rows if r[0] in wanted]
-        return [(Path(p), i, a, b, cap, [tuple(x) for x in json.loads(con)], np.frombuffer(vec, dtype=np.float32))
+        return [(_path(p), i, a, b, cap, [tuple(x) for x in json.loads(con)], np.frombuffer(vec, dtype=np.float32))
                 for p, i, a, b, cap, con, vec in rows]
 
     def counts(self) -> dict[str, int]:

@@ -92,6 +92,7 @@ class Assembly:
     reel: Path
     reel_info: dict
     outputs: dict[str, Path]
+    dropped: list[dict] = field(default_factory=list)  # clips left out of the reel: {"clip_id", "video", "reason"}
 
 
 @dataclass
@@ -302,7 +303,8 @@ def render(session, captions: Captions, prompt: str, hits: Sequence[Hit], script
     of this run or all three of the previous one, whenever the process is killed; ``script.json`` records the
     SHA-256 of the reel and of ``captions.json``). ``cuts`` maps a clip id to trimmed ``(start_s, end_s)`` in
     its source video (the clip's own window otherwise); ``logger`` goes to moviepy (a proglog logger, "bar"
-    or None). The script's clip ids must be clips of ``captions``, each at most once."""
+    or None). The script's clip ids must be clips of ``captions``, each at most once. A clip that cannot be
+    stitched is left out of the reel and listed under ``"dropped"`` in ``script.json`` and the ``Assembly``."""
     by_id = captions.by_id()
     unknown = [cid for cid in script.order if cid not in by_id]
     if unknown:
@@ -318,14 +320,14 @@ def render(session, captions: Captions, prompt: str, hits: Sequence[Hit], script
     names = {"reel": reel_name, "captions": "captions.json", "script": "script.json"}
     with output_set(out_dir, names.values()) as stage:  # the three files appear together or not at all
         info = stitch(chosen, stage / reel_name, logger=logger)
+        dropped = info.pop("dropped")
         info["path"] = str(out_dir / reel_name)
         info["sha256"] = sha256_file(stage / reel_name)
         write_json_atomic(stage / names["captions"], captions.to_dict())
         write_json_atomic(stage / names["script"], {
             "prompt": prompt, "model": session.model, "random_weights": session.random_weights,
-            "retrieved": [h.to_dict() for h in hits], **script.to_dict(), "reel": info,
+            "retrieved": [h.to_dict() for h in hits], **script.to_dict(), "reel": info, "dropped": dropped,
             "captions_sha256": sha256_file(stage / names["captions"]),
         })
     outputs = {k: out_dir / name for k, name in names.items()}
-    reel = outputs["reel"]
-    return Assembly(prompt, list(hits), script, reel, info, outputs)
+    return Assembly(prompt, list(hits), script, outputs["reel"], info, outputs, dropped)

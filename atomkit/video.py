@@ -22,6 +22,9 @@ from .errors import VideoError
 VIDEO_SUFFIXES: frozenset[str] = frozenset(
     ".mp4 .m4v .mov .avi .mkv .webm .3gp .3g2 .mpg .mpeg .ts .mts .m2ts .wmv .flv .ogv .h264"
     .split())
+# Suffixes of audio files: a folder's audio files are reported as skipped (nothing to caption), not counted as
+# other files, so a voice memo next to the videos is named rather than passed over in silence.
+AUDIO_SUFFIXES: frozenset[str] = frozenset(".m4a .mp3 .wav .aac .flac .ogg .oga .opus .wma .aiff".split())
 
 _AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)  # what PyAV raises on bad input
 _EPS = 1e-6  # tolerance on times in seconds (float noise)
@@ -35,9 +38,10 @@ class VideoInfo:
     path: Path
     duration_s: float
     fps: float
-    width: int
+    width: int  # as shown: the display rotation applied
     height: int
     codec: str
+    rotation: int = 0  # display rotation tagged in the file, degrees counter-clockwise (0, 90, 180, 270)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,42 @@ class Clip:
 def _message(e: Exception) -> str:
     """FFmpeg's message without the ``[Errno N]`` prefix and file name PyAV adds."""
     return getattr(e, "strerror", None) or str(e)
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """How many quarter turns counter-clockwise the file's display matrix asks for (0-3)."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def _display_rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+    """RGB array ``(height, width, 3)`` of the frame as it is meant to be shown: scaled (bilinear) while it is
+    converted, so a 4K frame never exists as a full-size RGB array, then turned by its display rotation."""
+    turns = _quarter_turns(frame)
+    w, h = (height, width) if turns % 2 else (width, height)
+    rgb = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BILINEAR")
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def _display_size(frame: av.VideoFrame) -> tuple[int, int]:
+    """``(width, height)`` of the frame as shown (its display rotation applied)."""
+    return (frame.height, frame.width) if _quarter_turns(frame) % 2 else (frame.width, frame.height)
+
+
+def _cut_short(path: Path) -> str:
+    """A hint for a file FFmpeg cannot open that starts like an MP4/MOV (an ``ftyp`` box): its index is gone."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return ""
+    return ("; it starts like an MP4/MOV but its index (moov) is missing: the file was cut short (an unfinished "
+            "recording or copy)") if head[4:8] == b"ftyp" else ""
+
+
+def _still_image(container) -> bool:
+    """FFmpeg read the file with a single-image demuxer (a photo, whatever its name says)."""
+    name = container.format.name
+    return name == "image2" or name.endswith("_pipe")
 
 
 def _check_file(path: Path) -> None:
@@ -107,11 +147,13 @@ def probe(path: str | Path) -> VideoInfo:
         path: The video file.
 
     Returns:
-        Duration, frame rate (0.0 if unknown), frame size and codec of the first video stream.
+        Duration, frame rate (0.0 if unknown), frame size as shown (the display rotation applied),
+        codec and display rotation of the first video stream.
 
     Raises:
-        VideoError: The file is missing, a directory, empty, not a video FFmpeg can read, has no
-            video stream, its video cannot be decoded, or its duration is not positive.
+        VideoError: The file is missing, a directory, empty, not a video FFmpeg can read (a file cut
+            short is named as such), a still image, has no video stream, no decoder for its codec, its
+            video cannot be decoded, or its duration is not positive.
     """
     path = Path(path)
     _check_file(path)
@@ -122,6 +164,12 @@ def probe(path: str | Path) -> VideoInfo:
                 raise VideoError(path, f"no video stream{audio}")
             stream = container.streams.video[0]
             codec = getattr(stream.codec_context, "name", None) or "unknown"
+            if _still_image(container):
+                raise VideoError(path, f"a still image ({codec.upper()}), not a video; only videos are cut into "
+                                       "clips")
+            if stream.codec_context is None:
+                raise VideoError(path, "no decoder for its video codec in this FFmpeg build (an unknown or "
+                                       "unsupported codec); convert it, e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`")
             try:
                 frame = next(iter(container.decode(stream)), None)
             except _AV_ERRORS as e:
@@ -139,10 +187,10 @@ def probe(path: str | Path) -> VideoInfo:
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
     except _AV_ERRORS as e:
-        raise VideoError(path, f"not a readable video file: {_message(e)}") from e
+        raise VideoError(path, f"not a readable video file: {_message(e)}{_cut_short(path)}") from e
     if not duration > 0:
         raise VideoError(path, f"video duration is {duration} s; cannot cut it into clips")
-    return VideoInfo(path, duration, fps, frame.width, frame.height, codec)
+    return VideoInfo(path, duration, fps, *_display_size(frame), codec, _quarter_turns(frame) * 90)
 
 
 def window_bounds(duration_s: float, length_s: float, stride_s: float) -> list[tuple[float, float]]:
@@ -203,13 +251,13 @@ def frame_times(clip: Clip, n: int) -> list[float]:
 
 
 def _to_square_rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
-    """RGB array ``(size, size, 3)``: short side resized to ``size``, then centre-cropped."""
-    w, h = frame.width, frame.height
+    """RGB array ``(size, size, 3)`` of the frame as shown: short side resized to ``size``, then centre-cropped."""
+    w, h = _display_size(frame)
     if w <= h:
         new_w, new_h = size, max(size, round(h * size / w))
     else:
         new_w, new_h = max(size, round(w * size / h)), size
-    rgb = frame.to_ndarray(format="rgb24", width=new_w, height=new_h, interpolation="BILINEAR")
+    rgb = _display_rgb(frame, new_w, new_h)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return rgb[top:top + size, left:left + size]
 
@@ -261,9 +309,10 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str | 
     Only the needed part is decoded: seek to the keyframe before the first target, decode
     forward keeping one frame, stop after the last target; if the seek fails or lands past
     the first target (some containers seek poorly), decode from the start instead. Each frame
-    is resized (bilinear) to ``cfg.size`` x ``cfg.size`` whole, as a plain classifier pass sees it
-    (``fit="crop"``: resized so its short side is ``cfg.size``, then centre-cropped to a square, which
-    drops the sides of a wide frame). ``fit`` overrides ``cfg.fit``.
+    is turned by the file's display rotation (a phone's portrait video is seen upright) and resized (bilinear,
+    while it is converted: a 4K frame is never held at full size in RGB) to ``cfg.size`` x ``cfg.size``
+    whole, as a plain classifier pass sees it (``fit="crop"``: resized so its short side is ``cfg.size``,
+    then centre-cropped to a square, which drops the sides of a wide frame). ``fit`` overrides ``cfg.fit``.
 
     Args:
         clip: The clip to sample.
@@ -279,8 +328,7 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str | 
     if fit not in ("crop", "whole"):
         raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
     size = cfg.size
-    convert = (lambda f: _to_square_rgb(f, size)) if fit == "crop" else \
-        (lambda f: f.to_ndarray(format="rgb24", width=size, height=size, interpolation="BILINEAR"))
+    convert = (lambda f: _to_square_rgb(f, size)) if fit == "crop" else (lambda f: _display_rgb(f, size, size))
     picked = _frames_at(Path(clip.video), frame_times(clip, cfg.frames), convert,
                         f"clip {clip.start_s:.3f}-{clip.end_s:.3f} s")
     array = np.stack(picked)  # (T, H, W, 3)
@@ -308,7 +356,7 @@ def _frames_at(path: Path, targets: list[float], convert: Callable, what: str) -
 
 
 def thumbnail(video: str | Path, time_s: float, *, width: int = 192) -> bytes:
-    """A JPEG of the frame shown at ``time_s`` (s from the stream start), scaled to ``width`` px wide.
+    """A JPEG of the frame shown at ``time_s`` (s from the stream start), upright, scaled to ``width`` px wide.
 
     Used for clip thumbnails (a frame from the middle of the clip). The frame is picked as
     :func:`sample_frames` picks them (the last frame of the stream if it ends first).
@@ -318,13 +366,15 @@ def thumbnail(video: str | Path, time_s: float, *, width: int = 192) -> bytes:
     """
     import io as _io
 
+    from PIL import Image
+
     if width < 8:
         raise ValueError(f"thumbnail width must be >= 8 px, got {width}")
 
     def jpeg(frame: av.VideoFrame) -> bytes:
-        height = max(2, round(frame.height * width / frame.width))
+        w, h = _display_size(frame)
         buf = _io.BytesIO()
-        frame.to_image(width=width, height=height).save(buf, format="JPEG", quality=85)
+        Image.fromarray(_display_rgb(frame, width, max(2, round(h * width / w)))).save(buf, format="JPEG", quality=85)
         return buf.getvalue()
 
     return _frames_at(Path(video), [max(0.0, float(time_s))], jpeg, f"a thumbnail at {time_s:.2f} s")[0]
@@ -332,8 +382,9 @@ def thumbnail(video: str | Path, time_s: float, *, width: int = 192) -> bytes:
 
 def preview(video: str | Path, start_s: float, end_s: float, out: str | Path, *, width: int = 320,
             max_fps: float = 30.0) -> Path:
-    """Write ``[start_s, end_s)`` of a video as a small silent H.264 mp4 (``width`` px wide) for playing in a
-    page: decoded and re-encoded with PyAV directly, which is several times faster than a moviepy render.
+    """Write ``[start_s, end_s)`` of a video as a small silent H.264 mp4 (``width`` px wide, upright: the display
+    rotation applied) for playing in a page: decoded and re-encoded with PyAV directly, which is several times
+    faster than a moviepy render.
 
     Raises:
         VideoError: The file cannot be opened or no frame of the span decodes.
@@ -361,12 +412,14 @@ def preview(video: str | Path, start_s: float, end_s: float, out: str | Path, *,
                 if t is not None and t < start_s + written / rate - 0.5 / rate:
                     continue  # a source faster than max_fps: drop frames, keep the clip's length
                 if enc is None:
-                    height = max(2, round(frame.height * width / frame.width / 2) * 2)
+                    shown_w, shown_h = _display_size(frame)
+                    height = max(2, round(shown_h * width / shown_w / 2) * 2)
                     fps = Fraction(rate).limit_denominator(1001)
                     enc = dst.add_stream("libx264", rate=fps)
                     enc.width, enc.height, enc.pix_fmt = width, height, "yuv420p"
                     enc.options = {"preset": "ultrafast", "crf": "28"}
-                small = frame.reformat(width=width, height=height, format="yuv420p")
+                small = av.VideoFrame.from_ndarray(_display_rgb(frame, width, height), format="rgb24")
+                small = small.reformat(format="yuv420p")
                 small.pts, small.time_base = written, 1 / fps  # frame n shows at n / fps
                 for packet in enc.encode(small):
                     dst.mux(packet)
@@ -394,7 +447,8 @@ class Scan:
 
 def _walk(folder: Path, problems: list, visited: set) -> tuple[list[Path], int]:
     """Video files under ``folder``, recursively, sorted per folder; symlinked folders are followed once each
-    (a loop ends where it started) and dangling links are reported."""
+    (a loop ends where it started). Dangling links, audio files and folders named like videos that hold none
+    are reported."""
     try:
         key = (folder.stat().st_dev, folder.stat().st_ino)
     except OSError as e:
@@ -412,14 +466,19 @@ def _walk(folder: Path, problems: list, visited: set) -> tuple[list[Path], int]:
     for entry in entries:
         if entry.name.startswith("."):
             continue
+        suffix = entry.suffix.lower()
         if entry.is_symlink() and not entry.exists():
             problems.append((entry, "dangling symbolic link (its target does not exist)"))
         elif entry.is_dir():
             sub, n = _walk(entry, problems, visited)
+            if not sub and suffix in VIDEO_SUFFIXES:
+                problems.append((entry, "a folder named like a video, with no video file in it"))
             found += sub
             others += n
-        elif entry.suffix.lower() in VIDEO_SUFFIXES:
+        elif suffix in VIDEO_SUFFIXES:
             found.append(entry)
+        elif suffix in AUDIO_SUFFIXES:
+            problems.append((entry, "an audio file: no video stream, nothing to caption"))
         else:
             others += 1
     return found, others
@@ -430,7 +489,8 @@ def scan(paths: str | Path | Iterable[str | Path]) -> Scan:
 
     Folders are walked recursively (camera and phone folders nest: ``DCIM/100APPLE/...``), each folder's
     entries sorted, keeping non-hidden files whose lowercased suffix is in :data:`VIDEO_SUFFIXES`; hidden files
-    and folders are skipped, symlinked folders are followed once (loops are safe), dangling links are reported.
+    and folders are skipped, symlinked folders are followed once (loops are safe); dangling links, audio files
+    (:data:`AUDIO_SUFFIXES`) and folders named like a video without one inside are reported.
     Files named explicitly are kept whatever their suffix (:func:`probe` judges them). Duplicates (same resolved
     path) are dropped, order is kept.
 
@@ -468,13 +528,15 @@ def find_videos(
 
 
 def unique_ids(paths: Iterable[Path]) -> dict[Path, str]:
-    """A short name per video, unique among ``paths``: the file stem, with as many parent folders in front as
-    it takes to tell apart files of the same name (``day1/GOPR0001`` and ``day2/GOPR0001``)."""
+    """A short name per video, unique among ``paths``: the file stem, else the file name (``h264.mkv`` beside
+    ``h264.mov``), with as many parent folders in front as it takes to tell apart files of the same name
+    (``day1/GOPR0001`` and ``day2/GOPR0001``)."""
     paths = list(dict.fromkeys(Path(p) for p in paths))
     names: dict[Path, str] = {}
-    for depth in range(0, 64):
+    for depth, suffix in ((d, s) for d in range(0, 64) for s in (False, True)):
         def name(p: Path) -> str:
-            parts = [*p.parent.parts[len(p.parent.parts) - depth:], p.stem] if depth else [p.stem]
+            last = p.name if suffix else p.stem
+            parts = [*p.parent.parts[len(p.parent.parts) - depth:], last] if depth else [last]
             return "/".join(x for x in parts if x not in ("/", ""))
         pending = [p for p in paths if p not in names]
         if not pending:

@@ -16,6 +16,19 @@ def duration(path: Path) -> float:
         return float(s.duration * s.time_base) if s.duration else c.duration / av.time_base
 
 
+def frames_at(path: Path, times: list[float]) -> list[np.ndarray]:
+    """RGB frames shown at each of ``times`` (s, increasing), read in one pass over the video."""
+    picked, prev = [], None
+    with av.open(str(path)) as c:
+        for f in c.decode(c.streams.video[0]):
+            while len(picked) < len(times) and prev is not None and f.time > times[len(picked)]:
+                picked.append(prev)
+            if len(picked) == len(times):
+                break
+            prev = f.to_ndarray(format="rgb24")
+    return picked + [prev] * (len(times) - len(picked))
+
+
 def frame(path: Path, t: float) -> np.ndarray:
     """Grey centre crop (96 px) of the frame shown at t s, scaled to fit BOX as a reel frame is."""
     with av.open(str(path)) as c:

@@ -140,17 +140,57 @@ def test_stitch_without_audio_and_explicit_fps(sources, tmp_path):
     assert info["duration"] == pytest.approx(2.0, abs=0.25)
 
 
-def test_unreadable_source_is_an_assembly_error_and_leaves_nothing(sources, tmp_path):
-    red, _ = sources
+def test_unreadable_source_is_dropped_and_the_reel_made_from_the_rest(sources, tmp_path):
+    red, blue = sources
     bad = tmp_path / "src" / "broken.mp4"
     bad.parent.mkdir()
     bad.write_bytes(b"this is not a video")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    with pytest.raises(AssemblyError, match="broken.mp4") as err:
-        stitch([FakeClip(red, 0, 0.0, 1.0), FakeClip(bad, 0, 0.0, 1.0)], out_dir / "out.mp4", size=(96, 64))
-    assert err.value.__cause__ is not None
+    summary = stitch([FakeClip(red, 0, 0.0, 1.0), FakeClip(bad, 0, 0.0, 1.0), FakeClip(blue, 2, 0.0, 1.0)],
+                     out_dir / "out.mp4", size=(96, 64), audio=False)
+    assert [s["clip_id"] for s in summary["segments"]] == ["red#00", "blue#02"]
+    assert [(d["clip_id"], d["video"]) for d in summary["dropped"]] == [("broken#00", str(bad))]
+    assert "not a readable video file" in summary["dropped"][0]["reason"]
+    frames = probe(out_dir / "out.mp4")["frames"]
+    assert len(frames) == pytest.approx(20, abs=2)
+    assert near(frames[5][32, 48], RED) and near(frames[15][32, 48], BLUE)
+    assert leftovers(out_dir) == ["out.mp4"]
+
+
+def test_every_source_unreadable_is_an_assembly_error_naming_each_and_leaves_nothing(tmp_path):
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    photo = tmp_path / "photo.mp4"
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), RED).save(photo, format="JPEG")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(AssemblyError) as err:
+        stitch([FakeClip(text, 0, 0.0, 1.0), FakeClip(photo, 3, 0.0, 1.0)], out_dir / "out.mp4", size=(96, 64))
+    assert "notes#00" in str(err.value) and "photo#03" in str(err.value) and "still image" in str(err.value)
     assert leftovers(out_dir) == []
+
+
+def test_a_source_moviepy_cannot_read_is_dropped(sources, tmp_path):
+    """A Matroska file written without a duration (as a live recorder leaves it): PyAV probes and decodes it,
+    moviepy 2.1.2 cannot open it. Its clip is dropped with moviepy's reason and the fix, the rest is stitched."""
+    from corpus import write_video as write_any
+
+    from atomkit.video import probe as av_probe
+
+    red, _ = sources
+    live = write_any(tmp_path / "live.mkv", container_options={"live": "1"})
+    assert av_probe(live).duration_s == pytest.approx(1.0)
+    summary = stitch([FakeClip(live, 0, 0.0, 1.0), FakeClip(red, 1, 1.0, 2.0)], tmp_path / "out.mp4",
+                     size=(96, 64), audio=False)
+    assert [s["clip_id"] for s in summary["segments"]] == ["red#01"]
+    assert summary["dropped"] == [{"clip_id": "live#00", "video": str(live), "reason":
+                                   "moviepy cannot read it (OSError: MoviePy error: failed to read the duration of "
+                                   f"file '{live}'.); rewriting it into an mp4 may help: `ffmpeg -i IN -c copy OUT.mp4`"}]
+    assert summary["duration_s"] == pytest.approx(1.0)
+    assert near(probe(tmp_path / "out.mp4")["frames"][5][32, 48], RED)
 
 
 def test_write_failure_leaves_no_partial_file_and_keeps_the_old_reel(sources, tmp_path, monkeypatch):
@@ -196,6 +236,18 @@ def test_write_json_atomic(tmp_path):
     assert json.loads(path.read_text()) == {"n": 3}
     assert leftovers(path.parent) == ["script.json"]
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def test_names_that_are_not_utf8_round_trip_through_json(tmp_path):
+    """A Latin-1 file name (bytes, as the OS gives them) is written as valid UTF-8 JSON and read back to the
+    same bytes; a name that spells a backslash escape itself stays apart from it."""
+    raw = [b"caf\xe9 latin-1.mp4", b"\\udce9 literal.mp4", "日本 ü.mp4".encode()]
+    names = [os.fsdecode(b) for b in raw]
+    path = write_json_atomic(tmp_path / "names.json", {"videos": names})
+    data = path.read_bytes()
+    text = data.decode("utf-8")  # valid UTF-8 (strict)
+    assert "\\udce9 latin-1.mp4" in text and "日本 ü.mp4" in text
+    assert [os.fsencode(n) for n in json.loads(text)["videos"]] == raw
 
 
 def test_write_json_atomic_failure_keeps_old_file_and_removes_temp(tmp_path):
@@ -250,3 +302,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_rotated_and_portrait_sources_are_upright_and_pillarboxed(tmp_path):
+    """A 64x48 frame tagged to be shown turned 90 degrees counter-clockwise is a 48x64 portrait picture whose
+    left third (white) is at the bottom: in a 96x64 reel it is 48 px wide and centred, with black bars beside
+    it, never stretched to 4:3. A 4K source is scaled into the reel the same way."""
+    from corpus import write_video as write_tagged
+
+    colour = (40, 40, 160)
+    rotated = write_tagged(tmp_path / "rotated.mp4", rotation=90, colour=colour)
+    wide = write_tagged(tmp_path / "4k.mp4", size=(3840, 2160), frames=3, colour=colour)
+    summary = stitch([FakeClip(rotated, 0, 0.0, 1.0), FakeClip(wide, 0, 0.0, 0.3)], tmp_path / "reel.mp4",
+                     size=(96, 64), audio=False)
+    assert summary["dropped"] == []
+    frames = probe(tmp_path / "reel.mp4")["frames"]
+    f = frames[5].astype(int)  # the rotated clip
+    lit = np.nonzero(f.mean(axis=(0, 2)) > 20)[0]
+    assert (lit[0], lit[-1]) == pytest.approx((24, 71), abs=1)  # 48 px wide, centred: bars of 24 px
+    assert near(f[60, 48], (255, 255, 255), tol=30) and near(f[10, 48], colour, tol=30)  # white at the bottom
+    g = frames[-1].astype(int)  # the 4K clip: 16:9 into 3:2, letterboxed (96x54, 5 px bars)
+    assert near(g[32, 48], colour, tol=30) and near(g[1, 48], (0, 0, 0)) and near(g[32, 10], (255, 255, 255), tol=30)

@@ -87,6 +87,9 @@ def test_unique_ids():
     got = unique_ids([Path("/a/day1/G1.mp4"), Path("/a/day2/G1.mp4"), Path("/a/x.mp4"), Path("/b/day1/G1.mp4")])
     assert got == {Path("/a/day1/G1.mp4"): "a/day1/G1", Path("/a/day2/G1.mp4"): "day2/G1", Path("/a/x.mp4"): "x",
                    Path("/b/day1/G1.mp4"): "b/day1/G1"}
+    same_stem = [Path("/v/h264.mkv"), Path("/v/h264.mov"), Path("/w/h264.mkv"), Path("/v/other.mp4")]
+    assert unique_ids(same_stem) == {Path("/v/h264.mkv"): "v/h264.mkv", Path("/v/h264.mov"): "h264.mov",
+                                     Path("/w/h264.mkv"): "w/h264", Path("/v/other.mp4"): "other"}
 
 
 def test_moved_file_keeps_its_clips_and_a_changed_one_is_captioned_again(tiny_session, lib, folder, samples):
@@ -248,3 +251,23 @@ def test_cli_index_then_retrieve_from_the_library(folder, tmp_path, capsys):
     assert list(out["load"]) == ["embedder"]
     assert main(["retrieve", "--query", "x", *TINY_CLI]) == 2
     assert "give video files or folders, or --db" in capsys.readouterr().err
+
+
+def test_a_name_that_is_not_utf8_is_stored_and_read_back_unchanged(tiny_session, lib, tmp_path, samples):
+    """SQLite text cannot hold a Latin-1 file name: it is stored as its bytes and comes back as the same path,
+    so the next run finds it unchanged and an unreadable one is recorded too."""
+    folder = tmp_path / "latin"
+    folder.mkdir()
+    good = folder / os.fsdecode(b"caf\xe9.mp4")
+    bad = folder / os.fsdecode(b"cass\xe9.mp4")
+    shutil.copy(samples["carphone_pristine.mp4"], good)
+    bad.write_text("not a video")
+    first = update(tiny_session, lib, [folder])
+    assert first.captioned == [str(good.resolve())] and [s.path for s in first.skipped] == [str(bad.resolve())]
+    assert sorted(os.fsencode(v.path.name) for v in lib.videos()) == [b"caf\xe9.mp4", b"cass\xe9.mp4"]
+    [clip] = load_index(tiny_session, lib).captions.clips
+    assert os.fsencode(clip.clip.video) == os.fsencode(good.resolve()) and clip.id == os.fsdecode(b"caf\xe9#00")
+    again = update(tiny_session, lib, [folder])
+    assert again.captioned == [] and again.cached == [str(good.resolve())]
+    assert [(s.path, s.reason) for s in again.skipped] == [(str(bad.resolve()), first.skipped[0].reason)]
+    assert lib.counts() == {"videos": 2, "unreadable": 1, "clips": 1, "configs": 1}

@@ -433,3 +433,43 @@ def test_preview_is_the_span_small_and_in_real_time(samples, tmp_path):
     with pytest.raises(VideoError, match="broken.mp4"):
         preview(broken, 0, 1, tmp_path / "x.mp4")
     assert not (tmp_path / "x.mp4").exists()
+
+
+# --- display rotation ---------------------------------------------------------------------------
+
+# A 64x48 frame whose left third is white, tagged to be shown turned counter-clockwise by `rotation` degrees:
+# turned by 90 the left edge is at the bottom, by 270 (-90) at the top, by 180 on the right.
+WHITE_SIDE = {90: "bottom", -90: "top", 180: "right"}
+
+
+def _white_side(rgb: np.ndarray) -> str:
+    grey = rgb.astype(np.float32).mean(axis=-1)
+    h, w = grey.shape
+    sides = {"top": grey[: h // 4], "bottom": grey[-(h // 4):], "left": grey[:, : w // 4], "right": grey[:, -(w // 4):]}
+    return max(sides, key=lambda k: sides[k].mean())
+
+
+@pytest.mark.parametrize("rotation", sorted(WHITE_SIDE))
+def test_rotation_tag_turns_frames_thumbnails_and_previews_upright(rotation, tmp_path):
+    import io
+
+    from PIL import Image
+    from corpus import write_video as write_tagged
+
+    from atomkit.video import preview, thumbnail
+
+    path = write_tagged(tmp_path / "phone.mp4", rotation=rotation, colour=(40, 40, 160))
+    shown = (48, 64) if rotation % 180 else (64, 48)
+    info = probe(path)
+    assert ((info.width, info.height), info.rotation) == (shown, rotation % 360)
+    side = WHITE_SIDE[rotation]
+    for fit in ("whole", "crop"):
+        x = sample_frames(clips(path)[0], WindowConfig(frames=2, size=32, fit=fit))
+        assert _white_side(x[0, :, 0].permute(1, 2, 0).numpy()) == side, fit
+    thumb = Image.open(io.BytesIO(thumbnail(path, 0.5, width=48)))
+    assert thumb.size == (48, round(48 * shown[1] / shown[0]))
+    assert _white_side(np.asarray(thumb.convert("RGB"))) == side
+    with av.open(str(preview(path, 0.0, 1.0, tmp_path / "p.mp4", width=48))) as c:
+        first = next(c.decode(video=0))
+        assert (first.width, first.height) == (48, round(48 * shown[1] / shown[0] / 2) * 2)
+        assert _white_side(first.to_ndarray(format="rgb24")) == side

@@ -369,8 +369,9 @@ class AssemblyApp:
                 raise
             self.reel_bytes = done.reel.read_bytes()
             self.state.outputs, self.state.reel_info = done.outputs, done.reel_info
-            self.state.say(f"rendered {len(script.entries)} clips, {done.reel_info['duration_s']:.1f} s, "
-                           f"into {out}")
+            dropped = "".join(f"; dropped {d['clip_id']}: {d['reason']}" for d in done.dropped)
+            self.state.say(f"rendered {done.reel_info['n_clips']} clips, {done.reel_info['duration_s']:.1f} s, "
+                           f"into {out}{dropped}")
 
         return self._start("rendering", work)
 

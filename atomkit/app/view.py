@@ -9,6 +9,8 @@ from pathlib import Path
 
 import ipywidgets as W
 
+from ..io import printable
+
 _CSS = """
 <style>
 .ak-app { font-family: system-ui, sans-serif; max-width: 1100px; }
@@ -26,6 +28,12 @@ _CSS = """
 """
 
 
+def _h(text: str) -> str:
+    """Text for the page's HTML: escaped, and a file name that is not UTF-8 shown with ``\\udcXX`` escapes
+    (the page's messages must be valid UTF-8)."""
+    return html.escape(printable(text))
+
+
 def _button(label: str, cls: str, handler, *, tooltip: str = "", style: str = "") -> W.Button:
     b = W.Button(description=label, tooltip=tooltip or label, button_style=style,
                  layout=W.Layout(width="auto"))
@@ -35,7 +43,7 @@ def _button(label: str, cls: str, handler, *, tooltip: str = "", style: str = ""
 
 
 def _section(title: str, cls: str, *children) -> W.VBox:
-    head = W.HTML(f"<span class='ak-section-title'>{html.escape(title)}</span>")
+    head = W.HTML(f"<span class='ak-section-title'>{_h(title)}</span>")
     box = W.VBox([head, *children])
     box.add_class("ak-section")
     box.add_class(cls)
@@ -49,11 +57,11 @@ def _thumb(jpeg: bytes, width: int) -> W.Widget:
 
 
 def _clip_meta(c, *, with_caption: bool = True) -> str:
-    concepts = ", ".join(f"{html.escape(lbl)} {p:.2f}" for lbl, p in c.concepts[:3])
-    parts = [f"<b class='ak-clip-id'>{html.escape(c.id)}</b> · {c.clip.start_s:.1f}-{c.clip.end_s:.1f} s",
-             f"<span class='ak-muted'>{html.escape(Path(c.clip.video).name)}</span>"]
+    concepts = ", ".join(f"{_h(lbl)} {p:.2f}" for lbl, p in c.concepts[:3])
+    parts = [f"<b class='ak-clip-id'>{_h(c.id)}</b> · {c.clip.start_s:.1f}-{c.clip.end_s:.1f} s",
+             f"<span class='ak-muted'>{_h(Path(c.clip.video).name)}</span>"]
     if with_caption:
-        parts.append(f"<span class='ak-caption'>{html.escape(c.caption)}</span>")
+        parts.append(f"<span class='ak-caption'>{_h(c.caption)}</span>")
     if concepts:
         parts.append(f"<span class='ak-muted'>concepts: {concepts}</span>")
     return "<br>".join(parts)
@@ -124,14 +132,14 @@ class AppView:
         with self._lock:
             app, st = self.app, self.app.state
             busy = bool(st.busy)
-            self.status.value = f"<span class='ak-muted'>{html.escape(app.status())}</span>"
+            self.status.value = f"<span class='ak-muted'>{_h(app.status())}</span>"
             kind = "ak-error" if st.error else "ak-info"
-            self.message.value = f"<span class='{kind}'>{html.escape(st.message)}</span>" if st.message else ""
+            self.message.value = f"<span class='{kind}'>{_h(st.message)}</span>" if st.message else ""
             done, total = st.progress
             eta = st.eta_s()
             left = f" · about {eta:.0f} s left" if eta is not None else ""
-            self.busy.value = (f"<b>{html.escape(st.busy)}</b> {done}/{total}{left}" if busy and total
-                               else f"<b>{html.escape(st.busy)}</b>" if busy else "<span class='ak-muted'>idle</span>")
+            self.busy.value = (f"<b>{_h(st.busy)}</b> {done}/{total}{left}" if busy and total
+                               else f"<b>{_h(st.busy)}</b>" if busy else "<span class='ak-muted'>idle</span>")
             self.progress.max, self.progress.value = max(1, total), min(done, max(1, total))
             self.cancel.disabled = not busy
             for b in (self.open, self.samples, self.write, self.render):
@@ -147,7 +155,7 @@ class AppView:
         if not skipped:
             self.skipped.value = ""
             return
-        items = "".join(f"<li><code>{html.escape(s.path)}</code>: {html.escape(s.reason)}</li>" for s in skipped)
+        items = "".join(f"<li><code>{_h(s.path)}</code>: {_h(s.reason)}</li>" for s in skipped)
         self.skipped.value = f"<div class='ak-muted'>skipped {len(skipped)}:</div><ul>{items}</ul>"
 
     def _grid(self) -> None:
@@ -176,9 +184,9 @@ class AppView:
             self.edit_head.value = "<span class='ak-muted'>search first: the edit starts from the ranked clips</span>"
         else:
             chosen = edit.chosen()
-            self.edit_head.value = (f"“{html.escape(edit.prompt)}” · {len(chosen)} of {len(edit.cuts)} clips in the "
+            self.edit_head.value = (f"“{_h(edit.prompt)}” · {len(chosen)} of {len(edit.cuts)} clips in the "
                                     f"reel, {sum(c.duration_s for c in chosen):.1f} s · order from: "
-                                    f"{html.escape(edit.source)}")
+                                    f"{_h(edit.source)}")
         # rows are redrawn when the order, the included set or the lines (a draft) change; a trim or a typed
         # line is already shown by the widget that made it, so those rows stay (and keep the focus)
         key = None if edit is None else (id(edit), edit.drafts, tuple((c.clip_id, c.included) for c in edit.cuts))
@@ -212,7 +220,7 @@ class AppView:
         t_out.observe(trim, "value")
         meta = W.HTML(f"<div class='ak-cut-meta'><b>{i + 1}.</b> rank {cut.rank} · score {cut.score:.3f}<br>"
                       f"{_clip_meta(c, with_caption=False)}<br>"
-                      f"<span class='ak-muted'>caption: {html.escape(c.caption)}</span></div>",
+                      f"<span class='ak-muted'>caption: {_h(c.caption)}</span></div>",
                       layout=W.Layout(width="260px"))
         thumb = _thumb(app.thumbnail(cid), 112)
         buttons = W.VBox([_button("Up", "ak-up", lambda: app.change(edit.move, cid, -1)),
@@ -239,8 +247,8 @@ class AppView:
             if app.reel_bytes:
                 self.reel.value = app.reel_bytes
                 self.reel_box.layout.display = "flex"
-                outs = "".join(f"<li>{k}: <code>{html.escape(str(p))}</code></li>" for k, p in st.outputs.items())
-                order = " → ".join(html.escape(s["clip_id"]) for s in (st.reel_info or {}).get("segments", []))
+                outs = "".join(f"<li>{k}: <code>{_h(str(p))}</code></li>" for k, p in st.outputs.items())
+                order = " → ".join(_h(s["clip_id"]) for s in (st.reel_info or {}).get("segments", []))
                 self.outputs.value = f"<div class='ak-muted'>order: {order}</div><ul>{outs}</ul>"
 
     def _swap(self, box: W.Box, children: list) -> None:
