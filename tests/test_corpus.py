@@ -110,7 +110,7 @@ def test_assemble_writes_a_reel_of_every_readable_clip(corpus, tmp_path, capsysb
     code, stdout, err = _run(["assemble", str(folder), "--prompt", "make a highlight reel", "-k", "60",
                               "--out", str(out), *TINY], capsysbinary)
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["captions.json", "reel.mp4", "script.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".atomkit", "captions.json", "reel.mp4", "script.json"]
     _check_skipped(json.loads((out / "captions.json").read_text(encoding="utf-8"))["skipped"], err, folder, manifest)
     script = json.loads((out / "script.json").read_text(encoding="utf-8"))
     assert f"{printable(_clip_id(NON_UTF8_NAME))} " in stdout
