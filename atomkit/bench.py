@@ -101,6 +101,8 @@ class _Recorder:
         self.device, self.mon, self.cold = device, monitor, cold
         self.excluded = 0.0  # seconds spent dropping the page cache: not part of either path's time
         self.loads: list[float] = []
+        self.loads_by_module: dict[str, list[float]] = {}
+        self.files: dict[str, tuple[str, ...]] = {}  # module -> the weight files its load read
         self.prepare: list[float] = []  # of each load: readying the runtime (decode engine) after the read
         self.unloads: list[float] = []
         self.encode: list[float] = []
@@ -128,6 +130,8 @@ class _Recorder:
                 t0 = _clock(self.device)
                 session.get(m)
                 self.loads.append(_clock(self.device) - t0)
+                self.loads_by_module.setdefault(m, []).append(self.loads[-1])
+                self.files[m] = session.stats[m].files
                 self.prepare.append(session.stats[m].prepare_seconds)
         resident = sum(session.stats[m].bytes for m in session.loaded())
         self.weights_peak = max(self.weights_peak, resident)
@@ -440,6 +444,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
         memory[name] = {"model_weights_mib": round(max(rec.weights_peak for rec in recs[name]) / 2**20, 1),
                         **{key: max(sp[key] for sp in splits) for key in splits[0]}}
     memory["inputs_mib_per_clip"] = round(3 * 6 * 224 * 224 / 2**20, 2)  # uint8 frames; depth+2 groups in flight
+    floors = load_floors(recs, cold)
     return {
         "model": model, "random_weights": bool(random_weights or model.startswith("tiny")),
         "reuse_executor": executor,
@@ -454,6 +459,9 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
         # of model_loading's total: readying the decode engine after the read (e.g. packing int4 weights)
         "engine_prepare_s": {name: round(sum(x for rec in rs for x in rec.prepare) / repeats, 4)
                              for name, rs in recs.items()},
+        # each module's load (median) against reading its weight files once, sequentially, in the same state of
+        # the page cache (warm, or dropped with --cold): how close loading is to the cost of the bytes it needs
+        "load_vs_read_floor": floors,
         # CPU time the hypervisor gave to other guests while each path ran (all repeats): shared-host noise
         "cpu_steal_s": {name: round(sum(st for *_, st in rs), 2) for name, rs in runs.items()},
         # the garbage collector's share of each path (all repeats): seconds and collections
@@ -466,6 +474,47 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
                               for what in ("captions", "scripts")},
         "device": device_info(device),
     }
+
+
+def read_floor(files: Sequence[str], cold: bool, repeats: int = 3) -> dict:
+    """Seconds to read ``files`` once, sequentially (16 MiB reads), median of ``repeats``: from the page cache, or
+    from storage with ``cold`` (the cache dropped before each read)."""
+    samples, size = [], 0
+    for _ in range(repeats):
+        if cold:
+            drop_page_cache()
+        else:
+            _read(files)  # in the page cache, as the warm loads find it
+        t0 = time.perf_counter()
+        size = _read(files)
+        samples.append(time.perf_counter() - t0)
+    t = statistics.median(samples)
+    return {"mib": round(size / 2**20, 1), "read_s": round(t, 4), "mib_per_s": round(size / 2**20 / t, 1) if t else None,
+            "samples_s": [round(x, 4) for x in samples]}
+
+
+def _read(files: Sequence[str]) -> int:
+    n = 0
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while chunk := fh.read(16 << 20):
+                n += len(chunk)
+    return n
+
+
+def load_floors(recs: dict, cold: bool) -> dict:
+    """Per module: its weight files, their read floor, the median load of each path and load / floor."""
+    out = {}
+    modules = {m: files for rs in recs.values() for rec in rs for m, files in rec.files.items()}
+    for m, files in modules.items():
+        if not files:
+            continue
+        floor = read_floor(files, cold)
+        loads = {name: statistics.median([x for rec in rs for x in rec.loads_by_module.get(m, [])])
+                 for name, rs in recs.items() if any(rec.loads_by_module.get(m) for rec in rs)}
+        out[m] = {"files": list(files), **floor, "load_s": {k: round(v, 4) for k, v in loads.items()},
+                  "load_vs_floor": {k: round(v / floor["read_s"], 2) for k, v in loads.items()}}
+    return out
 
 
 def table(result: dict) -> str:

@@ -773,6 +773,10 @@ def _bench(args) -> int:
     result["timeline_png"] = str(png)
     write_json_atomic(out, result)
     print(table(result))
+    for m, f in result["load_vs_read_floor"].items():
+        print(f"{m:9s} load " + ", ".join(f"{p} {t:.3f} s ({f['load_vs_floor'][p]:.1f}x)" for p, t in f["load_s"].items())
+              + f" vs reading its {f['mib']:.0f} MiB {'from storage' if result['cold'] else 'from the page cache'} "
+              f"{f['read_s']:.3f} s")
     print(f"wrote {out} and {png}")
     return 0
 

@@ -113,7 +113,9 @@ def _random_lm(config) -> TextDecoder:
 
 # -- default: real weights from registry packages ------------------------------------------------
 def _default_encoder(opts: LoadOptions) -> VideoEncoder:
-    return efficientnet_lite0(pretrained=True)
+    enc = efficientnet_lite0(pretrained=True)
+    enc.weight_files = [W.efficientnet_lite0_file()]
+    return enc
 
 
 def _default_decoder(opts: LoadOptions) -> TextDecoder:
@@ -123,11 +125,14 @@ def _default_decoder(opts: LoadOptions) -> TextDecoder:
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     dec = TextDecoder(lm.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True))
     dec.store = (opts.cache or cache_dir()) / "engines"
+    dec.weight_files = sorted(Path(folder).glob("*.safetensors"))
     return dec
 
 
 def _minilm(opts: LoadOptions) -> SentenceEmbedder:
-    return minilm(W.minilm_dir(), device=opts.device)
+    emb = minilm(W.minilm_dir(), device=opts.device)
+    emb.weight_files = sorted(W.minilm_dir().glob("*.safetensors"))
+    return emb
 
 
 # -- architectures without weights (atomkit.budget builds them on the meta device) -----------------
@@ -205,7 +210,9 @@ def write_paper_layout(folder: Path, encoder, decoder: TextDecoder, stamp: dict 
 
 
 def _paper_encoder(opts: LoadOptions) -> VideoEncoder:
-    return clip_vision("ViT-L-14", checkpoint=_paper_files(opts)["clip"])
+    enc = clip_vision("ViT-L-14", checkpoint=_paper_files(opts)["clip"])
+    enc.weight_files = [_paper_files(opts)["clip"]]
+    return enc
 
 
 def _paper_decoder(opts: LoadOptions) -> TextDecoder:
@@ -220,6 +227,7 @@ def _paper_decoder(opts: LoadOptions) -> TextDecoder:
     # random weights: never stop at EOS, so every run decodes the full length (what latency work wants)
     dec = TextDecoder(lm.eval(), tok, projector=projector, stop_at_eos=not opts.random_weights)
     dec.store = (opts.cache or cache_dir()) / "engines"
+    dec.weight_files = [*sorted(Path(files["llama"]).glob("*.safetensors")), files["projector"]]
     return dec
 
 

@@ -48,6 +48,16 @@ def module_bytes(module: torch.nn.Module) -> tuple[int, int]:
     return params, weight_bytes(module)["total"] + (engine() if engine else 0)
 
 
+def weight_files(module, backend: str | None = None) -> list[Path]:
+    """The weight files a loaded module was read from (``module.weight_files``, set by its loader) and, for a
+    decoder, the engine store file its ``backend`` was read from."""
+    files = [Path(f) for f in getattr(module, "weight_files", ())]
+    if backend is not None and hasattr(module, "engine"):
+        stored = getattr(getattr(module.engine(backend), "stepper", None), "loaded_from", None)
+        files += [Path(stored)] if stored else []
+    return files
+
+
 @dataclass
 class LoadStats:
     """How one module was loaded: wall time, size, and how many times it was loaded."""
@@ -59,6 +69,7 @@ class LoadStats:
     loads: int = 1
     source: str = "eager"  # "eager", or the .pte program it runs
     prepare_seconds: float = 0.0  # of ``seconds``: readying the runtime after the read (the decode engine)
+    files: tuple[str, ...] = ()  # the weight files the load read (the engine store's too): what its read floor reads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,10 +177,11 @@ class Session:
                 if program:
                     size = program.stat().st_size  # the program file holds the (possibly quantized) weights
                 t1 = time.perf_counter()
+                files = [program] if program else weight_files(mod, self.decode.backend if module == "decoder" else None)
                 self.stats[module] = LoadStats(module, t1 - t0, params, size,
                                                loads=(prev.loads + 1) if prev else 1,
                                                source=program.name if program else "eager",
-                                               prepare_seconds=t1 - t_read)
+                                               prepare_seconds=t1 - t_read, files=tuple(map(str, files)))
                 self._modules[module] = mod
         return self._modules[module]
 
