@@ -1,5 +1,6 @@
-"""Shared fixtures. Unit tests use the tiny random-weight specs; `integration` tests load the real
-default models (the weights ship inside installed packages, nothing is downloaded)."""
+"""Shared fixtures. Unit tests use the tiny specs (a random-weight 2-layer LM whose captions differ from clip to
+clip); `integration` tests load the real default models (the weights ship inside installed packages, nothing
+is downloaded)."""
 from __future__ import annotations
 
 import logging
@@ -41,7 +42,9 @@ def mixed_folder(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_session():
-    """tiny-default: real EfficientNet-Lite0 architecture and a 2-layer Llama, random weights (tests only)."""
+    """tiny-default: the real EfficientNet-Lite0 and a 2-layer random-weight Llama (tests only). Every sample
+    clip gets a caption of its own (``test_tiny_captions_differ_per_clip``), so tests that compare captions
+    between two paths fail when a path shuffles, drops or mixes them."""
     with atomkit.Session("tiny-default", device="cpu", decode=atomkit.DecodeConfig(max_new_tokens=6, num_beams=2,
                                                                                   script_max_new_tokens=12)) as s:
         yield s

@@ -1,5 +1,5 @@
-"""The decode engine against transformers generate: tiny random-weight decoders (unit) and the real
-SmolLM2 on the pipeline's own prompts (integration)."""
+"""The decode engine against transformers generate: tiny random-weight decoders (unit; different prompts give
+different tokens) and the real SmolLM2 on the pipeline's own prompts (integration)."""
 from __future__ import annotations
 
 import pytest
@@ -23,15 +23,9 @@ def tiny_paper():
 
 
 @pytest.fixture
-def lively():
-    """tiny-default's decoder with its weights redrawn wider (seeded): prompts then get different tokens (the
-    stock tiny model repeats one token for every prompt), so rows of a batch stop at different steps."""
-    dec = get_spec("tiny-default").load("decoder", LoadOptions())
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in dec.lm.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return dec
+def fresh():
+    """A tiny-default decoder of the test's own (the test changes its EOS settings)."""
+    return get_spec("tiny-default").load("decoder", LoadOptions())
 
 
 def _prompt(dec, text="a dog jumps over the fence in a sunny park"):
@@ -42,6 +36,14 @@ def _both(dec, backend="torch", **kw):
     kw.setdefault("pad_token_id", 0)
     hf = get_engine("hf", dec).generate(**kw)
     return hf, get_engine(backend, dec).generate(**kw)
+
+
+def test_tiny_lm_answers_each_prompt_differently(tiny):
+    """The tiny LM's greedy tokens depend on the prompt (what lets the comparisons below fail when rows are mixed)."""
+    texts = ("a cat", "a dog jumps over the fence", "sunset over the sea today", "two people talk in a car")
+    out = [tuple(get_engine("torch", tiny).generate(_prompt(tiny, t), max_new_tokens=4)[0].tolist()) for t in texts]
+    assert len(set(out)) == len(texts), out
+    assert len({t[0] for t in out}) > 1  # already the first token
 
 
 @pytest.mark.parametrize("n", [1, 7, 40])
@@ -93,12 +95,12 @@ def test_batch_of_prompts(tiny):
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-def test_generate_batch_rows_end_where_each_prompt_alone_ends(lively, beams):
+def test_generate_batch_rows_end_where_each_prompt_alone_ends(fresh, beams):
     """``generate_batch``: every row of a left-padded batch (beam or greedy, stopping at EOS at different steps)
     is the ids that prompt gives alone, without the filling after its stop id."""
-    dec = lively
+    dec = fresh
     prompts = [_prompt(dec, t)[0] for t in ("a cat", "a dog jumps over the fence", "sunset over the sea today")]
-    stop = int(dec.generate_ids(prompts[1], max_new_tokens=4, num_beams=beams)[1])  # row 1 stops at its 2nd token
+    stop = int(dec.generate_ids(prompts[1], max_new_tokens=1, num_beams=1)[0])  # row 1's likeliest first token
     dec.lm.generation_config.eos_token_id, dec.stop_at_eos = stop, True
     rows = dec.generate_batch(prompts, max_new_tokens=10, num_beams=beams)
     alone = [dec.generate_ids(p, max_new_tokens=10, num_beams=beams) for p in prompts]

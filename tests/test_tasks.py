@@ -21,6 +21,23 @@ def test_caption_all_sample_clips(tiny_captions, samples):
         assert isinstance(c.caption, str) and len(c.concepts) == 10
 
 
+def test_tiny_captions_differ_per_clip(tiny_session, tiny_captions):
+    """What makes the comparisons of captions in these tests able to fail: every sample clip has its own caption,
+    grounded (the real encoder's concepts differ) and free (the tiny LM's greedy tokens follow its prompt)."""
+    from dataclasses import replace
+
+    grounded = [c.caption for c in tiny_captions.clips]
+    assert len(set(grounded)) == len(grounded) == 4, grounded
+    assert len({c.concepts[0][0] for c in tiny_captions.clips}) == 4
+    default = tiny_session.decode
+    try:
+        tiny_session.decode = replace(default, captions="free")
+        free = [c.caption for c in tiny_session.caption(atomkit.sample_videos()).clips]
+    finally:
+        tiny_session.decode = default
+    assert len(set(free)) == 4 and not set(free) & set(grounded), free
+
+
 def test_caption_skips_corrupt_and_missing_inputs(tiny_session, mixed_folder):
     caps = tiny_session.caption([mixed_folder, mixed_folder / "nope.mp4"])
     assert sorted(c.clip.video.name for c in caps.clips) == ["bunny.mp4", "carphone.mp4"]
