@@ -17,8 +17,10 @@ argument of each wrapper takes those host-side pieces from an eager module inste
   time, counted in ``greedy_fallbacks``), or raises ``AtomkitError`` with ``strict_beams=True``.
   Visual-prefix decoders (``inputs_embeds``) are not supported by the id-only program.
 
-One loaded ExecuTorch method is not safe to call from two threads at once; each wrapper serialises
-its calls with a lock. (ExecuTorch kernels and XNNPACK share one thread pool in a process anyway.)
+One loaded ExecuTorch method is not safe to call from two threads at once; the encoder and embedder
+serialise their calls with a lock. The decoder program's KV cache lives for a whole generation, so the
+decoder serialises whole generations (``TextDecoder.generation()``: prefill to last step), not single
+steps. (ExecuTorch kernels and XNNPACK share one thread pool in a process anyway.)
 """
 from __future__ import annotations
 
@@ -202,7 +204,6 @@ class PteDecoder(TextDecoder):
         nn.Module.__init__(self)
         self.path = Path(path)
         self._method, self.meta = _program(self.path)
-        self._lock = threading.Lock()
         self.lm = None  # the eager weights are not kept: the program holds its own
         self.projector = None
         if like is not None and like.projector is not None:
@@ -224,7 +225,7 @@ class PteDecoder(TextDecoder):
         return torch.device("cpu")
 
     def _step(self, ids: list[int], start: int) -> torch.Tensor:
-        with self._lock:
+        with self.generation():  # re-entrant: a generation in progress holds it already
             out = self._method.execute([torch.tensor([ids], dtype=torch.long),
                                         torch.arange(start, start + len(ids), dtype=torch.long)])
         return out[0][0, -1]
@@ -265,8 +266,10 @@ class PteDecoder(TextDecoder):
 
         eos = self.stop_ids() or None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(), max_new_tokens=max_new_tokens,
-                                                       num_beams=1, eos_token_id=eos, pad_token_id=pad)
+        with self.generation():  # the program's cache holds this sequence from prefill to the last step
+            new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(),
+                                                           max_new_tokens=max_new_tokens, num_beams=1,
+                                                           eos_token_id=eos, pad_token_id=pad)
         return new[0]
 
     def generate_batch(self, prompts=None, *, embeds=None, max_new_tokens: int, num_beams: int,

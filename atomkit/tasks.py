@@ -240,7 +240,7 @@ def write_script(session, prompt: str, hits: Sequence[Hit]) -> Script:
     to rank order."""
     clips = [(h.clip.id, h.clip.caption) for h in hits]
     cfg, messages = session.decode, script_messages(prompt, clips)
-    with session.use("decoder") as dec, torch.inference_mode():
+    with session.use("decoder") as dec, dec.generation(), torch.inference_mode():
         raw = None
         stepper = dec.stepper(cfg.backend) if cfg.script_num_beams == 1 else None
         if stepper is not None:  # the JSON structure written by the program, the choices by the model

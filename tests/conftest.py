@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +22,28 @@ import atomkit  # noqa: E402
 
 SAMPLES = {p.name: p for p in atomkit.sample_videos()}
 FAKE_ADB_DIR = Path(__file__).parent / "fake_adb"
+
+
+def run_threads(n: int, fn) -> list:
+    """Run ``fn`` in ``n`` threads released together; return their results, re-raising any error."""
+    barrier = threading.Barrier(n)
+    results, errors = [], []
+
+    def worker():
+        try:
+            barrier.wait()
+            results.append(fn())
+        except Exception as e:  # collected and re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 @pytest.fixture(scope="session")

@@ -110,6 +110,26 @@ def test_generate_batch_rows_end_where_each_prompt_alone_ends(fresh, beams):
         assert torch.equal(r, a)
 
 
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generations_from_threads_equal_sequential(tiny, beams):
+    """Eight threads generate on one decoder at once (the engine's KV cache is shared): each gets the tokens its
+    prompt gets alone. A generation holds ``decoder.generation()`` from prefill to its last step."""
+    from conftest import run_threads
+
+    texts = ("a cat", "a dog jumps over the fence", "sunset over the sea today", "two people talk in a car")
+    prompts = [_prompt(tiny, t) for t in texts]
+    alone = [tiny.generate_ids(p, max_new_tokens=8, num_beams=beams).tolist() for p in prompts]
+    assert len({tuple(a) for a in alone}) == 4
+    counter = iter(range(8))
+
+    def worker():
+        i = next(counter) % 4
+        return i, tiny.generate_ids(prompts[i], max_new_tokens=8, num_beams=beams).tolist()
+
+    for i, got in run_threads(8, worker):
+        assert got == alone[i], texts[i]
+
+
 def test_until_stop():
     from atomkit.modules.decoder import until_stop
 

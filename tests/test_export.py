@@ -142,6 +142,26 @@ def test_pte_decoder_greedy_equals_eager(dec_export, decoder):
         pte.generate_ids(ids, max_new_tokens=200, num_beams=1)
 
 
+def test_pte_decoder_serialises_whole_generations(dec_export, decoder):
+    """Eight threads generate on one program at once: its KV cache holds one sequence from prefill to the last
+    step, so each thread must get the tokens its prompt gets alone (the prompts' tokens differ)."""
+    from conftest import run_threads
+
+    pte = PteDecoder(dec_export.path, like=decoder)
+    texts = ("a cat", "a dog jumps over the fence", "sunset over the sea today", "two people talk in a car")
+    prompts = [decoder._ids(decoder.render([{"role": "user", "content": t}])) for t in texts]
+    alone = [pte.generate_ids(p, max_new_tokens=10, num_beams=1).tolist() for p in prompts]
+    assert len({tuple(a) for a in alone}) == 4
+    counter = iter(range(8))
+
+    def worker():
+        i = next(counter) % 4
+        return i, pte.generate_ids(prompts[i], max_new_tokens=10, num_beams=1).tolist()
+
+    for i, got in run_threads(8, worker):
+        assert got == alone[i], texts[i]
+
+
 def test_torchscript_trace_matches_eager(encoder, tmp_path):
     path = trace_encoder_torchscript(encoder, tmp_path / "encoder.ts")
     traced = torch.jit.load(str(path))

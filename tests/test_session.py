@@ -8,6 +8,7 @@ import torch
 
 import atomkit
 from atomkit.errors import AtomkitError
+from conftest import run_threads
 
 
 def test_modules_load_lazily_and_once():
@@ -21,28 +22,6 @@ def test_modules_load_lazily_and_once():
     s.close()
     with pytest.raises(AtomkitError, match="closed"):
         s.get("encoder")
-
-
-def run_threads(n: int, fn) -> list:
-    """Run ``fn`` in ``n`` threads released together; return their results, re-raising any error."""
-    barrier = threading.Barrier(n)
-    results, errors = [], []
-
-    def worker():
-        try:
-            barrier.wait()
-            results.append(fn())
-        except Exception as e:  # collected and re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 def test_concurrent_first_use_loads_once():
