@@ -146,6 +146,58 @@ def test_fast_backends_make_every_token(tiny, backend):
     assert out.shape == (1, 11)
 
 
+@pytest.fixture(scope="module")
+def padded(tiny):
+    """Three prompts of different lengths (a left-padded batch) and the exact engine's beam-2 tokens for them."""
+    prompts = [_prompt(tiny, t)[0] for t in ("a cat", "a dog jumps over the fence", "sunset over the sea today")]
+    return prompts, get_engine("torch", tiny).generate(prompts, max_new_tokens=10, num_beams=2)
+
+
+@torch.inference_mode()
+def _logits_along(stepper, prompts, tokens):
+    """A stepper's logits (B, T, V) for the left-padded prefill of ``prompts`` (each twice: the batch shape beam 2
+    gave the step) and then each of ``tokens`` (B, T) fed in: the compiled step sees the shape it was compiled for."""
+    from atomkit.engine import _as_batch
+
+    ids, pad = _as_batch([p for p in prompts for _ in range(2)], 0)
+    tokens = tokens.repeat_interleave(2, 0)
+    stepper.reset(ids.shape[0], ids.shape[1] + tokens.shape[1])
+    out = [stepper.prefill(ids, pad=pad)]
+    for t in range(tokens.shape[1] - 1):
+        out.append(stepper.step(tokens[:, t], ids.shape[1] + t))
+    return torch.stack(out, 1)
+
+
+def test_compiled_equals_the_exact_engine(tiny, padded):
+    """``compiled`` (the one-token step under torch.compile, attention over the whole static cache with a mask):
+    the exact fp32 engine's beam tokens for a padded batch (cache rows reordered in place under the compiled
+    graph), and its logits along the way to fp32 rounding (measured 124 dB; a wrong mask, position or reorder
+    gives other tokens). One batch shape: one compilation (about 30 s cold on 2 cores, most of it warm-up)."""
+    from atomkit.quant import sqnr_db
+
+    prompts, exact = padded
+    eng = get_engine("compiled", tiny)
+    assert eng.stepper.compiled and eng.stepper.kind == "fp32"
+    assert torch.equal(eng.generate(prompts, max_new_tokens=10, num_beams=2), exact)
+    assert len({tuple(r) for r in exact.tolist()}) == 3  # the rows differ: a row mixed up would show
+    ref = _logits_along(get_engine("torch", tiny).stepper, prompts, exact)
+    assert sqnr_db(ref, _logits_along(eng.stepper, prompts, exact)) > 80
+
+
+def test_int4_compiled_equals_int4(tiny, padded):
+    """``int4-compiled`` is ``int4``'s arithmetic under torch.compile: its tokens and logits (measured: bit-equal),
+    not the fp32 engine's (int4 on the tiny LM agrees with fp32 on few tokens)."""
+    from atomkit.quant import sqnr_db
+
+    prompts, exact = padded
+    int4, comp = get_engine("int4", tiny), get_engine("int4-compiled", tiny)
+    assert comp.stepper.compiled and comp.stepper.kind == "int4"
+    want = int4.generate(prompts, max_new_tokens=10, num_beams=2)
+    assert torch.equal(comp.generate(prompts, max_new_tokens=10, num_beams=2), want)
+    assert not torch.equal(want, exact)  # so the equality above says something about the int4 weights
+    assert sqnr_db(_logits_along(int4.stepper, prompts, want), _logits_along(comp.stepper, prompts, want)) > 80
+
+
 def test_unknown_backend_lists_valid_names(tiny):
     with pytest.raises(UnknownBackend, match="available backends: auto, hf, torch"):
         get_engine("nope", tiny)
