@@ -24,6 +24,18 @@ SAMPLES = {p.name: p for p in atomkit.sample_videos()}
 FAKE_ADB_DIR = Path(__file__).parent / "fake_adb"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA GPU (CI never has one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def run_threads(n: int, fn) -> list:
     """Run ``fn`` in ``n`` threads released together; return their results, re-raising any error."""
     barrier = threading.Barrier(n)

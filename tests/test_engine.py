@@ -220,6 +220,21 @@ def test_int4_compiled_equals_int4(tiny, padded):
     assert sqnr_db(_logits_along(int4.stepper, prompts, want), _logits_along(comp.stepper, prompts, want)) > 80
 
 
+@pytest.mark.gpu
+def test_exact_engine_on_cuda_equals_cpu(tiny, padded):
+    """The exact engine on a CUDA GPU: the CPU's beam tokens for a padded batch, and its logits to fp32 rounding
+    (cuBLAS and the CPU add in other orders; matmuls stay fp32, TF32 is off for them by default)."""
+    from atomkit.quant import sqnr_db
+
+    prompts, exact = padded
+    gpu = get_spec("tiny-default").load("decoder", LoadOptions(device="cuda"))
+    eng = get_engine("torch", gpu)
+    assert eng.stepper.device.type == "cuda"
+    assert torch.equal(eng.generate(prompts, max_new_tokens=10, num_beams=2), exact)
+    ref = _logits_along(get_engine("torch", tiny).stepper, prompts, exact)
+    assert sqnr_db(ref, _logits_along(eng.stepper, prompts, exact).cpu()) > 60
+
+
 def test_unknown_backend_lists_valid_names(tiny):
     with pytest.raises(UnknownBackend, match="available backends: auto, hf, torch"):
         get_engine("nope", tiny)
