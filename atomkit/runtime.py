@@ -24,10 +24,7 @@ steps. (ExecuTorch kernels and XNNPACK share one thread pool in a process anyway
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
-import types
 import warnings
 from pathlib import Path
 
@@ -35,48 +32,10 @@ import torch
 from torch import nn
 
 from .errors import AtomkitError, InputError
-from .export import read_sidecar, tokenize_fixed
 from .modules.decoder import TextDecoder
 from .modules.embedder import SentenceEmbedder
 from .modules.encoder import VideoEncoder, imagenet_labels
-
-
-def _import_runtime():
-    """``executorch.runtime`` without the AOT compiler. Its pybindings import one small file,
-    ``executorch.exir._warnings``, whose package ``executorch.exir`` pulls in the whole export stack
-    (about 8 s here). While ``executorch.exir`` is not imported, that file is loaded alone under a
-    temporary package stub, which is removed again (a later ``import executorch.exir`` is the real one)."""
-    if "executorch.exir" not in sys.modules and "executorch.exir._warnings" not in sys.modules:
-        import executorch
-
-        try:
-            root = Path(importlib.util.find_spec("executorch").submodule_search_locations[0]) / "exir"
-            spec = importlib.util.spec_from_file_location("executorch.exir._warnings", root / "_warnings.py")
-            warn = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(warn)
-            stub = types.ModuleType("executorch.exir")
-            stub._warnings = warn
-            sys.modules.update({"executorch.exir": stub, "executorch.exir._warnings": warn})
-            executorch.exir = stub
-            from executorch.runtime import Runtime  # noqa: F401
-        except Exception:  # noqa: BLE001 - fall back to the plain (slow) import below
-            sys.modules.pop("executorch.exir._warnings", None)
-        finally:
-            if sys.modules.get("executorch.exir") is locals().get("stub"):
-                sys.modules.pop("executorch.exir", None)
-                vars(executorch).pop("exir", None)
-    import executorch.kernels.quantized  # noqa: F401 - registers quantized kernels (embedding_byte)
-    from executorch.runtime import Runtime
-
-    return Runtime.get()
-
-
-def load_method(path, method: str = "forward"):
-    """A method of a ``.pte`` program (file mapped by the runtime), loaded on this host."""
-    program = _import_runtime().load_program(Path(path))
-    m = program.load_method(method)
-    m._atomkit_program = program  # keep the program (and its file data) alive as long as the method
-    return m
+from .program import load_method, read_sidecar, saved_tokenizer, tokenize_fixed
 
 
 def _program(path) -> tuple:
@@ -84,17 +43,6 @@ def _program(path) -> tuple:
     if not path.exists():
         raise AtomkitError(f"{path}: no such .pte program; export it with atomkit.export first")
     return load_method(path), read_sidecar(path)
-
-
-def saved_tokenizer(program: Path):
-    """The tokenizer ``atomkit.export`` saved beside a program (``<name>.tokenizer/``)."""
-    from transformers import AutoTokenizer
-
-    folder = Path(program).with_suffix(".tokenizer")
-    if not folder.is_dir():
-        raise AtomkitError(f"{folder}: no tokenizer beside {Path(program).name}; re-export with `atomkit export` "
-                           "(it saves one) or pass the tokenizer / like= explicitly")
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 MODULE_CLASSES = {}  # filled below: module name -> wrapper class
@@ -310,7 +258,7 @@ def bench_programs(pte_paths: dict, *, warmup: int = 2, repeats: int = 10, loads
     import platform
     import time
 
-    from .device import _summary as summary  # the phone benchmark's own summary: one schema
+    from .device import timing_summary as summary  # the phone benchmark's own summary: one schema
 
     components, load = {}, {}
     for name, path in pte_paths.items():

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from atomkit.export import (SQNR_MIN_DB, export_decoder, export_embedder, export_encoder, load_times, sqnr_db,
+from atomkit.export import (SQNR_MIN_DB, export_decoder, export_embedder, export_encoder, load_times,
                             trace_encoder_torchscript)
+from atomkit.quant import sqnr_db
 from atomkit.registry import LoadOptions, get_spec
 from atomkit.runtime import PteDecoder, PteEmbedder, PteEncoder
 
@@ -160,6 +161,22 @@ def test_pte_decoder_serialises_whole_generations(dec_export, decoder):
 
     for i, got in run_threads(8, worker):
         assert got == alone[i], texts[i]
+
+
+def test_export_and_runtime_do_not_import_each_other():
+    """Both build on atomkit.program; a program runs without the export stack imported."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "atomkit"
+    for mod, other in (("export", "runtime"), ("runtime", "export")):
+        tree = ast.parse((root / f"{mod}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {other, f"atomkit.{other}"} & imported, f"atomkit.{mod} imports atomkit.{other}"
+    code = "import sys, atomkit.runtime; print('atomkit.export' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_torchscript_trace_matches_eager(encoder, tmp_path):

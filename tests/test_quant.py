@@ -166,3 +166,11 @@ def test_sqnr_db_basic():
     assert sqnr_db(torch.zeros(3), torch.ones(3)) == -math.inf
     with pytest.raises(ValueError):
         sqnr_db(x, x[:10])
+
+
+def test_finite_sqnr_db_for_json():
+    from atomkit.quant import finite_sqnr_db
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    assert finite_sqnr_db(x, x.clone()) == 300.0 and finite_sqnr_db(torch.zeros(3), torch.ones(3)) == -300.0
+    assert finite_sqnr_db(x, 0.9 * x) == pytest.approx(20.0)  # finite values pass unchanged
