@@ -7,7 +7,7 @@
 from . import io
 from .config import DecodeConfig, WindowConfig
 from .errors import (AssemblyError, AtomkitError, InputError, ModelNotFound, PipelineError, ScriptError,
-                     UnknownBackend, UnknownModel, VideoError)
+                     SessionClosed, UnknownBackend, UnknownModel, VideoError)
 from .executor import PipelinedExecutor, SequentialExecutor
 from .registry import available_models, get_spec
 from .session import Session
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AssemblyError", "Assembly", "AtomkitError", "CaptionedClip", "Captions", "Clip", "DecodeConfig", "Hit",
     "Index", "InputError", "ModelNotFound", "PipelineError", "PipelinedExecutor", "ScriptError", "SequentialExecutor", "Session",
-    "Skipped", "UnknownBackend", "UnknownModel", "VideoError", "VideoInfo", "WindowConfig", "assemble", "available_models",
+    "SessionClosed", "Skipped", "UnknownBackend", "UnknownModel", "VideoError", "VideoInfo", "WindowConfig", "assemble", "available_models",
     "caption", "clips", "get_spec", "index", "io", "probe", "retrieve", "sample_frames", "sample_videos",
 ]

@@ -21,8 +21,7 @@ import torch
 
 from .config import DecodeConfig
 from .errors import AtomkitError
-from .executor import EXECUTORS as SCHEDULES
-from .executor import PipelinedExecutor, SequentialExecutor, disjoint_threads, executor_by_name
+from .executor import EXECUTORS, PipelinedExecutor, SequentialExecutor, disjoint_threads, executor_by_name
 from .export import drop_page_cache
 from .memory import MemoryMonitor, release_memory, trim_heap
 from .session import Session
@@ -48,7 +47,7 @@ def _clock(device: str) -> float:
     return time.perf_counter()
 
 
-def _summary(samples: Sequence[float], runs: int = 1) -> dict:
+def _per_run(samples: Sequence[float], runs: int = 1) -> dict:
     """Raw samples, their median, and the total of one run (the mean over ``runs`` repeats)."""
     xs = [round(x, 4) for x in samples]
     return {"samples": xs, "median": round(statistics.median(xs), 4) if xs else None, "total": round(sum(xs) / runs, 4)}
@@ -190,7 +189,9 @@ def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorde
     return {"startup": startup, "shutdown": rec.unloads[-1], "retrieval": retrieval, "assembly": assembly}
 
 
-EXECUTORS = ("measured", *SCHEDULES)  # measured: chosen by this run's overlap measurement (measured_choice)
+# what ``benchmark(executor=...)`` and `atomkit bench --executor` take: an executor by name (``executor.EXECUTORS``)
+# or "measured", chosen by this run's overlap measurement (``measured_choice``)
+BENCH_EXECUTORS = ("measured", *EXECUTORS)
 
 
 def run_no_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorder) -> dict:
@@ -337,7 +338,8 @@ def _disjoint_run(session: Session, videos, depth: int) -> dict:
             "bound_s": round(n * max(L_E, L_D), 4)}
 
 
-def device_info(device: str) -> dict:
+def host_info(device: str) -> dict:
+    """The machine the benchmark ran on: CPU, cores, torch threads, versions, device (CUDA name if any)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -392,8 +394,8 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     if executor == "measured":  # the reuse path gets whichever executor was clearly fastest just now
         batch = (decode or DecodeConfig()).caption_batch
         executor = measured_choice(overlap, groups=-(-overlap["N"] // batch))
-    elif executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; executors are {', '.join(EXECUTORS)}")
+    elif executor not in BENCH_EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; executors are {', '.join(BENCH_EXECUTORS)}")
     # the measured part: gc.freeze keeps the ~0.5 M objects of the imports out of every later collection, so
     # an unload costs what freeing the model costs (it helps the baseline, which unloads 3x per prompt)
     gc.collect()
@@ -422,7 +424,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     recs = {name: [rec for _, rec, _, _ in rs] for name, rs in runs.items()}
 
     def comp(attr: str) -> dict:
-        return {name: _summary([x for rec in rs for x in getattr(rec, attr)], runs=repeats) for name, rs in recs.items()}
+        return {name: _per_run([x for rec in rs for x in getattr(rec, attr)], runs=repeats) for name, rs in recs.items()}
 
     components = {"model_loading": comp("loads"), "model_unloading": comp("unloads"),
                   "video_encoding": comp("encode"), "caption_generation": comp("decode"), "indexing": comp("index"),
@@ -472,7 +474,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
         "memory": memory,
         "outputs_identical": {what: len({repr(getattr(rec, what)) for rs in recs.values() for rec in rs}) == 1
                               for what in ("captions", "scripts")},
-        "device": device_info(device),
+        "device": host_info(device),
     }
 
 

@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from .executor import EXECUTORS
 
 EPILOG = """examples:
   atomkit assemble ~/Videos/trip --prompt "make a highlight reel" --out out/
@@ -54,6 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import BENCH_EXECUTORS
+
     parser = argparse.ArgumentParser(prog="atomkit", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold", action="store_true",
                    help="drop the OS page cache before every load (needs root on Linux): weights come from storage, "
                    "as on a phone whose memory no longer caches them; the drops are not timed")
-    p.add_argument("--executor", choices=["measured", *EXECUTORS],
+    p.add_argument("--executor", choices=BENCH_EXECUTORS,
                    default="measured",
                    help="executor of the reuse path (measured: pipelined or pipelined-disjoint where every sample in this run's overlap measurement beat the fastest sequential one by 5 %%, else sequential; auto: "
                    "pipelined with a GPU or >= 4 cores; pipelined-disjoint: encoder and decoder on separate cores; prefetch: "

@@ -69,7 +69,8 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
     """Export, check and report; writes ``<module>.pte`` + sidecars + ``report.json`` into ``out_dir``."""
     from . import export as X
     from .evaluate import compare_modules
-    from .quant import _check_scheme
+    from .program import read_sidecar
+    from .quant import _check_scheme, finite_sqnr_db
     from .session import Session
     from .video import sample_videos
 
@@ -99,7 +100,7 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
             bar.step(f"export {m}")
             res = exporters[m](ref.get(m))
             programs[m] = res.path
-            side = X.read_sidecar(res.path)
+            side = read_sidecar(res.path)
             report["modules"][m] = {
                 "program": res.path.name, "file_bytes": res.path.stat().st_size,
                 "export_seconds": round(res.seconds, 2), "weights": eager.get(m),
@@ -109,7 +110,7 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
             }
         bar.step("programs vs fp32 on real inputs")
         for m, (a, b) in program_outputs(ref, programs, frames).items():
-            report["modules"][m]["pte_sqnr_db_vs_fp32"] = round(X.sqnr_db(a, b), 2)  # clamped finite for JSON
+            report["modules"][m]["pte_sqnr_db_vs_fp32"] = round(finite_sqnr_db(a, b), 2)
         if load_times and "encoder" in programs:
             bar.step("load times: eager / TorchScript / .pte")
             ts = X.trace_encoder_torchscript(ref.get("encoder"), out / "encoder.torchscript.pt")

@@ -224,7 +224,8 @@ def resolve_runner(runner: str | Path | None = None) -> Path:
     return Path(path)
 
 
-def _summary(samples_s: list[float], source: str) -> dict:
+def timing_summary(samples_s: list[float], source: str) -> dict:
+    """Seconds as the phone benchmark reports them: raw samples, median, total, and where they were measured."""
     xs = [round(x, 7) for x in samples_s]
     return {"samples": xs, "median": round(statistics.median(xs), 7) if xs else None,
             "total": round(sum(xs), 7), "source": source}
@@ -288,11 +289,11 @@ def bench_pte(serial: str | None, pte_paths: dict[str, Path], runner: str | Path
             if times.load_ms is None:
                 source = "host_wall"
             samples.append(times.load_ms / 1e3 if times.load_ms is not None else wall)
-        load[name] = _summary(samples, source)
+        load[name] = timing_summary(samples, source)
         times, _, _ = run(remote, warmup + repeats)
         formats[name] = times.format
         if len(times.run_ms) >= warmup + repeats:
-            components[name] = _summary([x / 1e3 for x in times.run_ms[warmup:warmup + repeats]], "runner")
+            components[name] = timing_summary([x / 1e3 for x in times.run_ms[warmup:warmup + repeats]], "runner")
             continue
         log.info("%s: runner printed no per-execution times; timing one process per sample", name)
         for _ in range(warmup):
@@ -307,8 +308,8 @@ def bench_pte(serial: str | None, pte_paths: dict[str, Path], runner: str | Path
             else:
                 samples.append(wall)
                 source = "host_wall"
-        components[name] = _summary(samples, source)
+        components[name] = timing_summary(samples, source)
     return {"device": info, "components": components, "load": load,
             "meta": {"runner": str(runner), "workdir": workdir, "warmup": warmup, "repeats": repeats,
                      "loads": loads, "runner_output_format": formats, "unit": "s",
-                     "adb_shell_overhead": _summary(overhead, "host_wall")}}
+                     "adb_shell_overhead": timing_summary(overhead, "host_wall")}}

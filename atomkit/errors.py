@@ -45,6 +45,15 @@ class ModelNotFound(AtomkitError):
         super().__init__(f"{model}: {missing} not found. {fix}")
 
 
+class SessionClosed(AtomkitError):
+    """A call into a ``Session`` after its ``close()`` began."""
+
+    def __init__(self, model: str):
+        self.model = model
+        super().__init__(f"the session for {model!r} is closed (close() was called); open a new "
+                         f"atomkit.Session({model!r}) to go on")
+
+
 class InputError(AtomkitError):
     """A user input (prompt, query, argument) that cannot be used as given."""
 

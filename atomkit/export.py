@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from .io import atomic_path, write_json_atomic
+from .program import load_method, save_tokenizer, tokenize_fixed
+from .quant import finite_sqnr_db
 
 SQNR_MIN_DB = {"fp32": 40.0, "quantized": 20.0}
 PARITY_STEPS = 16  # teacher-forced decode steps in the decoder's parity check
@@ -78,25 +80,18 @@ def delegation_report(edge_program_manager, method: str = "forward") -> dict:
             "inside_ops": dict(sorted(inside.items()))}
 
 
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """``atomkit.quant.sqnr_db`` kept finite for the sidecar JSON: identical outputs give 300 dB."""
-    from .quant import sqnr_db as exact
-
-    return max(-300.0, min(300.0, exact(ref, out)))
-
-
 def parity(refs: dict[str, torch.Tensor], outs: dict[str, torch.Tensor], quantized: bool,
            fp32: dict[str, torch.Tensor] | None = None) -> dict:
     """Program outputs ``outs`` vs the eager module's ``refs`` (same quantization); ``fp32``: the fp32
     module's outputs, reported as the quantization error."""
     tol = SQNR_MIN_DB["quantized" if quantized else "fp32"]
     per = {k: {"max_abs_diff": float((refs[k].float() - outs[k].float()).abs().max()),
-               "sqnr_db": round(sqnr_db(refs[k], outs[k]), 2),  # and the share of rows with the same argmax:
+               "sqnr_db": round(finite_sqnr_db(refs[k], outs[k]), 2),  # and the share of rows with the same argmax:
                "top1_agreement": float((refs[k].argmax(-1) == outs[k].argmax(-1)).float().mean())} for k in refs}
     out = {"tolerance": f"SQNR >= {tol} dB vs the eager module with the same quantization", "sqnr_min_db": tol,
            "outputs": per, "passed": all(v["sqnr_db"] >= tol for v in per.values())}
     if fp32 is not None and quantized:  # how far the program is from fp32: the quantization error
-        out["vs_fp32"] = {k: {"sqnr_db": round(sqnr_db(fp32[k], outs[k]), 2),
+        out["vs_fp32"] = {k: {"sqnr_db": round(finite_sqnr_db(fp32[k], outs[k]), 2),
                               "top1_agreement": float((fp32[k].argmax(-1) == outs[k].argmax(-1)).float().mean())}
                           for k in fp32}
     return out
@@ -167,26 +162,8 @@ def _sidecar(path: Path, report: dict, **fields) -> Path:
     return write_json_atomic(path.with_suffix(".json"), meta)
 
 
-def save_tokenizer(tokenizer, program: Path) -> Path:
-    """The host-side tokenizer of a program, saved beside it as ``<name>.tokenizer/`` (atomically), so
-    ``atomkit.runtime`` runs the program without loading the eager model."""
-    from .io import atomic_dir
-
-    folder = Path(program).with_suffix(".tokenizer")
-    with atomic_dir(folder) as tmp:
-        tokenizer.save_pretrained(str(tmp))
-    return folder
-
-
-def read_sidecar(path: Path) -> dict:
-    side = Path(path).with_suffix(".json")
-    return json.loads(side.read_text()) if side.exists() else {}
-
-
 def _finish(et, report, out_dir, name, *, t0, model, module, quant, inputs, run_eager, run_fp32=None,
             extra=None) -> ExportResult:
-    from .runtime import load_method
-
     path = _write(et, out_dir, name)
     seconds = time.perf_counter() - t0
     method = load_method(path)
@@ -247,17 +224,6 @@ def pooled_embedding(embedder) -> PooledEmbedding:
     if modes and modes[0] not in ("mean", ("mean",), ["mean"]):
         raise ValueError(f"only mean pooling is exportable here, the model pools with {modes[0]!r}")
     return PooledEmbedding(st[0].auto_model).eval()
-
-
-def tokenize_fixed(tokenizer, texts: list[str], seq_len: int, dynamic: bool = False) -> tuple[torch.Tensor, ...]:
-    """Host-side tokenisation for the embedder program: truncate to seq_len and pad to exactly seq_len
-    (static program) or to the longest text, at least 2 tokens (``dynamic``: a dynamic-length program)."""
-    t = tokenizer(list(texts), padding="longest" if dynamic else "max_length", truncation=True,
-                  max_length=seq_len, return_tensors="pt")
-    ids, mask = t["input_ids"].long(), t["attention_mask"].long()
-    if ids.shape[1] < 2:
-        ids, mask = (torch.nn.functional.pad(v, (0, 2 - v.shape[1])) for v in (ids, mask))
-    return ids, mask
 
 
 def export_embedder(embedder, out_dir, *, name: str, quant: str = "none", seq_len: int = 128,
@@ -340,8 +306,6 @@ def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_
     # parity, teacher-forced: the prompt's last logits, then PARITY_STEPS decode steps fed with the eager
     # model's own greedy continuation, against the eager LM of the same quantization (and fp32 for the record).
     # One step alone is a noisy measure for a quantized LM (per position 12-31 dB for int8 SmolLM2).
-    from .runtime import load_method
-
     method = load_method(path)
     with torch.inference_mode():
         steps = min(PARITY_STEPS, max_seq_len - ids.shape[1] - 1)
@@ -396,7 +360,7 @@ kind, target, frames, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys
 if kind == "eager":
     from atomkit.registry import LoadOptions, get_spec
 elif kind == "pte":
-    from atomkit.runtime import load_method
+    from atomkit.program import load_method
 x = torch.randn(frames, 3, size, size)
 def load():
     if kind == "eager":

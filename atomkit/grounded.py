@@ -123,13 +123,15 @@ def subjects(decoder, concept_lists: Sequence, backend: str = "auto") -> list[st
         prompts = {i: decoder._ids(decoder.render(messages(concept_lists[i])) + ANSWER_PREFIX)[0] for i in todo}
         options = {i: _options(decoder, cands[i]) for i in todo}
         stepper = decoder.stepper(backend)
-        if stepper is None:
-            lm = {i: _hf_scores(decoder, prompts[i], options[i]) for i in todo}
-        elif stepper.max_batch_size is None:
-            pad_id = decoder._search(1, 1)["pad_token_id"]
-            lm = dict(zip(todo, _stepper_scores(stepper, [prompts[i] for i in todo], [options[i] for i in todo], pad_id)))
-        else:  # a batch-1 program: option by option
-            lm = {i: [_stepper_scores(stepper, [prompts[i]], [[o]], 0)[0][0] for o in options[i]] for i in todo}
+        with decoder.generation():  # the stepper's cache is the decoder's: one generation at a time
+            if stepper is None:
+                lm = {i: _hf_scores(decoder, prompts[i], options[i]) for i in todo}
+            elif stepper.max_batch_size is None:
+                pad_id = decoder._search(1, 1)["pad_token_id"]
+                lm = dict(zip(todo, _stepper_scores(stepper, [prompts[i] for i in todo], [options[i] for i in todo],
+                                                    pad_id)))
+            else:  # a batch-1 program: option by option
+                lm = {i: [_stepper_scores(stepper, [prompts[i]], [[o]], 0)[0][0] for o in options[i]] for i in todo}
     out: list[str | None] = []
     for i, c in enumerate(cands):
         if not c:

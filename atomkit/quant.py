@@ -209,3 +209,8 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def finite_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """``sqnr_db`` clamped to +-300 dB, for JSON (sidecars, export reports): identical outputs give 300 dB."""
+    return max(-300.0, min(300.0, sqnr_db(reference, test)))

@@ -17,15 +17,14 @@ argument of each wrapper takes those host-side pieces from an eager module inste
   time, counted in ``greedy_fallbacks``), or raises ``AtomkitError`` with ``strict_beams=True``.
   Visual-prefix decoders (``inputs_embeds``) are not supported by the id-only program.
 
-One loaded ExecuTorch method is not safe to call from two threads at once; each wrapper serialises
-its calls with a lock. (ExecuTorch kernels and XNNPACK share one thread pool in a process anyway.)
+One loaded ExecuTorch method is not safe to call from two threads at once; the encoder and embedder
+serialise their calls with a lock. The decoder program's KV cache lives for a whole generation, so the
+decoder serialises whole generations (``TextDecoder.generation()``: prefill to last step), not single
+steps. (ExecuTorch kernels and XNNPACK share one thread pool in a process anyway.)
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
-import types
 import warnings
 from pathlib import Path
 
@@ -33,48 +32,10 @@ import torch
 from torch import nn
 
 from .errors import AtomkitError, InputError
-from .export import read_sidecar, tokenize_fixed
 from .modules.decoder import TextDecoder
 from .modules.embedder import SentenceEmbedder
 from .modules.encoder import VideoEncoder, imagenet_labels
-
-
-def _import_runtime():
-    """``executorch.runtime`` without the AOT compiler. Its pybindings import one small file,
-    ``executorch.exir._warnings``, whose package ``executorch.exir`` pulls in the whole export stack
-    (about 8 s here). While ``executorch.exir`` is not imported, that file is loaded alone under a
-    temporary package stub, which is removed again (a later ``import executorch.exir`` is the real one)."""
-    if "executorch.exir" not in sys.modules and "executorch.exir._warnings" not in sys.modules:
-        import executorch
-
-        try:
-            root = Path(importlib.util.find_spec("executorch").submodule_search_locations[0]) / "exir"
-            spec = importlib.util.spec_from_file_location("executorch.exir._warnings", root / "_warnings.py")
-            warn = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(warn)
-            stub = types.ModuleType("executorch.exir")
-            stub._warnings = warn
-            sys.modules.update({"executorch.exir": stub, "executorch.exir._warnings": warn})
-            executorch.exir = stub
-            from executorch.runtime import Runtime  # noqa: F401
-        except Exception:  # noqa: BLE001 - fall back to the plain (slow) import below
-            sys.modules.pop("executorch.exir._warnings", None)
-        finally:
-            if sys.modules.get("executorch.exir") is locals().get("stub"):
-                sys.modules.pop("executorch.exir", None)
-                vars(executorch).pop("exir", None)
-    import executorch.kernels.quantized  # noqa: F401 - registers quantized kernels (embedding_byte)
-    from executorch.runtime import Runtime
-
-    return Runtime.get()
-
-
-def load_method(path, method: str = "forward"):
-    """A method of a ``.pte`` program (file mapped by the runtime), loaded on this host."""
-    program = _import_runtime().load_program(Path(path))
-    m = program.load_method(method)
-    m._atomkit_program = program  # keep the program (and its file data) alive as long as the method
-    return m
+from .program import load_method, read_sidecar, saved_tokenizer, tokenize_fixed
 
 
 def _program(path) -> tuple:
@@ -82,17 +43,6 @@ def _program(path) -> tuple:
     if not path.exists():
         raise AtomkitError(f"{path}: no such .pte program; export it with atomkit.export first")
     return load_method(path), read_sidecar(path)
-
-
-def saved_tokenizer(program: Path):
-    """The tokenizer ``atomkit.export`` saved beside a program (``<name>.tokenizer/``)."""
-    from transformers import AutoTokenizer
-
-    folder = Path(program).with_suffix(".tokenizer")
-    if not folder.is_dir():
-        raise AtomkitError(f"{folder}: no tokenizer beside {Path(program).name}; re-export with `atomkit export` "
-                           "(it saves one) or pass the tokenizer / like= explicitly")
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 MODULE_CLASSES = {}  # filled below: module name -> wrapper class
@@ -202,7 +152,6 @@ class PteDecoder(TextDecoder):
         nn.Module.__init__(self)
         self.path = Path(path)
         self._method, self.meta = _program(self.path)
-        self._lock = threading.Lock()
         self.lm = None  # the eager weights are not kept: the program holds its own
         self.projector = None
         if like is not None and like.projector is not None:
@@ -224,7 +173,7 @@ class PteDecoder(TextDecoder):
         return torch.device("cpu")
 
     def _step(self, ids: list[int], start: int) -> torch.Tensor:
-        with self._lock:
+        with self.generation():  # re-entrant: a generation in progress holds it already
             out = self._method.execute([torch.tensor([ids], dtype=torch.long),
                                         torch.arange(start, start + len(ids), dtype=torch.long)])
         return out[0][0, -1]
@@ -265,8 +214,10 @@ class PteDecoder(TextDecoder):
 
         eos = self.stop_ids() or None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(), max_new_tokens=max_new_tokens,
-                                                       num_beams=1, eos_token_id=eos, pad_token_id=pad)
+        with self.generation():  # the program's cache holds this sequence from prefill to the last step
+            new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(),
+                                                           max_new_tokens=max_new_tokens, num_beams=1,
+                                                           eos_token_id=eos, pad_token_id=pad)
         return new[0]
 
     def generate_batch(self, prompts=None, *, embeds=None, max_new_tokens: int, num_beams: int,
@@ -307,7 +258,7 @@ def bench_programs(pte_paths: dict, *, warmup: int = 2, repeats: int = 10, loads
     import platform
     import time
 
-    from .device import _summary as summary  # the phone benchmark's own summary: one schema
+    from .device import timing_summary as summary  # the phone benchmark's own summary: one schema
 
     components, load = {}, {}
     for name, path in pte_paths.items():

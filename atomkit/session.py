@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from .config import DecodeConfig, WindowConfig
-from .errors import AtomkitError
+from .errors import AtomkitError, SessionClosed
 from .registry import MODULES, LoadOptions, available_models, get_spec
 
 
@@ -83,6 +83,12 @@ class Session:
     has a run lock (``use``): calls into one module are serialised, calls into different modules
     (the encoder for clip i+1 while the decoder captions clip i) run concurrently.
 
+    ``close()`` may be called while other threads use the session: it marks the session closed first,
+    so every ``get``/``use`` that starts afterwards raises ``SessionClosed``; then it waits for the calls
+    already in flight (a load, a ``use`` block) to finish, and only then drops the modules. No module is
+    ever loaded into a closed session. A task that is between two module calls when ``close()`` begins
+    (caption: encoded, not yet decoded) raises ``SessionClosed`` at its next call.
+
     Example:
         >>> with atomkit.Session("default") as s:            # doctest: +SKIP
         ...     caps = s.caption(["data/videos"])
@@ -120,6 +126,8 @@ class Session:
         self._load_locks = {m: threading.Lock() for m in MODULES}
         self._run_locks = {m: threading.RLock() for m in MODULES}
         self._closed = False
+        self._calls = threading.Condition()  # guards _closed and _in_flight; close() waits on it
+        self._in_flight: dict[int, int] = {}  # thread id -> calls (get / use) it has in flight
 
     def settings(self) -> dict:
         """The keyword arguments that build an equivalent session elsewhere (a Ray worker): same model, weights,
@@ -139,58 +147,79 @@ class Session:
     def random_weights(self) -> bool:
         return self.spec.is_random(self.options)
 
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """One call in flight: refused once ``close()`` began, waited for by ``close()`` while it runs."""
+        me = threading.get_ident()
+        with self._calls:
+            if self._closed:
+                raise SessionClosed(self.model)
+            self._in_flight[me] = self._in_flight.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._calls:
+                self._in_flight[me] -= 1
+                if not self._in_flight[me]:
+                    del self._in_flight[me]
+                self._calls.notify_all()
+
     def get(self, module: str) -> torch.nn.Module:
         """The resident module, loading it first if this is its first use."""
-        if self._closed:
-            raise AtomkitError(f"session for {self.model!r} is closed; open a new Session")
-        loaded = self._modules.get(module)
-        if loaded is not None:
-            return loaded
         if module not in self._load_locks:
             raise ValueError(f"unknown module {module!r}; modules are {MODULES}")
-        with self._load_locks[module]:
-            if module not in self._modules:
-                from .budget import check
+        with self._call():
+            loaded = self._modules.get(module)
+            if loaded is not None:
+                return loaded
+            with self._load_locks[module]:
+                if module not in self._modules:
+                    self._load(module)
+            return self._modules[module]
 
-                check(self, module)  # refused before anything is read when it would not fit the memory budget
-                t0 = time.perf_counter()
-                program = self.programs and self.programs.get(module)
-                if program:
-                    from .runtime import open_program
+    def _load(self, module: str) -> None:
+        """Load ``module`` into the session (the caller holds its load lock and counts as a call in flight)."""
+        from .budget import check
 
-                    mod = open_program(program, module)
-                else:
-                    mod = self.spec.load(module, self.options)
-                if self.quant != "none" and not program:
-                    from .quant import quantize_module
+        check(self, module)  # refused before anything is read when it would not fit the memory budget
+        t0 = time.perf_counter()
+        program = self.programs and self.programs.get(module)
+        if program:
+            from .runtime import open_program
 
-                    quantize_module(mod, self.quant)
-                t_read = time.perf_counter()
-                if module == "decoder" and not program:
-                    # the decode engine (packed weights, steppers) is part of a resident decoder: build it
-                    # now, so loading costs what it costs and the first caption does not pay for it
-                    mod.engine(self.decode.backend)
-                if self.options.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                params, size = module_bytes(mod)
-                prev = self.stats.get(module)
-                if program:
-                    size = program.stat().st_size  # the program file holds the (possibly quantized) weights
-                t1 = time.perf_counter()
-                files = [program] if program else weight_files(mod, self.decode.backend if module == "decoder" else None)
-                self.stats[module] = LoadStats(module, t1 - t0, params, size,
-                                               loads=(prev.loads + 1) if prev else 1,
-                                               source=program.name if program else "eager",
-                                               prepare_seconds=t1 - t_read, files=tuple(map(str, files)))
-                self._modules[module] = mod
-        return self._modules[module]
+            mod = open_program(program, module)
+        else:
+            mod = self.spec.load(module, self.options)
+        if self.quant != "none" and not program:
+            from .quant import quantize_module
+
+            quantize_module(mod, self.quant)
+        t_read = time.perf_counter()
+        if module == "decoder" and not program:
+            # the decode engine (packed weights, steppers) is part of a resident decoder: build it
+            # now, so loading costs what it costs and the first caption does not pay for it
+            mod.engine(self.decode.backend)
+        if self.options.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        params, size = module_bytes(mod)
+        prev = self.stats.get(module)
+        if program:
+            size = program.stat().st_size  # the program file holds the (possibly quantized) weights
+        t1 = time.perf_counter()
+        files = [program] if program else weight_files(mod, self.decode.backend if module == "decoder" else None)
+        self.stats[module] = LoadStats(module, t1 - t0, params, size,
+                                       loads=(prev.loads + 1) if prev else 1,
+                                       source=program.name if program else "eager",
+                                       prepare_seconds=t1 - t_read, files=tuple(map(str, files)))
+        self._modules[module] = mod
 
     @contextlib.contextmanager
     def use(self, module: str) -> Iterator[torch.nn.Module]:
-        """Hold the module's run lock while calling into it."""
-        mod = self.get(module)
-        with self._run_locks[module]:
-            yield mod
+        """Hold the module's run lock while calling into it (``close()`` waits for the block to end)."""
+        with self._call():
+            mod = self.get(module)
+            with self._run_locks[module]:
+                yield mod
 
     @property
     def encoder(self):
@@ -212,18 +241,27 @@ class Session:
         return {m: s.to_dict() for m, s in self.stats.items()}
 
     def unload(self, module: str, *, collect: bool = True) -> None:
-        """Drop one module (the reload baseline does this; a reused session never needs to)."""
+        """Drop one module (the reload baseline does this; a reused session never needs to). Waits for the
+        module's loading and the ``use`` block in flight, if any."""
         with self._load_locks[module], self._run_locks[module]:
             self._modules.pop(module, None)
         if collect:
             _free_memory()
 
     def close(self) -> None:
-        """Release every module (one garbage collection for all of them). The session cannot be used afterwards."""
+        """Release every module (one garbage collection for all of them). The session cannot be used afterwards.
+
+        Safe while other threads use the session: the session is marked closed first (calls that start now
+        raise ``SessionClosed``), then the calls in flight on other threads finish, then the modules go. A
+        call of the closing thread itself (close inside a ``use`` block) is not waited for. Closing twice is
+        harmless."""
+        me = threading.get_ident()
+        with self._calls:
+            self._closed = True
+            self._calls.wait_for(lambda: not (set(self._in_flight) - {me}))
         for m in list(self._modules):
             self.unload(m, collect=False)
         _free_memory()
-        self._closed = True
 
     def __enter__(self) -> "Session":
         return self

@@ -243,7 +243,7 @@ def write_script(session, prompt: str, hits: Sequence[Hit]) -> Script:
     to rank order."""
     clips = [(h.clip.id, h.clip.caption) for h in hits]
     cfg, messages = session.decode, script_messages(prompt, clips)
-    with session.use("decoder") as dec, torch.inference_mode():
+    with session.use("decoder") as dec, dec.generation(), torch.inference_mode():
         stepper = dec.stepper(cfg.backend) if cfg.script_num_beams == 1 else None
         if stepper is not None:
             raw = script_json(dec, stepper, prompt, [c for _, c in clips], cfg.backend)

@@ -1,11 +1,13 @@
-"""Shared fixtures. Unit tests use the tiny random-weight specs; `integration` tests load the real
-default models (the weights ship inside installed packages, nothing is downloaded)."""
+"""Shared fixtures. Unit tests use the tiny specs (a random-weight 2-layer LM whose captions differ from clip to
+clip); `integration` tests load the real default models (the weights ship inside installed packages, nothing
+is downloaded)."""
 from __future__ import annotations
 
 import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +22,40 @@ import atomkit  # noqa: E402
 
 SAMPLES = {p.name: p for p in atomkit.sample_videos()}
 FAKE_ADB_DIR = Path(__file__).parent / "fake_adb"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA GPU (CI never has one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_threads(n: int, fn) -> list:
+    """Run ``fn`` in ``n`` threads released together; return their results, re-raising any error."""
+    barrier = threading.Barrier(n)
+    results, errors = [], []
+
+    def worker():
+        try:
+            barrier.wait()
+            results.append(fn())
+        except Exception as e:  # collected and re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +77,9 @@ def mixed_folder(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_session():
-    """tiny-default: real EfficientNet-Lite0 architecture and a 2-layer Llama, random weights (tests only)."""
+    """tiny-default: the real EfficientNet-Lite0 and a 2-layer random-weight Llama (tests only). Every sample
+    clip gets a caption of its own (``test_tiny_captions_differ_per_clip``), so tests that compare captions
+    between two paths fail when a path shuffles, drops or mixes them."""
     with atomkit.Session("tiny-default", device="cpu", decode=atomkit.DecodeConfig(max_new_tokens=6, num_beams=2,
                                                                                   script_max_new_tokens=12)) as s:
         yield s

@@ -1,4 +1,4 @@
-"""`atomkit export` (deploy.export_model) and the pipeline on .pte programs, with the tiny random-weight models."""
+"""`atomkit export` (deploy.export_model) and the pipeline on .pte programs, with the tiny test models."""
 from __future__ import annotations
 
 import json
@@ -55,13 +55,16 @@ def test_open_program_needs_no_eager_model(fp32_programs):
         open_program(out / "nothing.pte")
 
 
-def test_session_on_programs_captions_like_eager(fp32_programs, two_videos):
-    """fp32 programs, greedy: the same captions as the eager session (the same quantization: none)."""
+@pytest.mark.parametrize("captions", ["grounded", "free"])
+def test_session_on_programs_captions_like_eager(fp32_programs, two_videos, captions):
+    """fp32 programs, greedy: the same captions as the eager session (the same quantization: none), grounded (the
+    program scores the subjects) and free (the program writes the tokens); the two clips' captions differ."""
     out, _ = fp32_programs
-    decode = DecodeConfig(max_new_tokens=6, num_beams=1)
+    decode = DecodeConfig(max_new_tokens=6, num_beams=1, captions=captions)
     with Session(MODEL, decode=decode) as eager, Session(MODEL, decode=decode, programs=out) as pte:
         a, b = caption(eager, two_videos), caption(pte, two_videos)
         assert [c.caption for c in a.clips] == [c.caption for c in b.clips]
+        assert len({c.caption for c in a.clips}) == 2
         assert [c.concepts for c in a.clips] == [c.concepts for c in b.clips]
         report = pte.load_report()
         assert {m: r["source"] for m, r in report.items()} == {"encoder": "encoder.pte", "decoder": "decoder.pte"}

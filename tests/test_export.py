@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from atomkit.export import (SQNR_MIN_DB, export_decoder, export_embedder, export_encoder, load_times, sqnr_db,
+from atomkit.export import (SQNR_MIN_DB, export_decoder, export_embedder, export_encoder, load_times,
                             trace_encoder_torchscript)
+from atomkit.quant import sqnr_db
 from atomkit.registry import LoadOptions, get_spec
 from atomkit.runtime import PteDecoder, PteEmbedder, PteEncoder
 
@@ -140,6 +141,42 @@ def test_pte_decoder_greedy_equals_eager(dec_export, decoder):
         PteDecoder(dec_export.path, like=decoder, strict_beams=True).generate_ids(ids, max_new_tokens=2, num_beams=4)
     with pytest.raises(InputError, match="static cache"):
         pte.generate_ids(ids, max_new_tokens=200, num_beams=1)
+
+
+def test_pte_decoder_serialises_whole_generations(dec_export, decoder):
+    """Eight threads generate on one program at once: its KV cache holds one sequence from prefill to the last
+    step, so each thread must get the tokens its prompt gets alone (the prompts' tokens differ)."""
+    from conftest import run_threads
+
+    pte = PteDecoder(dec_export.path, like=decoder)
+    texts = ("a cat", "a dog jumps over the fence", "sunset over the sea today", "two people talk in a car")
+    prompts = [decoder._ids(decoder.render([{"role": "user", "content": t}])) for t in texts]
+    alone = [pte.generate_ids(p, max_new_tokens=10, num_beams=1).tolist() for p in prompts]
+    assert len({tuple(a) for a in alone}) == 4
+    counter = iter(range(8))
+
+    def worker():
+        i = next(counter) % 4
+        return i, pte.generate_ids(prompts[i], max_new_tokens=10, num_beams=1).tolist()
+
+    for i, got in run_threads(8, worker):
+        assert got == alone[i], texts[i]
+
+
+def test_export_and_runtime_do_not_import_each_other():
+    """Both build on atomkit.program; a program runs without the export stack imported."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "atomkit"
+    for mod, other in (("export", "runtime"), ("runtime", "export")):
+        tree = ast.parse((root / f"{mod}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {other, f"atomkit.{other}"} & imported, f"atomkit.{mod} imports atomkit.{other}"
+    code = "import sys, atomkit.runtime; print('atomkit.export' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_torchscript_trace_matches_eager(encoder, tmp_path):

@@ -74,7 +74,10 @@ def test_tiny_paper_visual_prefix_caption():
         assert emb.shape == (1, n_text + 6, 64)
         new = s.decoder.generate_ids(inputs_embeds=emb, max_new_tokens=5, num_beams=2)
         assert new.shape == (5,)  # random weights: exactly max_new_tokens, no early stop
-        assert isinstance(s.decoder.caption(enc, s.decode), str)
+        assert s.decoder.caption(enc, s.decode) == s.decoder.decode_ids(new)  # the caption path splices this prefix
+        other = s.encoder.encode(torch.randint(0, 255, (1, 3, 6, 224, 224), dtype=torch.uint8,
+                                               generator=torch.Generator().manual_seed(1)))
+        assert s.decoder.caption(other, s.decode) != s.decoder.caption(enc, s.decode)  # other frames, other words
 
 
 def test_tiny_default_encoder_concepts_are_imagenet_labels(tiny_session):

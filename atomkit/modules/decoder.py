@@ -10,6 +10,8 @@ giving it the clip:
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from pathlib import Path
 
 from typing import Sequence
@@ -23,6 +25,9 @@ from .encoder import Encoded
 VIDEO_PLACEHOLDER = "<video>"
 
 CAPTION_SYSTEM = "You describe short video clips in one plain sentence."
+
+_GENERATION_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MAKING_LOCKS = threading.Lock()
 
 
 def concept_prompt(concepts: list[tuple[str, float]]) -> str:
@@ -56,6 +61,19 @@ class TextDecoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
+
+    def generation(self) -> threading.RLock:
+        """The lock a whole generation holds: the KV cache of a decoder's stepper (or program) lives from a
+        prefill to the last step, so two generations must not interleave on it. ``generate_ids``,
+        ``generate_batch`` and the stepper users (``atomkit.grounded``, the structured script of
+        ``atomkit.tasks.write_script``) hold it; code that drives ``engine()`` or ``stepper()`` itself from
+        several threads holds it too.
+        Re-entrant; kept outside the module's state (a deep copy gets its own)."""
+        with _MAKING_LOCKS:
+            lock = _GENERATION_LOCKS.get(self)
+            if lock is None:
+                lock = _GENERATION_LOCKS[self] = threading.RLock()
+            return lock
 
     # -- prompts ---------------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> str:
@@ -113,8 +131,9 @@ class TextDecoder(nn.Module):
         Greedy or beam search with ``generate``'s semantics (beam: early stopping, length penalty 1);
         ``backend`` picks the engine (``atomkit.engine.BACKENDS``; ``hf`` is ``generate`` itself).
         """
-        out = self.engine(backend).generate(input_ids, inputs_embeds=inputs_embeds,
-                                            **self._search(max_new_tokens, num_beams))
+        with self.generation():
+            out = self.engine(backend).generate(input_ids, inputs_embeds=inputs_embeds,
+                                                **self._search(max_new_tokens, num_beams))
         return out[0]
 
     def _search(self, max_new_tokens: int, num_beams: int) -> dict:
@@ -179,13 +198,14 @@ class TextDecoder(nn.Module):
         """
         engine = self.engine(backend)
         opts = self._search(max_new_tokens, num_beams)
-        if embeds is not None:
-            if len({e.shape for e in embeds}) == 1:
-                out = list(engine.generate(inputs_embeds=torch.stack(list(embeds)), **opts))
+        with self.generation():
+            if embeds is not None:
+                if len({e.shape for e in embeds}) == 1:
+                    out = list(engine.generate(inputs_embeds=torch.stack(list(embeds)), **opts))
+                else:
+                    out = [engine.generate(inputs_embeds=e[None], **opts)[0] for e in embeds]
             else:
-                out = [engine.generate(inputs_embeds=e[None], **opts)[0] for e in embeds]
-        else:
-            out = list(engine.generate(list(prompts), **opts))
+                out = list(engine.generate(list(prompts), **opts))
         return [until_stop(r, self.stop_ids()) for r in out]
 
     @torch.inference_mode()
