@@ -46,11 +46,9 @@ def footprint(spec, module: str, opts, *, quant: str = "none", backend: str = "a
             quantize_module(mod, quant)
         engine = 0
         if module == "decoder" and getattr(mod, "lm", None) is not None:
-            from .engine import get_engine, resolve_backend
-
-            name = resolve_backend(backend, mod)
-            stepper = getattr(get_engine(name, mod), "stepper", None)
-            engine = stepper.held_bytes() if stepper is not None else 0
+            engine = mod.stepper(backend)
+            engine = engine.held_bytes() if engine is not None else 0
+            mod.keep_only_engine(backend)  # as Session loads it
     return Footprint(module, weight_bytes(mod)["total"], engine)
 
 

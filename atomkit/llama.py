@@ -51,7 +51,7 @@ class Linear:
         quantized = kind in ("int8", "int4")
         self.rows_w = w.to(torch.bfloat16) if quantized and rows == "bf16" and not w.is_cuda else None
         # the fp32 weights: the model's tensor (no copy), kept for a prefill only where no bf16 copy serves it
-        self.full = w if kind == "fp32" or self.rows_w is None else None
+        self.full = w if kind == "fp32" or (quantized and self.rows_w is None) else None
         if kind == "fp32":
             self.w = w  # the model's own tensor: no copy
         elif kind == "bf16":
@@ -119,9 +119,9 @@ class Linear:
                 if a in state:
                     setattr(self, a, state[a])
         self.full = self.w if kind == "fp32" else state.get("full", w.detach() if not owned else None)
-        if self.rows_w is not None:
+        if self.rows_w is not None or kind == "bf16":
             self.full = None
-        if self.full is None and self.rows_w is None:
+        if kind in ("int8", "int4") and self.full is None and self.rows_w is None:
             raise ValueError(f"a stored {kind} Linear of shape {tuple(w.shape)} has neither prefill weights nor a model tensor")
         return self
 
@@ -364,6 +364,12 @@ class LlamaStepper:
     def weight_bytes(self) -> int:
         """Bytes of the matrices this stepper reads per token (embedding table excluded)."""
         return sum(lin.nbytes() for lin in self._linears())
+
+    def needs_model_matrices(self) -> bool:
+        """Whether a step or a prefill reads the LM's own layer matrices (else only its embedding table, norms and
+        rotary tables: the layer matrices may be released, ``TextDecoder.keep_only_engine``)."""
+        return any(lin.full is not None and not lin.owned for L in self.layers for lin in L.values()
+                   if isinstance(lin, Linear))
 
     def held_bytes(self) -> int:
         """Bytes of weights this stepper holds beyond the model's own tensors (the KV cache not counted: it is

@@ -181,14 +181,15 @@ def weight_bytes(module: nn.Module, *, packed: bool = False) -> dict:
     """Bytes of parameters and buffers by layer kind: {"linear", "embedding", "other", "total"}.
 
     A tensor shared by several modules (tied weights) is counted once, under the first module that
-    holds it. Quantized tensors count their real inner storage (see ``tensor_bytes``).
+    holds it. Quantized tensors count their real inner storage (see ``tensor_bytes``). Parameters marked
+    ``atomkit_released`` (placeholders for matrices a decode engine holds itself) count nothing.
     """
     out = {"linear": 0, "embedding": 0, "other": 0}
     seen: set[int] = set()
     for m in module.modules():
         kind = "linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding) else "other"
         for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
-            if t is None or id(t) in seen:
+            if t is None or id(t) in seen or getattr(t, "atomkit_released", False):  # released: not held
                 continue
             seen.add(id(t))
             out[kind] += tensor_bytes(t, packed=packed)

@@ -199,6 +199,7 @@ class Session:
             # the decode engine (packed weights, steppers) is part of a resident decoder: build it
             # now, so loading costs what it costs and the first caption does not pay for it
             mod.engine(self.decode.backend)
+            mod.keep_only_engine(self.decode.backend)  # int8/int4/bf16 engines hold their own matrices
         if self.options.device.startswith("cuda"):
             torch.cuda.synchronize()
         params, size = module_bytes(mod)

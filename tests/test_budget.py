@@ -56,3 +56,26 @@ def test_memory_budget_from_the_command_line(samples, capsys):
     assert "Traceback" not in err
     assert main([*argv[:-3], "--memory-budget", "0", "-q"]) == 2
     assert "memory budget must be a number of MiB > 0" in capsys.readouterr().err
+
+
+def test_a_packed_engine_releases_the_float_matrices_and_decodes_the_same():
+    import torch
+
+    from atomkit.errors import AtomkitError
+    from atomkit.registry import LoadOptions, get_spec
+
+    kept = get_spec("tiny-default").load("decoder", LoadOptions())  # loaded outside a session: nothing released
+    with atomkit.Session("tiny-default", device="cpu", decode=atomkit.DecodeConfig(backend="int4")) as s:
+        lean = s.get("decoder")
+        layer_matrices = sum(m.weight.numel() * 4 for m in kept.lm.model.layers.modules()
+                             if isinstance(m, torch.nn.Linear))
+        from atomkit.quant import weight_bytes
+
+        assert weight_bytes(kept)["total"] - weight_bytes(lean)["total"] == layer_matrices
+        assert all(m.weight.device.type == "meta" for m in lean.lm.model.layers.modules()
+                   if isinstance(m, torch.nn.Linear))
+        ids = lean._ids("a dog runs on the beach")
+        same = kept.generate_ids(ids, max_new_tokens=8, num_beams=2, backend="int4")
+        assert torch.equal(lean.generate_ids(ids, max_new_tokens=8, num_beams=2, backend="int4"), same)
+        with pytest.raises(AtomkitError, match="keeps only what decode backend 'int4' needs"):
+            lean.engine("torch")

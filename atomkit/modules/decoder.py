@@ -104,8 +104,36 @@ class TextDecoder(nn.Module):
         name = resolve_backend(backend, self)
         engines = self.__dict__.setdefault("_engines", {})
         if name not in engines:
+            kept = self.__dict__.get("_kept_for")
+            if kept is not None:
+                from ..errors import AtomkitError
+
+                raise AtomkitError(f"this decoder keeps only what decode backend {kept!r} needs (its float matrices "
+                                   f"were released when it loaded); open a Session with backend {name!r} to decode "
+                                   f"with it (--backend {name})")
             engines[name] = get_engine(name, self)
         return engines[name]
+
+    def keep_only_engine(self, backend: str) -> int:
+        """Release the LM's layer matrices when ``backend``'s engine holds its own copy of all of them (int8, int4,
+        bf16: packed or converted weights), keeping the embedding table, norms and rotary tables it reads; returns
+        the bytes released (0 when the engine reads the model's matrices). Afterwards only that engine decodes:
+        the LM's own forward pass and other backends raise a clear error."""
+        stepper = self.stepper(backend)
+        if stepper is None or getattr(stepper, "needs_model_matrices", lambda: True)():
+            return 0
+        from ..engine import resolve_backend
+
+        freed = 0
+        for layer in self.lm.model.layers:
+            for mod in layer.modules():
+                if isinstance(mod, nn.Linear) and not getattr(mod.weight, "atomkit_released", False):
+                    w = mod.weight
+                    freed += w.numel() * w.element_size()
+                    mod.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+                    mod.weight.atomkit_released = True
+        self.__dict__["_kept_for"] = resolve_backend(backend, self)
+        return freed
 
     def engine_bytes(self) -> int:
         """Bytes the built decode engines hold beyond the LM's own weights (packed weights, bf16 prefill copies,
