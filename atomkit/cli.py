@@ -35,8 +35,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--caption-batch", type=int, default=4, metavar="N",
                    help="clips whose captions are decoded together as one batch (default: %(default)s)")
     g.add_argument("--backend", default="auto", metavar="NAME",
-                   help="decode engine backend (auto = exact fp32 static-cache engine; int4, int8, bf16, "
-                   "int4-compiled trade exactness for speed; hf = transformers generate; see `atomkit bench-decode`)")
+                   help="decode engine backend (auto: int4 on a CPU, chosen by speed and quality measured on the "
+                   "development set, the exact fp32 engine on CUDA; torch = the exact fp32 reference; int8, bf16, "
+                   "int4-compiled; hf = transformers generate; see `atomkit bench-decode`)")
+    g.add_argument("--exact", dest="backend", action="store_const", const="torch",
+                   help="decode with the exact fp32 engine (the reference; same as --backend torch)")
     g.add_argument("--programs", metavar="DIR", help="run the modules exported there by `atomkit export` (.pte)")
     g.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
                    help="refuse, before loading, a module that would take the resident modules past MIB MiB; the "
@@ -142,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clips whose captions are decoded together, in both paths (default: %(default)s)")
     p.add_argument("--script-tokens", type=int, default=160, help="script length limit (default: 160)")
     p.add_argument("--backend", default="auto", metavar="NAME",
-                   help="decode engine backend of both paths (default: auto, the exact fp32 engine; see bench-decode)")
+                   help="decode engine backend of both paths (default: auto, int4 on a CPU; see bench-decode)")
+    p.add_argument("--exact", dest="backend", action="store_const", const="torch",
+                   help="both paths decode with the exact fp32 engine (same as --backend torch)")
     p.add_argument("--out", metavar="FILE.json", default="bench/bench.json",
                    help="where the JSON goes; the timeline PNG goes beside it (default: %(default)s)")
     p.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up run")

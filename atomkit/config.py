@@ -41,7 +41,8 @@ class DecodeConfig:
     caption_batch: int = 4  # clips whose captions decode as one batch (4 clips x 4 beams: 16 rows, ~30 % faster than one by one)
     script_max_new_tokens: int = 160  # the assembly script is longer than a caption
     script_num_beams: int = 1  # greedy for the script: JSON is long and beam search is slow
-    backend: str = "auto"  # decode engine (atomkit.engine.BACKENDS): auto = exact fp32 `torch` when it can, else `hf`
+    backend: str = "auto"  # decode engine (atomkit.engine.BACKENDS): auto = engine.CPU_DEFAULT (int4) on a CPU, the
+    # exact fp32 `torch` on CUDA, `hf` where no stepper runs; "torch" is the exact reference (--exact)
     captions: str = "grounded"  # concept-bridge captions: "grounded" (atomkit.grounded) or "free" (the paper's beam search)
 
     def __post_init__(self):
@@ -53,6 +54,13 @@ class DecodeConfig:
         from .engine import check_backend
 
         check_backend(self.backend)
+
+
+def exact(decode: "DecodeConfig | None" = None) -> "DecodeConfig":
+    """``decode`` (default settings when None) on the exact fp32 engine: what a reference run decodes with."""
+    from dataclasses import replace
+
+    return replace(decode or DecodeConfig(), backend="torch")
 
 
 def cache_dir() -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DecodeConfig
+from .config import DecodeConfig, exact
 from .io import write_json_atomic
 
 # real text inputs for the embedder and decoder checks (the encoder gets real video frames)
@@ -79,7 +79,7 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
     videos = [Path(v) for v in (videos or sample_videos())]
     bar = _Progress(len(modules) + 2 + int(load_times) + int(pipeline), progress)
     report: dict = {"model": model, "quant": quant, "out": str(out), "random_weights": False, "modules": {}}
-    with Session(model, device="cpu", weights=weights, random_weights=random_weights) as ref:
+    with Session(model, device="cpu", weights=weights, random_weights=random_weights, decode=exact()) as ref:
         report["random_weights"] = ref.random_weights
         frames = _frames(videos, ref.window)
         bar.step("eager quantized modules vs fp32")
@@ -161,7 +161,7 @@ def pipeline_check(model: str, programs: Path, videos, out_dir: Path, *, decode:
     from .tasks import assemble, caption
 
     decode = decode or DecodeConfig(num_beams=1, script_num_beams=1)
-    with Session(model, device="cpu", decode=decode, weights=weights, random_weights=random_weights) as ref, \
+    with Session(model, device="cpu", decode=exact(decode), weights=weights, random_weights=random_weights) as ref, \
             Session(model, device="cpu", decode=decode, programs=programs, weights=weights,
                     random_weights=random_weights) as test:
         ref_caps = caption(ref, videos, progress=progress)

@@ -281,8 +281,15 @@ BACKENDS: dict[str, tuple[str, Callable | None]] = {
 }
 
 
+# What ``auto`` runs on a CPU: the fastest backend whose captions and retrieval stay within the paper's bound of
+# the exact fp32 engine on the development set (README "Decode engine": bench/decode-default.json for speed,
+# bench/quality-default.json for quality). On CUDA ``auto`` is the exact engine (the int4 kernels are CPU kernels).
+CPU_DEFAULT = "int4"
+
+
 def available_backends() -> list[str]:
-    """Backend names, plus ``auto`` (the exact ``torch`` engine when the LM allows it, else ``hf``)."""
+    """Backend names, plus ``auto`` (``CPU_DEFAULT`` on a CPU, the exact ``torch`` engine on CUDA, ``hf`` for an LM the
+    steppers cannot run)."""
     return ["auto", *BACKENDS]
 
 
@@ -304,11 +311,21 @@ def unsupported(decoder) -> str | None:
 
 
 def resolve_backend(name: str, decoder) -> str:
-    """``auto`` -> ``torch`` when the LM allows it, else ``hf``; other names are checked."""
+    """``auto`` -> ``CPU_DEFAULT`` on a CPU (``torch`` where its int4 groups do not divide the LM's widths),
+    ``torch`` on CUDA, ``hf`` for an LM the steppers cannot run; other names are checked."""
     check_backend(name)
-    if name == "auto":
-        return "hf" if unsupported(decoder) else "torch"
-    return name
+    if name != "auto":
+        return name
+    if unsupported(decoder):
+        return "hf"
+    lm = decoder.lm
+    if lm.lm_head.weight.device.type in ("cpu", "meta"):
+        from .llama import INT4_GROUP
+
+        widths = (lm.config.hidden_size, lm.config.intermediate_size)
+        if CPU_DEFAULT != "int4" or all(w % INT4_GROUP == 0 for w in widths):
+            return CPU_DEFAULT
+    return "torch"
 
 
 def get_engine(name: str, decoder, *, max_seq_len: int | None = None) -> Engine | HFEngine:

@@ -74,7 +74,9 @@ def quant_report(model: str, scheme: str, videos, *, decode=None, device: str = 
     """Everything issue-style reviewers ask of a quantization scheme, for one model, in one dict."""
     from .session import Session
 
-    with Session(model, device=device, decode=decode) as ref, \
+    from .config import exact
+
+    with Session(model, device=device, decode=exact(decode)) as ref, \
             Session(model, device=device, decode=decode, quant=scheme) as test:
         ref_caps = caption(ref, videos, progress=progress)
         test_caps = caption(test, videos, progress=progress)

@@ -128,10 +128,10 @@ def test_pte_decoder_greedy_equals_eager(dec_export, decoder):
     msgs = [{"role": "user", "content": "A classifier saw: golden retriever (0.81), seashore (0.10). "
                                         "Write one short sentence describing what the clip shows."}]
     ids = decoder._ids(decoder.render(msgs))
-    ref = decoder.generate_ids(ids, max_new_tokens=12, num_beams=1)
+    ref = decoder.generate_ids(ids, max_new_tokens=12, num_beams=1, backend="torch")  # the exact eager engine
     got = pte.generate_ids(ids, max_new_tokens=12, num_beams=1)
     assert got.tolist() == ref.tolist() and len(got) == 12
-    assert pte.chat(msgs, max_new_tokens=5) == decoder.chat(msgs, max_new_tokens=5)
+    assert pte.chat(msgs, max_new_tokens=5) == decoder.chat(msgs, max_new_tokens=5, backend="torch")
     with pytest.warns(UserWarning, match="greedy"):  # beams fall back to greedy (documented)
         beams = pte.generate_ids(ids, max_new_tokens=4, num_beams=2)
     assert beams.tolist() == ref[:4].tolist() and pte.greedy_fallbacks == 1
