@@ -69,7 +69,9 @@ def smollm2_converted(cache: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with atomic_dir(target) as tmp:
+    # on the CPU even when called under ``torch.device("meta")`` (atomkit.budget sizing a decoder on first use):
+    # from_pretrained refuses a meta device context, and the converted file must hold real weights
+    with atomic_dir(target) as tmp, torch.device("cpu"):
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from atomkit import Session
-from atomkit.config import DecodeConfig
+from atomkit.config import DecodeConfig, exact
 from atomkit.deploy import export_model, pipeline_check
 from atomkit.errors import AtomkitError
 from atomkit.runtime import PteDecoder, PteEmbedder, PteEncoder, bench_programs, open_program
@@ -57,11 +57,12 @@ def test_open_program_needs_no_eager_model(fp32_programs):
 
 @pytest.mark.parametrize("captions", ["grounded", "free"])
 def test_session_on_programs_captions_like_eager(fp32_programs, two_videos, captions):
-    """fp32 programs, greedy: the same captions as the eager session (the same quantization: none), grounded (the
-    program scores the subjects) and free (the program writes the tokens); the two clips' captions differ."""
+    """fp32 programs, greedy: the same captions as the eager session on the exact engine (the same quantization:
+    none), grounded (the program scores the subjects) and free (the program writes the tokens); the two clips'
+    captions differ."""
     out, _ = fp32_programs
     decode = DecodeConfig(max_new_tokens=6, num_beams=1, captions=captions)
-    with Session(MODEL, decode=decode) as eager, Session(MODEL, decode=decode, programs=out) as pte:
+    with Session(MODEL, decode=exact(decode)) as eager, Session(MODEL, decode=decode, programs=out) as pte:
         a, b = caption(eager, two_videos), caption(pte, two_videos)
         assert [c.caption for c in a.clips] == [c.caption for c in b.clips]
         assert len({c.caption for c in a.clips}) == 2

@@ -287,7 +287,7 @@ def real_prompts(samples):
     from atomkit.bench_decode import script_ids
     from atomkit.video import clips, sample_frames
 
-    with atomkit.Session("default") as s:
+    with atomkit.Session("default", decode=atomkit.config.exact()) as s:  # hf and torch need the float matrices
         dec = s.decoder
         caps = []
         for path in sorted(samples.values())[:3]:

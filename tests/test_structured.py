@@ -166,7 +166,7 @@ def test_write_script_uses_structured_decoding_on_a_stepper_backend():
 def test_smollm2_scripts_always_parse():
     clips = [("a#0", "A king penguin (a kind of bird), or perhaps a sea lion."), ("b#0", "A sports car on a road."),
              ("c#0", "An academic gown (a kind of clothing), or perhaps a bow tie.")]
-    with atomkit.Session("default", device="cpu") as s:
+    with atomkit.Session("default", device="cpu", decode=atomkit.config.exact()) as s:
         dec = s.get("decoder")
         for prompt in ("make a highlight reel", "show the animals", "vehicles and movement"):
             with torch.inference_mode():
