@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .engine import BACKENDS, get_engine
+from .engine import BACKENDS, get_engine, resolve_backend
 from .errors import UnknownBackend
+from .grounded import captions as grounded_captions
+from .llama import native_bf16
 from .modules.decoder import CAPTION_SYSTEM, concept_prompt
+from .structured import script_json
 
 # The concepts EfficientNet-Lite0 reports for the first clip of bikes.mp4: a real caption prompt.
 CONCEPTS = [("mountain bike", 0.41), ("bicycle-built-for-two", 0.12), ("unicycle", 0.05),
@@ -75,6 +78,16 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float], object]:
         result = fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples), samples, result
+
+
+def _sample_concepts(spec) -> list:
+    """The encoder's concepts of the first clip of each sample video (the input of grounded captions)."""
+    from .registry import LoadOptions
+    from .video import clips, sample_frames, sample_videos
+
+    encoder = spec.load("encoder", LoadOptions(device="cpu"))
+    with torch.inference_mode():
+        return [encoder.encode(sample_frames(clips(p)[0])).concepts for p in sorted(sample_videos())]
 
 
 def _agreement(ref: list[int], got: list[int]) -> dict:
@@ -173,7 +186,13 @@ def bench_decode(model: str = "default", *, backends: list[str] | None = None, t
         "caption_tokens": caption_tokens, "script_tokens": script_tokens, "beams": beams, "batch": batch,
         f"batch{batch}_tok_s": {}, "greedy_agreement_with_hf": {}, "script_greedy_equal_hf": {},
         "compile_or_warmup_s": {}, "decoder_load_s": round(load_s, 2),
+        "cpu_native_bf16": native_bf16(), "auto": resolve_backend("auto", decoder),
+        "pipeline_method": "the decoder work of one prompt of the pipeline, median of repeats after a warm-up: "
+                           "grounded captions of the first clip of each sample video (one batch) and the structured "
+                           "script over those captions (order, then one narration line per clip)",
+        "grounded_captions_s": {}, "grounded_clips_per_s": {}, "structured_script_s": {},
     }
+    concept_lists = _sample_concepts(spec)
     ref_tokens: dict[str, list[int]] = {}
     engines = {}
     for name in names:
@@ -213,6 +232,18 @@ def bench_decode(model: str = "default", *, backends: list[str] | None = None, t
         script = eng.generate(sids, max_new_tokens=script_tokens, eos_token_id=eos, pad_token_id=pad)[0].tolist()
         ref_tokens[name + ":script"] = script
         res["script_greedy_equal_hf"][name] = script == ref_tokens["hf:script"]
+        if getattr(eng, "stepper", None) is not None:  # the pipeline's decoder work (the structured script needs a stepper)
+            def script(caps):
+                with torch.inference_mode():
+                    return script_json(decoder, eng.stepper, "make a highlight reel", caps, name)
+
+            med_c, _, caps = _median_time(lambda: grounded_captions(decoder, concept_lists, name), repeats)
+            med_s, _, _ = _median_time(lambda: script(caps), repeats)
+            res["grounded_captions_s"][name] = round(med_c, 4)
+            res["grounded_clips_per_s"][name] = round(len(concept_lists) / med_c, 2)
+            res["structured_script_s"][name] = round(med_s, 4)
+            say(f"  pipeline: {len(concept_lists)} grounded captions {med_c:.3f} s, structured script {med_s:.3f} s",
+                flush=True)
         say(f"  tok/s {res['tok_s_by_new_tokens'][name]}  prefill {totals[1] * 1e3:.0f} ms  caption beam{beams} "
             f"{med:.3f} s  batch{batch} {res[f'batch{batch}_tok_s'][name]} tok/s  equal to hf: greedy "
             f"{res['greedy_agreement_with_hf'][name]['equal']}, caption {res['caption_beam4_equal_hf'][name]}, "

@@ -281,9 +281,13 @@ BACKENDS: dict[str, tuple[str, Callable | None]] = {
 }
 
 
-# What ``auto`` runs on a CPU: the fastest backend whose captions and retrieval stay within the paper's bound of
-# the exact fp32 engine on the development set (README "Decode engine": bench/decode-default.json for speed,
-# bench/quality-default.json for quality). On CUDA ``auto`` is the exact engine (the int4 kernels are CPU kernels).
+# What ``auto`` runs on a CPU that multiplies bf16 natively (AVX512-BF16, AMX): the fastest backend whose captions
+# and retrieval stay within the paper's bound of the exact fp32 engine on the development set (README "Decode
+# engine": bench/decode-default.json for speed, bench/quality-int4.json for quality). On an AVX2-only CPU bf16 is
+# emulated: int4 with bf16 prefills made a pipeline run's captions 3.2x slower than exact there
+# (bench/default-int4-bf16prefill-avx2.json against bench/default.json); the quantized engines now prefill with the
+# fp32 matrices on such CPUs, and until int4 is measured faster there ``auto`` is the exact engine, as on CUDA (the
+# int4 kernels are CPU kernels).
 CPU_DEFAULT = "int4"
 
 
@@ -311,17 +315,18 @@ def unsupported(decoder) -> str | None:
 
 
 def resolve_backend(name: str, decoder) -> str:
-    """``auto`` -> ``CPU_DEFAULT`` on a CPU (``torch`` where its int4 groups do not divide the LM's widths),
-    ``torch`` on CUDA, ``hf`` for an LM the steppers cannot run; other names are checked."""
+    """``auto`` -> ``CPU_DEFAULT`` on a CPU with native bf16 (``torch`` where its int4 groups do not divide the LM's
+    widths), ``torch`` on other CPUs and on CUDA, ``hf`` for an LM the steppers cannot run; other names are
+    checked."""
     check_backend(name)
     if name != "auto":
         return name
     if unsupported(decoder):
         return "hf"
     lm = decoder.lm
-    if lm.lm_head.weight.device.type in ("cpu", "meta"):
-        from .llama import INT4_GROUP
+    from .llama import INT4_GROUP, native_bf16
 
+    if lm.lm_head.weight.device.type in ("cpu", "meta") and native_bf16():
         widths = (lm.config.hidden_size, lm.config.intermediate_size)
         if CPU_DEFAULT != "int4" or all(w % INT4_GROUP == 0 for w in widths):
             return CPU_DEFAULT

@@ -55,6 +55,9 @@ def stepper(decoder, *, max_seq_len: int | None = None, **settings):
 
     lm = decoder.lm
     store = getattr(decoder, "store", None)
+    from .llama import default_prefill
+
+    settings = {"prefill": default_prefill(), **settings}  # bf16 prefill copies or none: part of the key
     stored = {k: v for k, v in settings.items() if k != "compile"}  # compiling changes no tensor
     path = entry(Path(store), lm, stored) if store and lm.lm_head.weight.is_cpu else None
     if path is not None and path.is_file():

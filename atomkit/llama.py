@@ -14,8 +14,10 @@ filled part of the cache), so its greedy tokens equal ``generate``'s. Variants:
   layers as Q4_1 (the same grid: 4 bits, min and scale per 32), so this nearly restores them
   (SQNR about 50 dB per matrix, bf16 scales and activations being the loss);
 * quantized variants prefill (many rows at once, where the packed kernels are slow) with bf16 copies of
-  their matrices: twice as fast as fp32 on CPUs with bf16 dot products, logits within ~43 dB of the fp32
-  prefill (int8 activations per token were 3x faster but lost 15 dB, so they are not used);
+  their matrices on CPUs that multiply bf16 natively (AVX512-BF16, AMX): twice as fast as fp32 there, logits
+  within ~43 dB of the fp32 prefill (int8 activations per token were 3x faster but lost 15 dB, so they are not
+  used). Elsewhere (AVX2 only) bf16 matmuls are emulated and slower than fp32, so a prefill reads the
+  fp32 matrices (``prefill="fp32"``; ``default_prefill()`` picks by the CPU);
 * ``compile=True``: the one-token step under ``torch.compile`` (attention over the whole static
   cache with a mask, so the graph has one shape per batch size and cache length).
 
@@ -34,6 +36,21 @@ WEIGHT_KINDS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 32
 PACKED_MAX_ROWS = 16  # more rows than this (a prefill) run on the fp32 weights: the packed kernels are slow there
 CACHE_ROUND = 256  # cache lengths are rounded up to this, so a new prompt rarely reallocates
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles). Without it (AVX2) torch emulates bf16
+    matmuls: on a 2-core AVX2 EPYC, int4 with bf16 prefills captioned 3.2x slower than the exact fp32 engine."""
+    cpu = torch.cpu
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def default_prefill() -> str:
+    """The weights quantized steppers prefill with on this CPU: "bf16" copies where bf16 is native, else "fp32"."""
+    return "bf16" if native_bf16() else "fp32"
 
 
 class Linear:
@@ -150,14 +167,20 @@ class LlamaStepper:
         fuse: one matmul for q/k/v and one for gate/up (fewer calls; the same values only in
             exact arithmetic, so the exact backend keeps them apart).
         compile: run the one-token step under ``torch.compile``.
+        prefill: what quantized kinds multiply many rows (a prefill, a wide beam batch) with: "bf16" copies of
+            their matrices or the model's "fp32" ones; None: ``default_prefill()`` (by the CPU).
         max_seq_len: the longest prompt + new tokens this stepper accepts.
         packed: what ``packed_state()`` returned for the same LM and settings (``atomkit.engine_store``): the
             matrices are taken from it instead of being converted again.
     """
 
     def __init__(self, lm, *, weights: str = "fp32", fuse: bool = False, compile: bool = False,
-                 max_seq_len: int | None = None, packed: dict[str, torch.Tensor] | None = None):
+                 max_seq_len: int | None = None, packed: dict[str, torch.Tensor] | None = None,
+                 prefill: str | None = None):
         cfg = lm.config
+        self.prefill_weights = prefill or default_prefill()
+        if self.prefill_weights not in ("bf16", "fp32"):
+            raise ValueError(f"prefill weights are 'bf16' or 'fp32', not {prefill!r}")
         self.name = "llama-" + weights + ("-compiled" if compile else "")
         self.kind = weights
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 8192))
@@ -181,7 +204,7 @@ class LlamaStepper:
             name, attr = key.rsplit(".", 1)
             groups.setdefault(name, {})[attr] = t
 
-        def linear(name: str, ws: list[torch.Tensor], kind: str, rows: str = "bf16") -> Linear:
+        def linear(name: str, ws: list[torch.Tensor], kind: str, rows: str = self.prefill_weights) -> Linear:
             """The Linear of the model tensors ``ws`` (several: fused along the output), packed or restored."""
             owned = len(ws) > 1
             if not stored:

@@ -106,13 +106,26 @@ def one_sentence(text: str) -> str:
     return text.rstrip(" ,;:-") + "." if text else ""
 
 
+def sentence_end_ids(decoder) -> list[int]:
+    """Tokens that end a narration line where they are generated: a full stop, a question or exclamation mark, a
+    line break (each where the tokenizer has it as one token). A row stops there instead of running to
+    ``NARRATION_TOKENS``; ``one_sentence`` would cut the line at the same place."""
+    found = set()
+    for text in (".", "!", "?", "\n", ".\n", "\n\n"):
+        ids = decoder._ids(text)[0].tolist()
+        if len(ids) == 1:
+            found.add(ids[0])
+    return sorted(found)
+
+
 def narrations(decoder, prompt: str, captions: list[str], backend: str = "auto",
                max_new_tokens: int = NARRATION_TOKENS) -> list[str]:
-    """One narration line per caption, decoded as one batch (greedy): each answer starts with its clip's subject."""
+    """One narration line per caption, decoded as one batch (greedy): each answer starts with its clip's subject
+    and ends at its first sentence end."""
     starts = [subject(c) for c in captions]
     texts = [decoder.render(narration_messages(prompt, c)) + s for c, s in zip(captions, starts)]
     rows = decoder.generate_batch(prompts=[decoder._ids(t)[0] for t in texts], max_new_tokens=max_new_tokens,
-                                  num_beams=1, backend=backend)
+                                  num_beams=1, backend=backend, stop=sentence_end_ids(decoder))
     lines = []
     for start, row in zip(starts, rows):  # decoded with the start's tokens, so the words join as the model wrote them
         text = decoder.tokenizer.decode(decoder._ids(start)[0].tolist() + row.tolist(), skip_special_tokens=True)

@@ -80,7 +80,7 @@ def tiny_session():
     """tiny-default: the real EfficientNet-Lite0 and a 2-layer random-weight Llama (tests only). Every sample
     clip gets a caption of its own (``test_tiny_captions_differ_per_clip``), so tests that compare captions
     between two paths fail when a path shuffles, drops or mixes them. It decodes with the exact engine (the
-    reference); the default int4 path runs in the CLI, corpus and interrupt tests."""
+    reference); the default engine (``auto``) runs in the CLI, corpus and interrupt tests."""
     with atomkit.Session("tiny-default", device="cpu", decode=atomkit.DecodeConfig(max_new_tokens=6, num_beams=2,
                                                                                   script_max_new_tokens=12,
                                                                                   backend="torch")) as s:

@@ -22,7 +22,8 @@ def test_footprint_is_what_the_loaded_module_holds(quant, backend):
 
 
 @pytest.mark.integration
-def test_footprint_of_the_default_models():
+def test_footprint_of_the_default_models(monkeypatch):
+    monkeypatch.setattr("atomkit.llama.native_bf16", lambda: True)  # bf16 prefill copies, as on an AVX512-BF16 CPU
     with atomkit.Session("default", device="cpu", decode=atomkit.DecodeConfig(backend="int4")) as s:
         sizes = {m: footprint(s.spec, m, s.options, backend="int4") for m in ("encoder", "decoder", "embedder")}
         for m, f in sizes.items():
@@ -73,8 +74,10 @@ def test_memory_budget_from_the_command_line(samples, capsys):
     assert "memory budget must be a number of MiB > 0" in capsys.readouterr().err
 
 
-def test_a_packed_engine_releases_the_float_matrices_and_decodes_the_same():
+def test_a_packed_engine_releases_the_float_matrices_and_decodes_the_same(monkeypatch):
     import torch
+
+    monkeypatch.setattr("atomkit.llama.native_bf16", lambda: True)  # bf16 prefill copies: the engine needs no matrix
 
     from atomkit.errors import AtomkitError
     from atomkit.registry import LoadOptions, get_spec
@@ -94,3 +97,17 @@ def test_a_packed_engine_releases_the_float_matrices_and_decodes_the_same():
         assert torch.equal(lean.generate_ids(ids, max_new_tokens=8, num_beams=2, backend="int4"), same)
         with pytest.raises(AtomkitError, match="keeps only what decode backend 'int4' needs"):
             lean.engine("torch")
+
+
+def test_a_packed_engine_that_prefills_in_fp32_keeps_the_float_matrices(monkeypatch):
+    """On a CPU without native bf16 the quantized engines prefill with the LM's fp32 matrices: nothing is released,
+    the footprint counts them, and the other backends still decode."""
+    import torch
+
+    monkeypatch.setattr("atomkit.llama.native_bf16", lambda: False)
+    with atomkit.Session("tiny-default", device="cpu", decode=atomkit.DecodeConfig(backend="int4")) as s:
+        dec = s.get("decoder")
+        assert not any(m.weight.device.type == "meta" for m in dec.lm.modules() if isinstance(m, torch.nn.Linear))
+        assert module_bytes(dec)[1] == footprint(s.spec, "decoder", s.options, backend="int4").total
+        ids = dec._ids("a dog runs on the beach")
+        assert dec.generate_ids(ids, max_new_tokens=4, num_beams=1, backend="torch").shape == (4,)

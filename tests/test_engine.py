@@ -269,15 +269,51 @@ def test_single_row_stepper_embeddings(tiny_paper):
                        get_engine("torch", tiny_paper).generate(inputs_embeds=emb, max_new_tokens=4))
 
 
-def test_decoder_routes_through_backend(tiny):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_decoder_routes_through_backend(tiny, monkeypatch, native_bf16):
+    monkeypatch.setattr("atomkit.llama.native_bf16", lambda: native_bf16)
     ids = _prompt(tiny)
-    assert tiny.engine("auto").name == "int4"  # the measured CPU default (engine.CPU_DEFAULT)
+    # the measured CPU default: int4 where the CPU multiplies bf16 natively, else the exact engine
+    default = "int4" if native_bf16 else "torch"
+    assert tiny.engine("auto").name == default
     assert isinstance(tiny.engine("hf"), HFEngine)
     a = tiny.generate_ids(ids, max_new_tokens=6, num_beams=2, backend="hf")
     b = tiny.generate_ids(ids, max_new_tokens=6, num_beams=2, backend="torch")
     assert a.shape == (6,) and torch.equal(a, b)
     c = tiny.generate_ids(ids, max_new_tokens=6, num_beams=2)
-    assert torch.equal(c, tiny.generate_ids(ids, max_new_tokens=6, num_beams=2, backend="int4"))
+    assert torch.equal(c, tiny.generate_ids(ids, max_new_tokens=6, num_beams=2, backend=default))
+
+
+def test_prefill_weights_follow_the_cpu(tiny, monkeypatch):
+    """A quantized stepper prefills (more than PACKED_MAX_ROWS rows) with bf16 copies of its matrices only where the
+    CPU multiplies bf16 natively; elsewhere (AVX2: bf16 emulated, slower) with the model's fp32 matrices, which
+    it then keeps (nothing may be released) and whose logits are nearer the exact engine's."""
+    from atomkit.llama import PACKED_MAX_ROWS
+
+    ids = _prompt(tiny, "a dog jumps over the fence in a sunny park while two children on bicycles ride past the "
+                        "old red barn at noon")
+    assert ids.shape[1] > PACKED_MAX_ROWS
+    exact = LlamaStepper(tiny.lm)
+    exact.reset(1, 64)
+    ref = exact.prefill(ids)
+    err = {}
+    for native in (True, False):
+        monkeypatch.setattr("atomkit.llama.native_bf16", lambda: native)
+        st = LlamaStepper(tiny.lm, weights="int4", fuse=True)
+        kind = "bf16" if native else "fp32"
+        assert st.prefill_weights == kind
+        layer0 = tiny.lm.model.layers[0]
+        if native:
+            assert st.layers[0]["o"].rows_w.dtype == torch.bfloat16 and st.layers[0]["o"].full is None
+        else:
+            o = st.layers[0]["o"]
+            assert o.rows_w is None and o.full.data_ptr() == layer0.self_attn.o_proj.weight.data_ptr()  # no copy
+        assert st.needs_model_matrices() is (not native)
+        st.reset(1, 64)
+        err[kind] = (st.prefill(ids) - ref).abs().max().item()
+    assert err["fp32"] < err["bf16"] * 0.75, err  # measured 0.055 vs 0.115 (the int8 head is in both)
+    with pytest.raises(ValueError, match="'bf16' or 'fp32'"):
+        LlamaStepper(tiny.lm, weights="int4", prefill="fp16")
 
 
 # -- the real SmolLM2-135M-Instruct ---------------------------------------------------------------
@@ -327,3 +363,7 @@ def test_bench_decode_smoke(tmp_path):
     assert r["tok_s"]["llama_cpp"] is not None or r["llama_cpp_reason"]
     assert r["profile"]["ms_per_token"]["matmul"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+    # the pipeline's decoder work on the stepper backends (generate has no stepper for the structured script)
+    assert r["grounded_clips_per_s"]["torch"] > 0 and r["structured_script_s"]["torch"] > 0
+    assert "hf_generate" not in r["structured_script_s"]
+    assert r["auto"] == ("int4" if r["cpu_native_bf16"] else "torch")

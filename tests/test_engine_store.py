@@ -62,6 +62,18 @@ def test_a_changed_source_or_setting_gets_its_own_entry(saved_lm, tmp_path):
     assert len(list(store.iterdir())) == 3
 
 
+def test_the_prefill_weights_are_part_of_the_key(saved_lm, tmp_path):
+    """bf16 prefill copies (CPUs with native bf16) and fp32 prefills (AVX2) are stored apart: an entry written on
+    one kind of CPU is never read as the other's."""
+    store = tmp_path / "engines"
+    bf16 = stepper(decoder(saved_lm, store), weights="int4", fuse=True, prefill="bf16")
+    fp32 = stepper(decoder(saved_lm, store), weights="int4", fuse=True, prefill="fp32")
+    assert bf16.loaded_from is None and fp32.loaded_from is None and len(list(store.iterdir())) == 2
+    again = stepper(decoder(saved_lm, store), weights="int4", fuse=True, prefill="fp32")
+    assert again.loaded_from is not None and again.prefill_weights == "fp32"
+    assert all(L["o"].rows_w is None for L in again.layers) and all(L["o"].rows_w is not None for L in bf16.layers)
+
+
 def test_a_damaged_entry_is_packed_again(saved_lm, tmp_path):
     store = tmp_path / "engines"
     stepper(decoder(saved_lm, store), weights="int4", fuse=True)

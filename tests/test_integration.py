@@ -81,7 +81,7 @@ def test_converted_decoder_cache_is_reused(real_session):
 
 
 def test_int4_captions_identical_on_any_executor():
-    """The int4 decoder (int4 steps, bf16 prefill) on one thread (disjoint cores) writes the captions it writes
+    """The int4 decoder (int4 steps, the CPU's prefill weights) on one thread (disjoint cores) writes the captions it writes
     on two: the thread count must not change the arithmetic the reuse path's executor choice depends on."""
     from atomkit.executor import PipelinedExecutor, SequentialExecutor
 

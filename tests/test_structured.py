@@ -48,6 +48,19 @@ def tiny():
     return get_spec("tiny-default").load("decoder", LoadOptions())
 
 
+def test_generate_batch_ends_each_row_at_its_own_stop(tiny):
+    """``stop`` ends a row at the first stop token it generates (kept, as EOS is); the other rows go on."""
+    prompts = [tiny._ids(tiny.render([{"role": "user", "content": t}]))[0]
+               for t in ("a cat sleeps on a mat", "two dogs run in the park", "a red car on a wet road")]
+    full = [r.tolist() for r in tiny.generate_batch(prompts=prompts, max_new_tokens=8, num_beams=1, backend="torch")]
+    assert len({tuple(r) for r in full}) == 3  # the rows differ, so a mixed-up row would show
+    stop = full[0][2]  # row 0's third token
+    cut = [r.tolist() for r in tiny.generate_batch(prompts=prompts, max_new_tokens=8, num_beams=1, backend="torch",
+                                                   stop=[stop])]
+    expected = [r[:r.index(stop) + 1] if stop in r else r for r in full]
+    assert cut == expected and len(cut[0]) <= 3
+
+
 def test_subject_and_one_sentence():
     assert subject("An albatross (a kind of bird), or perhaps a gorilla.") == "An albatross"
     assert subject("A tripod.") == "A tripod" and subject("  A dog jumps over a fence") == "A dog jumps over a fence"

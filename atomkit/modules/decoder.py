@@ -218,14 +218,17 @@ class TextDecoder(nn.Module):
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[torch.Tensor] | None = None, *,
                        embeds: Sequence[torch.Tensor] | None = None, max_new_tokens: int, num_beams: int,
-                       backend: str = "auto") -> list[torch.Tensor]:
+                       backend: str = "auto", stop: Sequence[int] = ()) -> list[torch.Tensor]:
         """New token ids (1-D, up to and including the first stop id) for each prompt, decoded as one batch.
 
         ``prompts``: 1-D id tensors of any lengths (left-padded into one batch); or ``embeds``: (L, H)
-        prompt embeddings, batched when their lengths agree, else decoded one by one.
+        prompt embeddings, batched when their lengths agree, else decoded one by one. ``stop``: more ids that
+        end a row (besides EOS); the batch ends when every row has ended.
         """
         engine = self.engine(backend)
         opts = self._search(max_new_tokens, num_beams)
+        stops = [*self.stop_ids(), *stop]
+        opts["eos_token_id"] = stops or None
         with self.generation():
             if embeds is not None:
                 if len({e.shape for e in embeds}) == 1:
@@ -234,7 +237,7 @@ class TextDecoder(nn.Module):
                     out = [engine.generate(inputs_embeds=e[None], **opts)[0] for e in embeds]
             else:
                 out = list(engine.generate(list(prompts), **opts))
-        return [until_stop(r, self.stop_ids()) for r in out]
+        return [until_stop(r, stops) for r in out]
 
     @torch.inference_mode()
     def prefix_embeds(self, text: str, features: torch.Tensor) -> torch.Tensor:
