@@ -26,17 +26,18 @@ Three methods share the cache (``to_executorch`` with ``share_mutable_buffers``)
   attending up to it;
 * ``reorder(index (B,), cache_position (L,)) -> (1,)``: row i of the cache becomes old row ``index[i]`` at
   the positions given (beam search moves beams after each step; positions before them hold the shared
-  prompt and need no copy).
+  prompt and need no copy);
+* ``clear() -> (1,)``: zeros in the whole cache, run once after loading. The program stores no initial cache
+  (as initial data it would be stored once per method: 3 x 141 MB for SmolLM2 with B=4 and 768 positions),
+  and attention reads a few positions past the causal limit with zero weight, which must not be NaN.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-METHODS = ("forward", "prefill", "reorder")
+METHODS = ("forward", "prefill", "reorder", "clear")
 PREFILL_CHUNK = 32  # prompt tokens per prefill call (static: see the module docstring)
-# the KV cache's buffers as export names them (``b_core_cache_k0``, ...): the program stores their initial zeros
-CACHE_PATTERNS = ["cache_k", "cache_v"]
 
 
 def unsupported(lm) -> str | None:
@@ -70,6 +71,14 @@ class _Cache(nn.Module):
 
     def pairs(self):
         return [(getattr(self, f"k{i}"), getattr(self, f"v{i}")) for i in range(self.n_layers)]
+
+    def clear(self) -> torch.Tensor:
+        """Zeros in every position of every row."""
+        done = torch.zeros(1)
+        for kc, vc in self.pairs():
+            for c in (kc, vc):
+                done = torch.ops.llama.update_cache(torch.zeros_like(c), c, 0)
+        return done
 
     def reorder(self, index: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         """Row i becomes old row ``index[i]`` (B,) at the consecutive positions ``cache_position`` (L,)."""
@@ -187,17 +196,16 @@ class LlamaDecodeProgram(nn.Module):
         """Row i of the cache becomes old row ``index[i]`` (B,) at positions ``cache_position`` (L,), consecutive."""
         return self.cache.reorder(index, cache_position)
 
-    # -- export ------------------------------------------------------------------------------------
-    def reset_cache(self) -> None:
-        for kc, vc in self.cache.pairs():
-            kc.zero_()
-            vc.zero_()
+    def clear(self) -> torch.Tensor:
+        """Zeros in the whole cache."""
+        return self.cache.clear()
 
+    # -- export ------------------------------------------------------------------------------------
     def example_args(self) -> dict[str, tuple[torch.Tensor, ...]]:
         B, P = self.batch, self.prefill_chunk
         return {"forward": (torch.zeros(B, 1, dtype=torch.long), torch.tensor([P])),
                 "prefill": (torch.zeros(1, P, dtype=torch.long), torch.arange(P), torch.tensor([P - 1])),
-                "reorder": (torch.arange(B).flip(0), torch.arange(min(8, self.max_seq_len - 1)))}
+                "reorder": (torch.arange(B).flip(0), torch.arange(min(8, self.max_seq_len - 1))), "clear": ()}
 
     def export_methods(self) -> dict:
         """``torch.export`` of each method: ``{name: ExportedProgram}`` for ``to_edge_transform_and_lower``.
@@ -209,7 +217,7 @@ class LlamaDecodeProgram(nn.Module):
 
         seq = Dim("seq", min=1, max=self.max_seq_len - 1)
         args = self.example_args()
-        dynamic = {"forward": None, "prefill": None, "reorder": ((None, {0: seq}),)}  # forward(*args)
+        dynamic = {"forward": None, "prefill": None, "reorder": ((None, {0: seq}),), "clear": None}  # forward(*args)
         out = {}
         for name in METHODS:
             out[name] = export(_Method(self, name), args[name], dynamic_shapes=dynamic[name], strict=False)
@@ -221,7 +229,7 @@ class _Method(nn.Module):
 
     def __init__(self, program: LlamaDecodeProgram, name: str):
         super().__init__()
-        if name == "reorder":  # the cache alone (no weights), under the same names as in the other methods
+        if name in ("reorder", "clear"):  # the cache alone (no weights), under the same names as in the others
             self.core = nn.Module()
             self.core.cache = program.cache
         else:
@@ -229,6 +237,6 @@ class _Method(nn.Module):
         self.name = name
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        if self.name == "reorder":
-            return self.core.cache.reorder(*args)
+        if self.name in ("reorder", "clear"):
+            return getattr(self.core.cache, self.name)(*args)
         return getattr(self.core, self.name)(*args)

@@ -301,13 +301,12 @@ def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_
                                 model=model)
 
 
-def _lower_methods(methods: dict, *, quantized: bool, init_buffers: list[str]):
+def _lower_methods(methods: dict, *, quantized: bool):
     """Several exported methods -> one ExecuTorch program whose methods share their mutable buffers (the KV
     cache); (etpm, {method: delegation report})."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -315,7 +314,7 @@ def _lower_methods(methods: dict, *, quantized: bool, init_buffers: list[str]):
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
         reports = {m: delegation_report(edge, m) for m in methods}
         et = edge.to_executorch(ExecutorchBackendConfig(
-            passes=[InitializedMutableBufferPass(init_buffers)], do_quant_fusion_and_const_prop=quantized,
+            do_quant_fusion_and_const_prop=quantized,
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True), emit_mutable_buffer_names=True))
     return et, reports
 
@@ -369,7 +368,7 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
 
     Parity (teacher-forced, against the eager program of the same quantization, and fp32 for the record):
     the prompt's last logits, then ``PARITY_STEPS`` steps of all ``batch`` rows with a reorder halfway."""
-    from .decoder_program import CACHE_PATTERNS, METHODS, LlamaDecodeProgram
+    from .decoder_program import METHODS, LlamaDecodeProgram
 
     t0 = time.perf_counter()
     lm = decoder.lm.eval().cpu()
@@ -378,9 +377,10 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
     prompt = decoder._ids(decoder.render([{"role": "user", "content": "Describe a video of a dog on a beach."}]))
     prompt = prompt[:, : max_seq_len // 2].cpu()
     chunk = prog.prefill_chunk
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="_check_is_size", category=FutureWarning)  # in executorch's meta kernels
         methods = prog.export_methods()
-    et, reports = _lower_methods(methods, quantized=quant != "none", init_buffers=CACHE_PATTERNS)
+    et, reports = _lower_methods(methods, quantized=quant != "none")
     path = _write(et, out_dir, name)
     save_tokenizer(decoder.tokenizer, path)
     seconds = time.perf_counter() - t0
@@ -388,20 +388,21 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
     from .program import load_methods
 
     loaded = load_methods(path, METHODS)
+    loaded["clear"].execute([])
     vocab = int(lm.config.vocab_size)
     steps = min(PARITY_STEPS, max_seq_len - prompt.shape[1] - 1)
     run = dict(batch=batch, vocab=vocab, chunk=chunk, max_seq_len=max_seq_len)
     with torch.inference_mode(), _native_stderr_without(EAGER_OP_NOISE):
-        prog.reset_cache()
+        prog.clear()
         cont = [int(_program_run(lambda m, a: getattr(prog, m)(*a), prompt, [], **run)["prefill_logits"].argmax())]
         for j in range(steps - 1):  # the eager program's own greedy continuation (row 0)
             toks = torch.full((batch, 1), cont[-1])
             cont.append(int(prog(toks, torch.tensor([prompt.shape[1] + j]))[0].argmax()))
-        prog.reset_cache()
+        prog.clear()
         ref = _program_run(lambda m, a: getattr(prog, m)(*a), prompt, cont, **run)
         ref_fp32 = None
         if quant != "none":
-            fp32.reset_cache()
+            fp32.clear()
             ref_fp32 = _program_run(lambda m, a: getattr(fp32, m)(*a), prompt, cont, **run)
     got = _program_run(lambda m, a: loaded[m].execute(list(a))[0], prompt, cont, **run)
     par = parity(ref, got, quant != "none", fp32=ref_fp32)

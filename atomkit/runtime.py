@@ -162,8 +162,10 @@ class PteDecoder(TextDecoder):
             raise AtomkitError(f"{self.path}: no such .pte program; export it with atomkit.export first")
         self.meta = read_sidecar(self.path)
         self.kind = self.meta.get("program_kind", "static-cache")
-        names = ("forward", "prefill", "reorder") if self.kind == "llama-custom-ops" else ("forward",)
+        names = tuple(self.meta.get("methods") or ("forward",))
         self._methods = load_methods(self.path, names)  # all at once: they share the program's KV cache
+        if "clear" in self._methods:
+            self._methods["clear"].execute([])  # the cache starts as zeros (the program stores no initial cache)
         self._method = self._methods["forward"]
         self.batch = int(self.meta.get("batch", 1)) if self.kind == "llama-custom-ops" else 1
         self.lm = None  # the eager weights are not kept: the program holds its own

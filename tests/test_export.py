@@ -123,9 +123,9 @@ def test_decoder_program_is_compact_and_multi_method(dec_export):
     arithmetic left in the step)."""
     side = _check_result(dec_export, "decoder")
     assert side["max_seq_len"] == 128 and side["batch"] == 4 and side["prefill"] == "chunk" and side["max_prefill"] == 32
-    assert side["program_kind"] == "llama-custom-ops" and side["methods"] == ["forward", "prefill", "reorder"]
+    assert side["program_kind"] == "llama-custom-ops" and side["methods"] == ["forward", "prefill", "reorder", "clear"]
     d, layers = dec_export.delegation, dec_export.delegation["layers"]
-    assert layers == 2 and set(d["methods"]) == {"forward", "prefill", "reorder"}
+    assert layers == 2 and set(d["methods"]) == {"forward", "prefill", "reorder", "clear"}
     assert d["delegate_subgraphs"] <= 2 * layers + 1, d["outside_ops"]  # the decode step
     assert d["pieces_per_layer"] <= 2.5
     outside = d["outside_ops"]
