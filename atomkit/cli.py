@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["encoder", "decoder", "embedder"], help="export only these modules")
     p.add_argument("--max-seq-len", type=int, default=768,
                    help="decoder static KV cache: prompt + new tokens (default: %(default)s)")
+    p.add_argument("--decoder-batch", type=int, default=4, metavar="B",
+                   help="rows of the decoder program's KV cache = the most beams it searches with (default: "
+                   "%(default)s, the paper's beam 4)")
     p.add_argument("--pipeline", action="store_true",
                    help="also assemble the videos on the programs and score their captions against fp32")
     p.add_argument("--no-load-times", action="store_true", help="skip the eager/TorchScript/.pte load-time probe")
@@ -683,7 +686,8 @@ def _export(args) -> int:
     from .deploy import export_model
 
     r = export_model(args.models, args.quant, args.out, weights=args.weights, random_weights=args.random_weights,
-                     modules=tuple(args.only), max_seq_len=args.max_seq_len, videos=args.paths or None,
+                     modules=tuple(args.only), max_seq_len=args.max_seq_len, decoder_batch=args.decoder_batch,
+                     videos=args.paths or None,
                      load_times=not args.no_load_times, cold=args.cold, pipeline=args.pipeline, progress=not args.quiet)
     for m, info in r["modules"].items():
         w = info.get("weights") or {}
@@ -692,6 +696,11 @@ def _export(args) -> int:
         print(f"{m:9s} {info['program']:13s} {info['file_bytes'] / 2**20:7.1f} MiB  {ratio:24s} "
               f"SQNR vs fp32 {info['pte_sqnr_db_vs_fp32']:6.1f} dB  parity {'ok' if info['parity']['passed'] else 'FAILED'}"
               f"  ops outside XNNPACK {d['non_delegated_ops']}")
+        if m == "decoder" and "decode" in info:
+            s = info["decode"]
+            print(f"{'':9s} {info.get('program_kind')}, {info.get('batch')} rows, {d['delegate_subgraphs']} XNNPACK "
+                  f"pieces per step ({d.get('pieces_per_layer')} per layer), exported in {info['export_seconds']:.0f} s; "
+                  f"decode {s['tok_s']:.1f} tok/s greedy, caption beam {s['caption_beams']} {s['caption_s']:.2f} s")
     if "pipeline" in r:
         c = r["pipeline"]["captions"]
         print(f"pipeline on the programs: {r['pipeline']['clips']} clips, reel {r['pipeline']['reel']}; captions vs fp32 "

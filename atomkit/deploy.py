@@ -64,9 +64,12 @@ def program_outputs(ref, programs: dict, frames: torch.Tensor) -> dict:
 
 def export_model(model: str = "default", quant: str = "int8", out_dir: str | Path = "export", *,
                  weights=None, random_weights: bool = False, modules=("encoder", "decoder", "embedder"),
-                 max_seq_len: int = 512, embed_seq_len: int = 128, videos=None, load_times: bool = True,
+                 max_seq_len: int = 512, decoder_batch: int = 4, embed_seq_len: int = 128, videos=None,
+                 load_times: bool = True,
                  cold: bool = False, pipeline: bool = False, decode: DecodeConfig | None = None, progress: bool = True) -> dict:
-    """Export, check and report; writes ``<module>.pte`` + sidecars + ``report.json`` into ``out_dir``."""
+    """Export, check and report; writes ``<module>.pte`` + sidecars + ``report.json`` into ``out_dir``.
+
+    ``decoder_batch``: rows of the decoder program's KV cache, the most beams it searches with (a Llama LM)."""
     from . import export as X
     from .evaluate import compare_modules
     from .program import read_sidecar
@@ -91,7 +94,7 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
         exporters = {
             "encoder": lambda m: X.export_encoder(m, out, name="encoder", quant=quant, model=model),
             "decoder": lambda m: X.export_decoder(m, out, name="decoder", quant=quant, max_seq_len=max_seq_len,
-                                                  model=model),
+                                                  batch=decoder_batch, model=model),
             "embedder": lambda m: X.export_embedder(m, out, name="embedder", quant=quant, seq_len=embed_seq_len,
                                                     model=model),
         }
@@ -106,8 +109,15 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
                 "export_seconds": round(res.seconds, 2), "weights": eager.get(m),
                 "parity": res.parity,
                 "delegation": {k: v for k, v in res.delegation.items() if k != "inside_ops"},
-                **({"prefill": side.get("prefill"), "max_seq_len": side.get("max_seq_len")} if m == "decoder" else {}),
+                **({k: side.get(k) for k in ("program_kind", "methods", "batch", "prefill", "max_seq_len")}
+                   if m == "decoder" else {}),
             }
+        if "decoder" in programs:  # the program's own decode speed: greedy tok/s and a beam caption
+            from .bench_decode import caption_ids
+            from .runtime import decode_speed, open_program
+
+            report["modules"]["decoder"]["decode"] = decode_speed(open_program(programs["decoder"], "decoder"),
+                                                                  caption_ids(ref.get("decoder")))
         bar.step("programs vs fp32 on real inputs")
         for m, (a, b) in program_outputs(ref, programs, frames).items():
             report["modules"][m]["pte_sqnr_db_vs_fp32"] = round(finite_sqnr_db(a, b), 2)
@@ -154,8 +164,8 @@ def pipeline_check(model: str, programs: Path, videos, out_dir: Path, *, decode:
                    progress: bool = False) -> dict:
     """Assemble ``videos`` with the ``.pte`` programs; score its captions against fp32 eager captions.
 
-    Both sides decode alike (greedy unless the program decoder can beam: it is batch 1), so the
-    scores measure quantization + export, not a change of decoding."""
+    Both sides decode alike (``decode``: greedy by default; a compact decoder program searches with as many
+    beams as its rows), so the scores measure quantization + export, not a change of decoding."""
     from .evaluate import compare_pipelines
     from .session import Session
     from .tasks import assemble, caption

@@ -8,25 +8,32 @@ the eager module on the example input:
 * encoder: ``forward(x float (frames, 3, size, size)) -> (features, probs)`` (or features alone);
 * embedder: ``forward(input_ids, attention_mask (B, seq_len) int64) -> (B, D)`` unit vectors, the
   transformer plus mean pooling and L2 norm; tokenisation (pad/truncate to seq_len) stays on the host;
-* decoder: ``forward(input_ids (1, L), cache_position (L,)) -> logits (1, 1, vocab)`` of the last
-  position, over a static KV cache of ``max_seq_len`` held inside the program
-  (``transformers.integrations.executorch.TorchExportableModuleWithStaticCache``). L is dynamic
-  (1..max_seq_len-1) when that exports, so a prompt is prefilled in one call; batch is 1 (greedy).
+* decoder (a Llama LM): ``atomkit.decoder_program.LlamaDecodeProgram``, one program with three methods over
+  a KV cache of ``batch`` rows (default 4, the beams) held inside it and shared by them:
+  ``forward(tokens (B, 1), cache_position (1,)) -> logits (B, vocab)`` (a decode step),
+  ``prefill(tokens (1, L), cache_position (L,)) -> logits (1, vocab)`` (L dynamic) and
+  ``reorder(index (B,), cache_position (L,))`` (beam search moves its beams); cache writes and attention are
+  ExecuTorch's LLM custom ops, so each layer of a step lowers to one or two XNNPACK pieces;
+* decoder (any other LM): ``forward(input_ids (1, L), cache_position (L,)) -> logits (1, 1, vocab)`` over
+  transformers' static cache (``TorchExportableModuleWithStaticCache``), batch 1 (greedy).
 
 Parity: the program against the eager module it was exported from (the same quantization), SQNR
 >= 40 dB for fp32 programs and >= 20 dB for quantized ones (XNNPACK quantizes activations with its
-own rounding); the decoder's parity is teacher-forced over its prefill and ``PARITY_STEPS`` decode steps.
+own rounding); the decoder's parity is teacher-forced over its prefill and ``PARITY_STEPS`` decode steps
+(for the compact program: of all its rows, with a ``reorder`` halfway).
 The quantization error itself (quantized vs fp32 eager) is reported beside it as
 ``vs_fp32`` and judged by ``atomkit.evaluate``, not here. ``trace_encoder_torchscript`` is the paper's deprecated PyTorch Mobile path, kept for
 comparison only; ``load_times`` measures load + first inference of eager / TorchScript / ``.pte``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -73,6 +80,8 @@ def delegation_report(edge_program_manager, method: str = "forward") -> dict:
                     inside[_op_name(sub.target)] = inside.get(_op_name(sub.target), 0) + 1
         elif node.op == "call_function" and node.target is not operator.getitem:
             name = _op_name(node.target)
+            if name.startswith("auto_functionalized"):  # a custom op that writes a buffer (the KV cache): name it
+                name = str(node.args[0]).removeprefix("aten.")
             if name != "executorch_call_delegate":
                 outside[name] = outside.get(name, 0) + 1
     return {"delegated_ops": sum(inside.values()), "non_delegated_ops": sum(outside.values()),
@@ -278,9 +287,150 @@ def _static_cache_module(lm, max_seq_len: int, batch_size: int = 1) -> nn.Module
         lm.generation_config = saved
 
 
-def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_len: int = 512,
+def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_len: int = 512, batch: int = 4,
                    model: str | None = None) -> ExportResult:
-    """Static-KV-cache LM program, batch 1; prefill length dynamic (else token by token)."""
+    """The decoder program: for a Llama LM the compact ``LlamaDecodeProgram`` (``atomkit.decoder_program``:
+    ``forward`` / ``prefill`` / ``reorder`` over one KV cache of ``batch`` rows, so the runtime beam-searches with
+    ``batch`` beams); any other LM goes through ``export_static_cache_decoder`` (batch 1, greedy)."""
+    from .decoder_program import unsupported
+
+    if unsupported(decoder.lm) is not None:
+        return export_static_cache_decoder(decoder, out_dir, name=name, quant=quant, max_seq_len=max_seq_len,
+                                           model=model)
+    return export_llama_program(decoder, out_dir, name=name, quant=quant, max_seq_len=max_seq_len, batch=batch,
+                                model=model)
+
+
+def _lower_methods(methods: dict, *, quantized: bool):
+    """Several exported methods -> one ExecuTorch program whose methods share their mutable buffers (the KV
+    cache); (etpm, {method: delegation report})."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edge = to_edge_transform_and_lower(methods, partitioner=[XnnpackPartitioner()],
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        reports = {m: delegation_report(edge, m) for m in methods}
+        et = edge.to_executorch(ExecutorchBackendConfig(
+            do_quant_fusion_and_const_prop=quantized,
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True), emit_mutable_buffer_names=True))
+    return et, reports
+
+
+def _program_run(method_fn, prompt: torch.Tensor, cont: list[int], batch: int, vocab: int, chunk: int,
+                 max_seq_len: int) -> dict[str, torch.Tensor]:
+    """Prefill ``prompt`` (1, n) in chunks, then decode teacher-forced: row 0 gets ``cont``, row r the token r places
+    further in the vocabulary (rows differ), with one reversal of the rows (``reorder``) halfway.
+    ``method_fn(name, args)`` runs a method (eager or program); returns the logits of the prefill and of every step."""
+    from .program import prefill_chunks
+
+    n = prompt.shape[1]
+    for args in prefill_chunks(prompt[0].tolist(), chunk, max_seq_len):
+        first = method_fn("prefill", args)
+    rows = []
+    for j, tok in enumerate(cont):
+        pos = n + j
+        if j == len(cont) // 2 and j > 0:  # beams move: row i becomes old row B-1-i at the generated positions
+            method_fn("reorder", (torch.arange(batch).flip(0), torch.arange(n, pos)))
+        toks = (torch.tensor([tok]) + torch.arange(batch)) % vocab
+        rows.append(method_fn("forward", (toks[:, None], torch.tensor([pos]))))
+    return {"prefill_logits": first.reshape(1, -1), "decode_logits": torch.cat(rows) if rows else first[:0]}
+
+
+# what ExecuTorch's LLM ops print on every eager call: their ATen wrappers give the kernels no scratch allocator
+EAGER_OP_NOISE = b"No temp allocator provided"
+
+
+@contextlib.contextmanager
+def _native_stderr_without(noise: bytes):
+    """Native code's writes to stderr (file descriptor 2) within the block, less the lines containing ``noise``
+    (written out after the block). Python's own ``sys.stderr`` is flushed first and unaffected otherwise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = b"".join(line for line in tmp if noise not in line)
+            if kept:
+                os.write(2, kept)
+
+
+def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", max_seq_len: int = 512,
+                         batch: int = 4, model: str | None = None) -> ExportResult:
+    """``LlamaDecodeProgram`` of a Llama decoder -> one ``.pte`` with methods forward, prefill and reorder.
+
+    Parity (teacher-forced, against the eager program of the same quantization, and fp32 for the record):
+    the prompt's last logits, then ``PARITY_STEPS`` steps of all ``batch`` rows with a reorder halfway."""
+    from .decoder_program import METHODS, LlamaDecodeProgram
+
+    t0 = time.perf_counter()
+    lm = decoder.lm.eval().cpu()
+    fp32 = LlamaDecodeProgram(lm, batch=batch, max_seq_len=max_seq_len).eval()
+    prog = _quantized(fp32, quant)
+    prompt = decoder._ids(decoder.render([{"role": "user", "content": "Describe a video of a dog on a beach."}]))
+    prompt = prompt[:, : max_seq_len // 2].cpu()
+    chunk = prog.prefill_chunk
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="_check_is_size", category=FutureWarning)  # in executorch's meta kernels
+        methods = prog.export_methods()
+    et, reports = _lower_methods(methods, quantized=quant != "none")
+    path = _write(et, out_dir, name)
+    save_tokenizer(decoder.tokenizer, path)
+    seconds = time.perf_counter() - t0
+
+    from .program import load_methods
+
+    loaded = load_methods(path, METHODS)
+    loaded["clear"].execute([])
+    vocab = int(lm.config.vocab_size)
+    steps = min(PARITY_STEPS, max_seq_len - prompt.shape[1] - 1)
+    run = dict(batch=batch, vocab=vocab, chunk=chunk, max_seq_len=max_seq_len)
+    with torch.inference_mode(), _native_stderr_without(EAGER_OP_NOISE):
+        prog.clear()
+        cont = [int(_program_run(lambda m, a: getattr(prog, m)(*a), prompt, [], **run)["prefill_logits"].argmax())]
+        for j in range(steps - 1):  # the eager program's own greedy continuation (row 0)
+            toks = torch.full((batch, 1), cont[-1])
+            cont.append(int(prog(toks, torch.tensor([prompt.shape[1] + j]))[0].argmax()))
+        prog.clear()
+        ref = _program_run(lambda m, a: getattr(prog, m)(*a), prompt, cont, **run)
+        ref_fp32 = None
+        if quant != "none":
+            fp32.clear()
+            ref_fp32 = _program_run(lambda m, a: getattr(fp32, m)(*a), prompt, cont, **run)
+    got = _program_run(lambda m, a: loaded[m].execute(list(a))[0], prompt, cont, **run)
+    par = parity(ref, got, quant != "none", fp32=ref_fp32)
+    par["decode_steps"] = len(cont)
+    layers = len(prog.layers)
+    step = reports["forward"]
+    delegation = dict(step, methods={m: {k: v for k, v in r.items() if k != "inside_ops"} for m, r in reports.items()},
+                      pieces_per_layer=round(step["delegate_subgraphs"] / layers, 2), layers=layers)
+    eos = lm.generation_config.eos_token_id
+    side = _sidecar(path, delegation, name=name, model=model or type(lm).__name__, module="decoder", quant=quant,
+                    program_kind="llama-custom-ops", methods=list(METHODS),
+                    inputs={"tokens": {"shape": [batch, 1], "dtype": "int64"},
+                            "cache_position": {"shape": [1], "dtype": "int64"}},
+                    outputs={"logits": {"shape": [batch, vocab], "dtype": "float32"}},
+                    method_inputs={"forward": {"tokens": [batch, 1], "cache_position": [1]},
+                                   "prefill": {"tokens": [1, chunk], "cache_position": [chunk], "last": [1]},
+                                   "reorder": {"index": [batch], "cache_position": ["L"]}},
+                    example_prompt_tokens=int(prompt.shape[1]), prefill="chunk", max_seq_len=max_seq_len,
+                    max_prefill=chunk, batch=batch, beams=f"up to {batch}",
+                    eos_token_id=eos, pad_token_id=decoder.tokenizer.pad_token_id, stop_at_eos=decoder.stop_at_eos,
+                    parity=par, export_seconds=round(seconds, 2))
+    return ExportResult(path, side, delegation, par, seconds)
+
+
+def export_static_cache_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_len: int = 512,
+                                model: str | None = None) -> ExportResult:
+    """transformers' LM over its static KV cache, batch 1 (greedy only); prefill length dynamic (else token by
+    token). The path for LMs ``LlamaDecodeProgram`` does not handle."""
     t0 = time.perf_counter()
     lm = decoder.lm.eval()
     qlm = _quantized(lm, quant).cpu()
@@ -337,8 +487,7 @@ def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_
                     example_prompt_tokens=n, prefill=prefill, max_seq_len=max_seq_len,
                     max_prefill=max_seq_len - 1 if prefill == "dynamic" else 1, batch=1, beams="greedy only",
                     eos_token_id=eos, pad_token_id=decoder.tokenizer.pad_token_id, stop_at_eos=decoder.stop_at_eos,
-                    parity=par,
-                    export_seconds=round(seconds, 2))
+                    parity=par, program_kind="static-cache", export_seconds=round(seconds, 2))
     return ExportResult(path, side, report, par, seconds)
 
 

@@ -14,7 +14,8 @@ not report and never carries a probability or an id.
 
 A group of clips costs one batched prefill of their prompts, spread over every candidate phrase, plus a
 step per phrase token, on the same decode engine (and so the same quantized weights) as free captions; a
-batch-1 program scores phrase by phrase, and a decoder without a stepper (``hf``) with the LM's forward pass.
+``.pte`` program (a few rows, one prompt at a time) scores a prompt's phrases that many at a time, and a decoder
+without a stepper (``hf``) with the LM's forward pass.
 """
 from __future__ import annotations
 
@@ -130,8 +131,10 @@ def subjects(decoder, concept_lists: Sequence, backend: str = "auto") -> list[st
                 pad_id = decoder._search(1, 1)["pad_token_id"]
                 lm = dict(zip(todo, _stepper_scores(stepper, [prompts[i] for i in todo], [options[i] for i in todo],
                                                     pad_id)))
-            else:  # a batch-1 program: option by option
-                lm = {i: [_stepper_scores(stepper, [prompts[i]], [[o]], 0)[0][0] for o in options[i]] for i in todo}
+            else:  # a program of a few rows: one prompt at a time, its options in groups of that many rows
+                k = stepper.max_batch_size
+                lm = {i: [s for j in range(0, len(options[i]), k)
+                          for s in _stepper_scores(stepper, [prompts[i]], [options[i][j:j + k]], 0)[0]] for i in todo}
     out: list[str | None] = []
     for i, c in enumerate(cands):
         if not c:

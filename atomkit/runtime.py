@@ -10,11 +10,12 @@ argument of each wrapper takes those host-side pieces from an eager module inste
 * ``PteEmbedder(path, tokenizer, seq_len)``: ``embed(texts) -> (N, D)`` unit vectors; tokenisation
   runs on the host: truncate to seq_len, pad to seq_len (static program) or to the longest text of
   the call (``dynamic_seq`` program). Texts longer than seq_len tokens are truncated.
-* ``PteDecoder(path, like=decoder)``: a ``TextDecoder`` whose ``generate_ids`` runs greedy decoding
-  over the program's static KV cache, so ``caption`` / ``chat`` / ``render`` work unchanged.
-  Beam search: the program has batch 1 and its KV cache lives inside it, so beams cannot be
-  reordered from outside. ``num_beams > 1`` therefore falls back to greedy (a warning the first
-  time, counted in ``greedy_fallbacks``), or raises ``AtomkitError`` with ``strict_beams=True``.
+* ``PteDecoder(path, like=decoder)``: a ``TextDecoder`` whose ``generate_ids`` runs the decode engine's greedy
+  or beam search over the program, so ``caption`` / ``chat`` / ``render`` work unchanged. The compact Llama
+  program (``atomkit.decoder_program``) holds a KV cache of ``batch`` rows (default 4): the beams are its rows
+  and its ``reorder`` method moves them, so ``--programs`` captions with beam 4 like the eager path. An older
+  static-cache program holds one sequence: ``num_beams > 1`` falls back to greedy (a warning the first time,
+  counted in ``greedy_fallbacks``), or raises ``AtomkitError`` with ``strict_beams=True``.
   Visual-prefix decoders (``inputs_embeds``) are not supported by the id-only program.
 
 One loaded ExecuTorch method is not safe to call from two threads at once; the encoder and embedder
@@ -35,7 +36,7 @@ from .errors import AtomkitError, InputError
 from .modules.decoder import TextDecoder
 from .modules.embedder import SentenceEmbedder
 from .modules.encoder import VideoEncoder, imagenet_labels
-from .program import load_method, read_sidecar, saved_tokenizer, tokenize_fixed
+from .program import load_method, load_methods, prefill_chunks, read_sidecar, saved_tokenizer, tokenize_fixed
 
 
 def _program(path) -> tuple:
@@ -146,12 +147,27 @@ class PteEmbedder(SentenceEmbedder):
 
 
 class PteDecoder(TextDecoder):
-    """A ``TextDecoder`` generating with the static-KV-cache ``.pte`` program (greedy, batch 1)."""
+    """A ``TextDecoder`` generating with a decoder ``.pte`` program: greedy and beam search.
+
+    A compact program (``program_kind`` "llama-custom-ops", from ``atomkit.decoder_program``) holds a KV cache of
+    ``batch`` rows with ``forward`` / ``prefill`` / ``reorder`` methods: beam search runs with up to ``batch`` beams
+    (the beams are the rows). An older static-cache program holds one sequence: ``num_beams > 1`` then falls back
+    to greedy (a warning the first time, counted in ``greedy_fallbacks``), or raises ``AtomkitError`` with
+    ``strict_beams=True``."""
 
     def __init__(self, path, like: TextDecoder | None = None, *, strict_beams: bool = False):
         nn.Module.__init__(self)
         self.path = Path(path)
-        self._method, self.meta = _program(self.path)
+        if not self.path.exists():
+            raise AtomkitError(f"{self.path}: no such .pte program; export it with atomkit.export first")
+        self.meta = read_sidecar(self.path)
+        self.kind = self.meta.get("program_kind", "static-cache")
+        names = tuple(self.meta.get("methods") or ("forward",))
+        self._methods = load_methods(self.path, names)  # all at once: they share the program's KV cache
+        if "clear" in self._methods:
+            self._methods["clear"].execute([])  # the cache starts as zeros (the program stores no initial cache)
+        self._method = self._methods["forward"]
+        self.batch = int(self.meta.get("batch", 1)) if self.kind == "llama-custom-ops" else 1
         self.lm = None  # the eager weights are not kept: the program holds its own
         self.projector = None
         if like is not None and like.projector is not None:
@@ -172,17 +188,34 @@ class PteDecoder(TextDecoder):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def _step(self, ids: list[int], start: int) -> torch.Tensor:
-        with self.generation():  # re-entrant: a generation in progress holds it already
-            out = self._method.execute([torch.tensor([ids], dtype=torch.long),
-                                        torch.arange(start, start + len(ids), dtype=torch.long)])
-        return out[0][0, -1]
+    # -- the program's methods (callers hold ``generation()``: the cache lives for a whole generation) ------
+    def _prefill(self, ids: list[int]) -> torch.Tensor:
+        """Feed a prompt from position 0 (in chunks of the program's prefill length); logits of its last token (V,)."""
+        if self.kind == "llama-custom-ops":
+            for args in prefill_chunks(ids, self.max_prefill, self.max_seq_len):
+                out = self._methods["prefill"].execute(list(args))
+            return out[0].reshape(-1)
+        for start in range(0, len(ids), self.max_prefill):  # a static-cache program: any length up to max_prefill
+            chunk = ids[start:start + self.max_prefill]
+            out = self._method.execute([torch.tensor([chunk], dtype=torch.long),
+                                        torch.arange(start, start + len(chunk), dtype=torch.long)])
+        return out[0].reshape(-1, out[0].shape[-1])[-1]
+
+    def _forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """One token per row (``batch`` rows) at position ``pos``; logits (batch, V)."""
+        out = self._method.execute([tokens.reshape(self.batch, 1).long().contiguous(),
+                                    torch.tensor([pos], dtype=torch.long)])
+        return out[0].reshape(self.batch, -1)
+
+    def _reorder(self, index: torch.Tensor, start: int, end: int) -> None:
+        """Row i of the cache becomes old row ``index[i]`` at positions start..end-1."""
+        self._methods["reorder"].execute([index.long().contiguous(), torch.arange(start, end, dtype=torch.long)])
 
     def stop_ids(self) -> list[int]:
         return sorted(self.eos_ids) if self.stop_at_eos else []
 
     def stepper(self, backend: str = "auto") -> "PteStepper":
-        """The program as an engine ``Stepper`` (batch 1)."""
+        """The program as an engine ``Stepper`` (``batch`` rows)."""
         self._check_backend(backend)
         return PteStepper(self)
 
@@ -194,20 +227,22 @@ class PteDecoder(TextDecoder):
     @torch.inference_mode()
     def generate_ids(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                      max_new_tokens: int, num_beams: int, backend: str = "auto") -> torch.Tensor:
-        """New token ids (1-D) after the prompt: greedy argmax, prompt prefilled in chunks. The program is
-        the backend: ``backend`` is accepted for the ``TextDecoder`` signature and must be auto or pte."""
+        """New token ids (1-D) after the prompt: greedy, or beam search with up to ``batch`` beams (the engine's
+        search, ``generate``'s semantics). The program is the backend: ``backend`` is accepted for the
+        ``TextDecoder`` signature and must be auto or pte."""
         self._check_backend(backend)
         if inputs_embeds is not None:
             raise AtomkitError(f"{self.path.name}: the .pte decoder takes token ids, not inputs_embeds "
                                "(visual-prefix models run eager)")
-        if num_beams > 1:
+        if num_beams > self.batch:
+            what = (f"holds {self.batch} rows: num_beams={num_beams} needs a program exported with "
+                    f"--decoder-batch {num_beams}" if self.batch > 1 else "is batch 1 and does greedy decoding only")
             if self.strict_beams:
-                raise AtomkitError(f"{self.path.name}: the .pte decoder is batch 1 and does greedy decoding only; "
-                                   f"num_beams={num_beams} needs the eager decoder (or num_beams=1)")
+                raise AtomkitError(f"{self.path.name} {what} (or the eager decoder, or fewer beams)")
             if self.greedy_fallbacks == 0:
-                warnings.warn(f"{self.path.name}: num_beams={num_beams} is not supported by the .pte "
-                              "decoder; falling back to greedy decoding")
+                warnings.warn(f"{self.path.name} {what}; falling back to greedy decoding")
             self.greedy_fallbacks += 1
+            num_beams = 1
         if input_ids is None or input_ids.numel() == 0:
             raise InputError("empty prompt")
         from .engine import Engine
@@ -216,17 +251,19 @@ class PteDecoder(TextDecoder):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         with self.generation():  # the program's cache holds this sequence from prefill to the last step
             new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(),
-                                                           max_new_tokens=max_new_tokens, num_beams=1,
+                                                           max_new_tokens=max_new_tokens, num_beams=num_beams,
                                                            eos_token_id=eos, pad_token_id=pad)
         return new[0]
 
     def generate_batch(self, prompts=None, *, embeds=None, max_new_tokens: int, num_beams: int,
                        backend: str = "auto") -> list[torch.Tensor]:
-        """One prompt after the other: the program holds one sequence."""
+        """One prompt after the other: the program's rows are one prompt's beams."""
+        from .modules.decoder import until_stop
+
         opts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, backend=backend)
         if embeds is not None:
             return [self.generate_ids(inputs_embeds=e[None], **opts) for e in embeds]
-        return [self.generate_ids(p, **opts) for p in prompts]
+        return [until_stop(self.generate_ids(p, **opts), self.stop_ids()) for p in prompts]
 
 
 def example_inputs(path) -> list[torch.Tensor]:
@@ -247,6 +284,42 @@ def example_inputs(path) -> list[torch.Tensor]:
         else:
             out.append(torch.randint(0, 100, shape, generator=gen, dtype=torch.long))
     return out
+
+
+def decode_speed(decoder: "PteDecoder", ids: torch.Tensor, *, new_tokens: int = 128, repeats: int = 3,
+                 caption_tokens: int = 23) -> dict:
+    """Decode speed of a decoder program on this host, as ``atomkit bench-decode`` measures the engines: greedy,
+    one prompt, EOS ignored; decode tok/s = (n - 1) / (total(n) - total(1)) from medians of ``repeats`` after a
+    warm-up (raw samples kept); plus one caption's latency with as many beams as the program holds (up to 4, EOS on,
+    ``caption_tokens`` at most), as captions run."""
+    import statistics
+    import time
+
+    from .engine import Engine
+
+    engine = Engine(PteStepper(decoder), "pte")
+    n = max(2, min(new_tokens, decoder.max_seq_len - ids.shape[-1]))
+
+    def timed(fn) -> list[float]:
+        fn()  # warm-up
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def greedy(k):
+        with decoder.generation():
+            engine.generate(ids.reshape(1, -1), max_new_tokens=k, num_beams=1, eos_token_id=None)
+    one, many = timed(lambda: greedy(1)), timed(lambda: greedy(n))
+    beams = min(4, decoder.batch)
+    caption = timed(lambda: decoder.generate_ids(ids.reshape(1, -1), max_new_tokens=caption_tokens, num_beams=beams))
+    t1, tn = statistics.median(one), statistics.median(many)
+    return {"prompt_tokens": int(ids.shape[-1]), "new_tokens": n, "threads": torch.get_num_threads(),
+            "prefill_s": round(t1, 4), "total_s": round(tn, 4), "tok_s": round((n - 1) / max(tn - t1, 1e-9), 2),
+            "caption_beams": beams, "caption_s": round(statistics.median(caption), 4),
+            "samples": {"one_token_s": one, "n_tokens_s": many, "caption_s": caption}, "repeats": repeats}
 
 
 def bench_programs(pte_paths: dict, *, warmup: int = 2, repeats: int = 10, loads: int = 5) -> dict:
@@ -287,43 +360,63 @@ def bench_programs(pte_paths: dict, *, warmup: int = 2, repeats: int = 10, loads
 
 
 class PteStepper:
-    """The decode engine's stepper (``atomkit.engine``) over a decoder program: batch 1, so greedy only.
+    """The decode engine's stepper (``atomkit.engine``) over a decoder program: its rows are the batch.
 
-    The KV cache lives inside the program; positions past the current one are masked by
-    ``cache_position``, so a new generation simply starts writing at position 0 again."""
-
-    max_batch_size = 1
+    One prompt at a time (``prefill`` takes one row of ids, no padding): the compact program writes the prompt to
+    all its rows, so beam search's first ``reorder`` (the prompt to every beam) has nothing to move. Fewer rows
+    than the program holds are padded with copies of the last row, whose logits are dropped. The KV cache lives
+    inside the program; a new generation simply starts writing at position 0 again."""
 
     def __init__(self, decoder: "PteDecoder"):
         self.decoder = decoder
         self.name = f"pte:{decoder.path.name}"
         self.max_seq_len = decoder.max_seq_len
+        self.max_batch_size = decoder.batch
+        self.rows, self.filled, self.same_rows = 1, 0, True
 
     def reset(self, batch_size: int, seq_len: int) -> None:
-        if batch_size > 1:
-            raise InputError(f"{self.decoder.path.name} holds one sequence (batch 1); got {batch_size} rows")
+        if batch_size > self.max_batch_size:
+            raise InputError(f"{self.decoder.path.name} holds {self.max_batch_size} row(s); got {batch_size}")
         if seq_len > self.max_seq_len:
             raise InputError(f"prompt + new tokens = {seq_len} positions exceed the static cache of "
                              f"{self.decoder.path.name} ({self.max_seq_len}); export with a larger --max-seq-len")
+        self.rows, self.filled, self.same_rows = batch_size, 0, True
 
     def prefill(self, input_ids=None, inputs_embeds=None, pad=None) -> torch.Tensor:
         if inputs_embeds is not None:
             raise InputError(f"{self.decoder.path.name} takes token ids, not inputs_embeds (visual-prefix models "
                              "caption with an eager backend)")
-        ids = input_ids.reshape(-1).tolist()
-        pos, logits = 0, None
-        while pos < len(ids):
-            chunk = ids[pos:pos + self.decoder.max_prefill]
-            logits = self.decoder._step(chunk, pos)
-            pos += len(chunk)
+        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+        if ids.shape[0] != 1 or (pad is not None and bool((pad > 0).any())):
+            raise InputError(f"{self.decoder.path.name} prefills one prompt at a time; got {ids.shape[0]} rows")
+        ids = ids.reshape(-1).tolist()
+        logits = self.decoder._prefill(ids)
+        self.filled, self.same_rows = len(ids), True
         return logits.float().reshape(1, -1)
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.decoder._step([int(tokens.reshape(-1)[0])], pos).float().reshape(1, -1)
+        tokens = tokens.reshape(-1).cpu().long()
+        b = tokens.shape[0]
+        if b > self.max_batch_size:
+            raise InputError(f"{self.decoder.path.name} holds {self.max_batch_size} row(s); got {b} tokens")
+        if b < self.max_batch_size:
+            tokens = torch.cat([tokens, tokens[-1:].expand(self.max_batch_size - b)])
+        logits = self.decoder._forward(tokens, pos)
+        self.filled = max(self.filled, pos + 1)
+        self.same_rows = self.same_rows and bool((tokens == tokens[0]).all())
+        return logits[:b].float()
 
     def reorder(self, index: torch.Tensor, keep: int = 0) -> None:
-        if index.numel() != 1 or int(index.reshape(-1)[0]) != 0:
-            raise InputError(f"{self.decoder.path.name} holds one sequence: it cannot reorder beams")
+        index = index.reshape(-1).cpu().long()
+        if self.same_rows:  # every row holds the same keys and values (always so with one row): nothing moves
+            return
+        start = min(keep, self.filled)
+        if start >= self.filled:
+            return
+        B = self.max_batch_size
+        if index.shape[0] < B:  # the padding rows stay where they are
+            index = torch.cat([index, torch.arange(index.shape[0], B)])
+        self.decoder._reorder(index, start, self.filled)
 
 
 MODULE_CLASSES.update(encoder=PteEncoder, decoder=PteDecoder, embedder=PteEmbedder)

@@ -39,6 +39,10 @@ def test_export_writes_programs_sidecars_tokenizers_and_report(fp32_programs):
         assert report["modules"][m]["parity"]["passed"], report["modules"][m]["parity"]
         assert report["modules"][m]["pte_sqnr_db_vs_fp32"] >= 40  # fp32 program vs fp32 eager, real inputs
     assert (out / "decoder.tokenizer").is_dir() and (out / "embedder.tokenizer").is_dir()
+    dec = report["modules"]["decoder"]  # the compact program: 4 rows (beam 4), its export time and pieces
+    assert dec["batch"] == 4 and dec["program_kind"] == "llama-custom-ops" and dec["export_seconds"] > 0
+    assert dec["delegation"]["pieces_per_layer"] <= 2.5 and set(dec["delegation"]["methods"]) == {"forward", "prefill",
+                                                                                                  "reorder", "clear"}
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["checks"]["passed"] and on_disk["checks"]["parity"] == {"encoder": True, "decoder": True,
                                                                            "embedder": True}
@@ -70,6 +74,17 @@ def test_session_on_programs_captions_like_eager(fp32_programs, two_videos, capt
         report = pte.load_report()
         assert {m: r["source"] for m, r in report.items()} == {"encoder": "encoder.pte", "decoder": "decoder.pte"}
         assert "programs=" in repr(pte)
+
+
+def test_session_on_programs_beam4_captions_like_eager(fp32_programs, two_videos):
+    """Free captions with beam 4 on the decoder program (its rows are the beams): the exact eager engine's captions."""
+    out, _ = fp32_programs
+    decode = DecodeConfig(max_new_tokens=6, num_beams=4, captions="free")
+    with Session(MODEL, decode=exact(decode)) as eager, Session(MODEL, decode=decode, programs=out) as pte:
+        a, b = caption(eager, two_videos), caption(pte, two_videos)
+        assert [c.caption for c in a.clips] == [c.caption for c in b.clips]
+        assert len({c.caption for c in a.clips}) == 2
+        assert pte.get("decoder").greedy_fallbacks == 0
 
 
 def test_session_programs_errors(fp32_programs, tmp_path):

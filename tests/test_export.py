@@ -117,30 +117,81 @@ def test_embedder_exports_and_pte_embedder_matches_eager(emb_export, embedder):
     assert pte.dim == 384 and pte.embed([]).shape == (0, 384)
 
 
-def test_decoder_exports_with_static_cache(dec_export):
+def test_decoder_program_is_compact_and_multi_method(dec_export):
+    """The Llama decoder lowers as LlamaDecodeProgram: three methods over one KV cache of 4 rows, each decode-step
+    layer one XNNPACK piece between the custom cache/attention ops (a few pieces per layer, no portable-kernel
+    arithmetic left in the step)."""
     side = _check_result(dec_export, "decoder")
-    assert side["max_seq_len"] == 128 and side["batch"] == 1
-    assert side["prefill"] in ("dynamic", "token")
+    assert side["max_seq_len"] == 128 and side["batch"] == 4 and side["prefill"] == "chunk" and side["max_prefill"] == 32
+    assert side["program_kind"] == "llama-custom-ops" and side["methods"] == ["forward", "prefill", "reorder", "clear"]
+    d, layers = dec_export.delegation, dec_export.delegation["layers"]
+    assert layers == 2 and set(d["methods"]) == {"forward", "prefill", "reorder", "clear"}
+    assert d["delegate_subgraphs"] <= 2 * layers + 1, d["outside_ops"]  # the decode step
+    assert d["pieces_per_layer"] <= 2.5
+    outside = d["outside_ops"]
+    assert outside.get("llama.update_cache.default", 0) == 2 * layers and outside.get("llama.custom_sdpa.default") == layers
+    assert d["non_delegated_ops"] <= 6 * layers + 8, outside
+    assert d["methods"]["prefill"]["delegate_subgraphs"] <= 6 * layers + 4, d["methods"]["prefill"]["outside_ops"]
+    assert side["parity"]["decode_steps"] >= 8  # teacher-forced rows that differ, with a reorder halfway
 
 
-def test_pte_decoder_greedy_equals_eager(dec_export, decoder):
+def _prompts(decoder):
+    texts = ["A classifier saw: golden retriever (0.81), seashore (0.10). Write one short sentence describing it.",
+             "A classifier saw: sports car (0.62), race track (0.20). Write one short sentence describing it."]
+    return [decoder._ids(decoder.render([{"role": "user", "content": t}])) for t in texts]
+
+
+def test_pte_decoder_greedy_and_beam4_equal_the_exact_engine(dec_export, decoder):
+    """Greedy and beam 4 on the program give the exact eager engine's tokens, for two prompts whose tokens differ."""
     pte = PteDecoder(dec_export.path, like=decoder)
-    msgs = [{"role": "user", "content": "A classifier saw: golden retriever (0.81), seashore (0.10). "
-                                        "Write one short sentence describing what the clip shows."}]
-    ids = decoder._ids(decoder.render(msgs))
-    ref = decoder.generate_ids(ids, max_new_tokens=12, num_beams=1, backend="torch")  # the exact eager engine
-    got = pte.generate_ids(ids, max_new_tokens=12, num_beams=1)
-    assert got.tolist() == ref.tolist() and len(got) == 12
+    seen = {}
+    for beams in (1, 4):
+        for i, ids in enumerate(_prompts(decoder)):
+            ref = decoder.generate_ids(ids, max_new_tokens=12, num_beams=beams, backend="torch")  # exact engine
+            got = pte.generate_ids(ids, max_new_tokens=12, num_beams=beams)
+            assert got.tolist() == ref.tolist() and len(got) == 12, (beams, i)
+            seen[beams, i] = tuple(got.tolist())
+    assert seen[1, 0] != seen[1, 1] and seen[4, 0] != seen[4, 1]
+    assert seen[4, 0] != seen[1, 0] or seen[4, 1] != seen[1, 1]  # beam search is not greedy here
+    assert pte.greedy_fallbacks == 0
+    msgs = [{"role": "user", "content": "Write one short sentence about a dog."}]
     assert pte.chat(msgs, max_new_tokens=5) == decoder.chat(msgs, max_new_tokens=5, backend="torch")
-    with pytest.warns(UserWarning, match="greedy"):  # beams fall back to greedy (documented)
-        beams = pte.generate_ids(ids, max_new_tokens=4, num_beams=2)
-    assert beams.tolist() == ref[:4].tolist() and pte.greedy_fallbacks == 1
     from atomkit.errors import AtomkitError, InputError
 
-    with pytest.raises(AtomkitError, match="greedy"):
-        PteDecoder(dec_export.path, like=decoder, strict_beams=True).generate_ids(ids, max_new_tokens=2, num_beams=4)
+    with pytest.warns(UserWarning, match="greedy"):  # more beams than rows: greedy (documented)
+        wide = pte.generate_ids(_prompts(decoder)[0], max_new_tokens=4, num_beams=8)
+    assert wide.tolist() == list(seen[1, 0][:4]) and pte.greedy_fallbacks == 1
+    with pytest.raises(AtomkitError, match="decoder-batch 5"):
+        PteDecoder(dec_export.path, like=decoder, strict_beams=True).generate_ids(_prompts(decoder)[0],
+                                                                                   max_new_tokens=2, num_beams=5)
     with pytest.raises(InputError, match="static cache"):
-        pte.generate_ids(ids, max_new_tokens=200, num_beams=1)
+        pte.generate_ids(_prompts(decoder)[0], max_new_tokens=200, num_beams=1)
+
+
+def test_program_reorder_moves_cache_rows(dec_export, decoder):
+    """reorder(index) makes row i continue old row index[i]: four rows fed different tokens, reversed, then fed one
+    token, give the logits of rows fed the reversed tokens directly (and the rows' logits differ)."""
+    pte = PteDecoder(dec_export.path, like=decoder)
+    ids = _prompts(decoder)[0][0].tolist()
+    n, a, b = len(ids), torch.tensor([5, 17, 29, 41]), torch.tensor([7, 7, 7, 7])
+    with pte.generation():
+        pte._prefill(ids)
+        pte._forward(a, n)
+        pte._forward(b, n + 1)  # written at n + 1 and then overwritten below: positions past the reorder are not read
+        pte._reorder(torch.tensor([3, 2, 1, 0]), n, n + 1)
+        moved = pte._forward(b, n + 1)
+        pte._prefill(ids)
+        pte._forward(a.flip(0), n)
+        direct = pte._forward(b, n + 1)
+    assert torch.allclose(moved, direct, atol=1e-5)
+    assert not torch.allclose(moved[0], moved[3], atol=1e-3)
+    from atomkit.runtime import PteStepper
+
+    stepper = PteStepper(pte)  # the engine's view: one prompt, rows after prefill are equal until a step
+    stepper.reset(4, n + 4)
+    logits = stepper.prefill(torch.tensor([ids]))
+    assert logits.shape == (1, pte.meta["outputs"]["logits"]["shape"][1]) and stepper.same_rows
+    assert stepper.step(a[:2], n).shape[0] == 2 and not stepper.same_rows
 
 
 def test_pte_decoder_serialises_whole_generations(dec_export, decoder):

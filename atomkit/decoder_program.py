@@ -1,0 +1,242 @@
+"""A compact Llama decode program for ExecuTorch: the LM written out in plain PyTorch over ExecuTorch's LLM ops.
+
+``atomkit.export`` used to export transformers' own Llama over its ``StaticCache``: its masks, cache
+bookkeeping and index writes split every layer into about eleven XNNPACK pieces (SmolLM2-135M: 333 pieces,
+1373 ops on portable kernels, a 10 minute export) and it held one sequence. ``LlamaDecodeProgram`` reads the
+same weights (the LM's own ``nn.Linear`` / ``nn.Embedding`` modules, so ``atomkit.quant`` quantizes it like
+the LM) and writes the forward pass so that everything between two attention calls is one XNNPACK piece:
+
+* RMSNorm as transformers computes it, the mean taken over a (rows, 1, hidden) view (XNNPACK's mean
+  lowers over the two innermost dims of a 4-D tensor); SiLU as ``x * sigmoid(x)``; rotary embedding by
+  halves (slice, negate, concatenate), its tables computed from the positions given;
+* the KV cache: one (B, max_seq_len, kv_heads, head_dim) buffer per layer for keys and one for values,
+  written by ``llama.update_cache`` and read by ``llama.custom_sdpa`` (causal from the start position, GQA),
+  the two LLM custom ops of the executorch wheel (``atomkit.program.load_llm_custom_ops``);
+* B rows (beam search's beams as the batch) decoded together.
+
+Three methods share the cache (``to_executorch`` with ``share_mutable_buffers``):
+
+* ``forward(tokens (B, 1), cache_position (1,)) -> logits (B, V)``: one decode step of every row at the
+  same position;
+* ``prefill(tokens (1, P), cache_position (P,), last (1,)) -> logits (1, V)``: a chunk of P prompt tokens (the
+  host pads the last chunk), its keys and values written to every row, the logits of position ``last`` of the
+  chunk. P is static (``prefill_chunk``): XNNPACK takes a layer whole only where every shape is static (with a
+  dynamic length each reshape and slice falls outside and a layer splits into about ten pieces, each costing
+  seconds of lowering). Padding positions hold keys nobody reads: a decode step writes its position before
+  attending up to it;
+* ``reorder(index (B,), cache_position (L,)) -> (1,)``: row i of the cache becomes old row ``index[i]`` at
+  the positions given (beam search moves beams after each step; positions before them hold the shared
+  prompt and need no copy);
+* ``clear() -> (1,)``: zeros in the whole cache, run once after loading. The program stores no initial cache
+  (as initial data it would be stored once per method: 3 x 141 MB for SmolLM2 with B=4 and 768 positions),
+  and attention reads a few positions past the causal limit with zero weight, which must not be NaN.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+METHODS = ("forward", "prefill", "reorder", "clear")
+PREFILL_CHUNK = 32  # prompt tokens per prefill call (static: see the module docstring)
+
+
+def unsupported(lm) -> str | None:
+    """Why ``LlamaDecodeProgram`` cannot be built from ``lm`` (None when it can)."""
+    cfg = getattr(lm, "config", None)
+    if getattr(cfg, "model_type", None) != "llama":
+        return f"the decode program is written for Llama models; this LM is {getattr(cfg, 'model_type', type(lm).__name__)!r}"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "the decode program handles Llama with SiLU and no biases"
+    return None
+
+
+class _Layer(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        a, m = layer.self_attn, layer.mlp
+        self.q, self.k, self.v, self.o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
+        self.gate, self.up, self.down = m.gate_proj, m.up_proj, m.down_proj
+        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
+
+
+class _Cache(nn.Module):
+    """The KV cache: ``k{i}`` and ``v{i}`` of layer i, (B, max_seq_len, kv_heads, head_dim) each."""
+
+    def __init__(self, layers: int, shape: tuple[int, ...]):
+        super().__init__()
+        for i in range(layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape))
+            self.register_buffer(f"v{i}", torch.zeros(shape))
+        self.n_layers = layers
+
+    def pairs(self):
+        return [(getattr(self, f"k{i}"), getattr(self, f"v{i}")) for i in range(self.n_layers)]
+
+    def clear(self) -> torch.Tensor:
+        """Zeros in every position of every row."""
+        done = torch.zeros(1)
+        for kc, vc in self.pairs():
+            for c in (kc, vc):
+                done = torch.ops.llama.update_cache(torch.zeros_like(c), c, 0)
+        return done
+
+    def reorder(self, index: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """Row i becomes old row ``index[i]`` (B,) at the consecutive positions ``cache_position`` (L,)."""
+        k0 = getattr(self, "k0")
+        start = _start(cache_position, cache_position.shape[0], k0.shape[1])
+        done = index
+        for kc, vc in self.pairs():
+            for c in (kc, vc):
+                moved = c.index_select(1, cache_position).index_select(0, index)
+                done = torch.ops.llama.update_cache(moved, c, start)
+        return done
+
+
+def _start(positions: torch.Tensor, n, max_seq_len: int):
+    """The first position as a size the custom ops take, with the bounds export needs to know."""
+    start = positions[0].item()
+    torch._check(start >= 0)
+    torch._check(start + n <= max_seq_len)
+    return start
+
+
+class LlamaDecodeProgram(nn.Module):
+    """A transformers Llama (``LlamaForCausalLM``) as three exportable methods over a static KV cache.
+
+    Args:
+        lm: the LM; its modules are shared, not copied (quantize a deep copy, as ``atomkit.export`` does).
+        batch: rows of the cache (B): the beams of one prompt.
+        max_seq_len: positions per row (prompt + new tokens).
+
+    Eager calls run the same custom ops on ATen tensors, so the module is its own reference.
+    """
+
+    def __init__(self, lm, *, batch: int = 4, max_seq_len: int = 512, prefill_chunk: int = PREFILL_CHUNK):
+        super().__init__()
+        reason = unsupported(lm)
+        if reason:
+            raise ValueError(reason)
+        from .program import load_llm_custom_ops
+
+        load_llm_custom_ops(export=True)
+        cfg = lm.config
+        self.batch, self.max_seq_len = int(batch), int(max_seq_len)
+        self.prefill_chunk = min(int(prefill_chunk), self.max_seq_len)
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden = cfg.hidden_size
+        self.scaling = float(self.head_dim ** -0.5)
+        model = lm.model
+        self.embed = model.embed_tokens
+        self.layers = nn.ModuleList(_Layer(layer) for layer in model.layers)
+        self.norm = model.norm
+        self.lm_head = lm.lm_head
+        rot = model.rotary_emb
+        inv = rot.inv_freq.detach().float()
+        self.register_buffer("inv_freq", torch.cat((inv, inv)), persistent=False)  # both halves of a head
+        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+        self.cache = _Cache(len(self.layers), (self.batch, self.max_seq_len, self.n_kv, self.head_dim))
+        # a prompt row times this is the row in every cache row (a multiply XNNPACK takes; an expand it does not)
+        self.register_buffer("rows", torch.ones(self.batch, 1, 1, 1), persistent=False)
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _rms(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        b, n, h = x.shape
+        var = x.view(b, n, 1, h).pow(2).mean(dim=(2, 3), keepdim=True).view(b, n, 1)
+        return norm.weight * (x * torch.rsqrt(var + norm.variance_epsilon))
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables (1, L, 1, D) of the positions, as transformers computes them (its two equal halves
+        of frequencies are one (D,) buffer here)."""
+        n = positions.shape[0]
+        emb = positions.float().view(n, 1) * self.inv_freq
+        return (emb.cos() * self.rope_scale).view(1, n, 1, -1), (emb.sin() * self.rope_scale).view(1, n, 1, -1)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def _layers(self, x: torch.Tensor, cos, sin, start) -> torch.Tensor:
+        b, n, _ = x.shape
+        H, KV, D, B = self.n_heads, self.n_kv, self.head_dim, self.batch
+        for layer, (kc, vc) in zip(self.layers, self.cache.pairs()):
+            h = self._rms(x, layer.ln1)
+            q = self._rotate(layer.q(h).view(b, n, H, D), cos, sin)
+            k = self._rotate(layer.k(h).view(b, n, KV, D), cos, sin)
+            v = layer.v(h).view(b, n, KV, D)
+            if b < B:  # a prompt (one row): the same queries, keys and values in every row
+                q, k, v = q * self.rows, k * self.rows, v * self.rows
+            torch.ops.llama.update_cache(k, kc, start)
+            torch.ops.llama.update_cache(v, vc, start)
+            a = torch.ops.llama.custom_sdpa(q, kc, vc, start, None, 0.0, True, self.scaling)
+            x = x + layer.o(a[:b].view(b, n, H * D))
+            h = self._rms(x, layer.ln2)
+            g = layer.gate(h)
+            x = x + layer.down(g * torch.sigmoid(g) * layer.up(h))
+        return x
+
+    # -- the methods -------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """One decode step: tokens (B, 1) at position ``cache_position[0]`` -> next-token logits (B, V)."""
+        start = _start(cache_position, 1, self.max_seq_len)
+        cos, sin = self._rope(cache_position)
+        x = self._layers(self.embed(tokens), cos, sin, start)
+        return self.lm_head(self._rms(x, self.norm).view(tokens.shape[0], self.hidden))
+
+    def prefill(self, tokens: torch.Tensor, cache_position: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """A prompt chunk (1, P) at positions ``cache_position`` (P,), written to every row -> the logits (1, V) of
+        its position ``last[0]`` (the chunk's last real token)."""
+        start = _start(cache_position, tokens.shape[1], self.max_seq_len)
+        cos, sin = self._rope(cache_position)
+        x = self._layers(self.embed(tokens), cos, sin, start).index_select(1, last)
+        return self.lm_head(self._rms(x, self.norm).view(1, self.hidden))
+
+    def reorder(self, index: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """Row i of the cache becomes old row ``index[i]`` (B,) at positions ``cache_position`` (L,), consecutive."""
+        return self.cache.reorder(index, cache_position)
+
+    def clear(self) -> torch.Tensor:
+        """Zeros in the whole cache."""
+        return self.cache.clear()
+
+    # -- export ------------------------------------------------------------------------------------
+    def example_args(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        B, P = self.batch, self.prefill_chunk
+        return {"forward": (torch.zeros(B, 1, dtype=torch.long), torch.tensor([P])),
+                "prefill": (torch.zeros(1, P, dtype=torch.long), torch.arange(P), torch.tensor([P - 1])),
+                "reorder": (torch.arange(B).flip(0), torch.arange(min(8, self.max_seq_len - 1))), "clear": ()}
+
+    def export_methods(self) -> dict:
+        """``torch.export`` of each method: ``{name: ExportedProgram}`` for ``to_edge_transform_and_lower``.
+
+        The wrappers keep the cache under the same names in every method (``core.cache.k0`` ...), which is
+        how ``share_mutable_buffers`` makes the methods read and write one cache; ``reorder`` holds only the
+        cache, and its length is dynamic (1..max_seq_len - 1)."""
+        from torch.export import Dim, export
+
+        seq = Dim("seq", min=1, max=self.max_seq_len - 1)
+        args = self.example_args()
+        dynamic = {"forward": None, "prefill": None, "reorder": ((None, {0: seq}),), "clear": None}  # forward(*args)
+        out = {}
+        for name in METHODS:
+            out[name] = export(_Method(self, name), args[name], dynamic_shapes=dynamic[name], strict=False)
+        return out
+
+
+class _Method(nn.Module):
+    """One method of a ``LlamaDecodeProgram`` as the ``forward`` of a module (what ``torch.export`` takes)."""
+
+    def __init__(self, program: LlamaDecodeProgram, name: str):
+        super().__init__()
+        if name in ("reorder", "clear"):  # the cache alone (no weights), under the same names as in the others
+            self.core = nn.Module()
+            self.core.cache = program.cache
+        else:
+            self.core = program
+        self.name = name
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.name in ("reorder", "clear"):
+            return getattr(self.core.cache, self.name)(*args)
+        return getattr(self.core, self.name)(*args)
