@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -226,10 +227,11 @@ class PteDecoder(TextDecoder):
 
     @torch.inference_mode()
     def generate_ids(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
-                     max_new_tokens: int, num_beams: int, backend: str = "auto") -> torch.Tensor:
+                     max_new_tokens: int, num_beams: int, backend: str = "auto",
+                     stop: Sequence[int] = ()) -> torch.Tensor:
         """New token ids (1-D) after the prompt: greedy, or beam search with up to ``batch`` beams (the engine's
         search, ``generate``'s semantics). The program is the backend: ``backend`` is accepted for the
-        ``TextDecoder`` signature and must be auto or pte."""
+        ``TextDecoder`` signature and must be auto or pte. ``stop``: more ids that end the sequence besides EOS."""
         self._check_backend(backend)
         if inputs_embeds is not None:
             raise AtomkitError(f"{self.path.name}: the .pte decoder takes token ids, not inputs_embeds "
@@ -247,7 +249,7 @@ class PteDecoder(TextDecoder):
             raise InputError("empty prompt")
         from .engine import Engine
 
-        eos = self.stop_ids() or None
+        eos = [*self.stop_ids(), *stop] or None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         with self.generation():  # the program's cache holds this sequence from prefill to the last step
             new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(),
@@ -256,14 +258,15 @@ class PteDecoder(TextDecoder):
         return new[0]
 
     def generate_batch(self, prompts=None, *, embeds=None, max_new_tokens: int, num_beams: int,
-                       backend: str = "auto") -> list[torch.Tensor]:
-        """One prompt after the other: the program's rows are one prompt's beams."""
+                       backend: str = "auto", stop: Sequence[int] = ()) -> list[torch.Tensor]:
+        """One prompt after the other: the program's rows are one prompt's beams. ``stop``: more ids that end a
+        prompt's sequence besides EOS (``TextDecoder.generate_batch``)."""
         from .modules.decoder import until_stop
 
-        opts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, backend=backend)
+        opts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, backend=backend, stop=stop)
         if embeds is not None:
             return [self.generate_ids(inputs_embeds=e[None], **opts) for e in embeds]
-        return [until_stop(self.generate_ids(p, **opts), self.stop_ids()) for p in prompts]
+        return [until_stop(self.generate_ids(p, **opts), [*self.stop_ids(), *stop]) for p in prompts]
 
 
 def example_inputs(path) -> list[torch.Tensor]:
