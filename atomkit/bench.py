@@ -23,6 +23,7 @@ from .config import DecodeConfig
 from .errors import AtomkitError
 from .executor import EXECUTORS, PipelinedExecutor, SequentialExecutor, disjoint_threads, executor_by_name
 from .export import drop_page_cache
+from .llama import native_bf16
 from .memory import MemoryMonitor, release_memory, trim_heap
 from .session import Session
 from .tasks import caption, index, retrieve, write_script
@@ -103,6 +104,7 @@ class _Recorder:
         self.loads_by_module: dict[str, list[float]] = {}
         self.files: dict[str, tuple[str, ...]] = {}  # module -> the weight files its load read
         self.prepare: list[float] = []  # of each load: readying the runtime (decode engine) after the read
+        self.engines: set[str] = set()  # the decode backends the loaded decoders ran (``auto`` resolved)
         self.unloads: list[float] = []
         self.encode: list[float] = []
         self.decode: list[float] = []
@@ -132,6 +134,10 @@ class _Recorder:
                 self.loads_by_module.setdefault(m, []).append(self.loads[-1])
                 self.files[m] = session.stats[m].files
                 self.prepare.append(session.stats[m].prepare_seconds)
+                if m == "decoder" and session.programs is None:  # what ``auto`` resolved to on this machine
+                    from .engine import resolve_backend
+
+                    self.engines.add(resolve_backend(session.decode.backend, session.get(m)))
         resident = sum(session.stats[m].bytes for m in session.loaded())
         self.weights_peak = max(self.weights_peak, resident)
 
@@ -349,7 +355,8 @@ def host_info(device: str) -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": device, "cuda": None}
+            "torch": torch.__version__, "python": platform.python_version(), "device": device, "cuda": None,
+            "cpu_native_bf16": native_bf16()}  # what ``auto`` decides by (atomkit.engine.resolve_backend)
     if torch.cuda.is_available():
         info["cuda"] = torch.cuda.get_device_name(0)
     return info
@@ -450,7 +457,8 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     return {
         "model": model, "random_weights": bool(random_weights or model.startswith("tiny")),
         "reuse_executor": executor,
-        "decode": dataclasses.asdict(decode or DecodeConfig()),
+        "decode": {**dataclasses.asdict(decode or DecodeConfig()),
+                   "engine": sorted({e for rs in recs.values() for rec in rs for e in rec.engines})},
         "prompts": prompt_list, "videos": [str(v) for v in videos], "k": k, "repeats": repeats, "cold": cold,
         "clips": overlap["N"],
         "components": components,

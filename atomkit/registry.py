@@ -124,12 +124,51 @@ def _default_encoder(opts: LoadOptions) -> VideoEncoder:
     return enc
 
 
+def llama_from_safetensors(folder: Path):
+    """A ``LlamaForCausalLM`` whose weights are the folder's safetensors files, mapped from the page cache.
+
+    The model is built on the meta device (no random initialisation: transformers' ``from_pretrained`` drew
+    SmolLM2's 28 M-entry embedding table from a normal distribution on every load, about 0.2 s, because the
+    converted file stores the tied matrix once, as ``lm_head.weight``) and its parameters are the files' tensors
+    (``assign``): pages are read when first used, so an engine that keeps only its packed copy
+    (``TextDecoder.keep_only_engine``) never reads the layer matrices at all. The result equals
+    ``from_pretrained``'s (tested: same tensors, same generation config, same attention implementation)."""
+    from safetensors.torch import load_file
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    config = LlamaConfig.from_pretrained(folder, local_files_only=True)
+    config._name_or_path = str(folder)  # what the engine store keys the LM's files by
+    with torch.device("meta"):
+        lm = LlamaForCausalLM(config)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if config.tie_word_embeddings and (head in state) != (embed in state):
+        state[head] = state[embed] = state.get(head, state.get(embed))
+    result = lm.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        from .errors import AtomkitError
+
+        raise AtomkitError(f"{folder}: its safetensors files do not match its config.json (missing "
+                           f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); delete the folder "
+                           "and it is converted again on the next run")
+    if config.tie_word_embeddings:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    # the rotary tables are buffers computed from the config, not stored: build them on the CPU
+    lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config)
+    if (folder / "generation_config.json").is_file():
+        lm.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return lm.eval()
+
+
 def _default_decoder(opts: LoadOptions) -> TextDecoder:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = W.smollm2_converted(opts.cache)
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    dec = TextDecoder(lm.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    lm = llama_from_safetensors(folder)
+    dec = TextDecoder(lm, AutoTokenizer.from_pretrained(folder, local_files_only=True))
     dec.store = (opts.cache or cache_dir()) / "engines"
     dec.weight_files = sorted(Path(folder).glob("*.safetensors"))
     return dec

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import cache_dir
 from .errors import ModelNotFound
-from .io import atomic_dir, remove_stale, sha256_file
+from .io import atomic_dir, remove_stale, sha256_file, write_json_atomic
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAPER_WEIGHTS_ENV = "ATOMKIT_PAPER_WEIGHTS"
@@ -57,13 +57,23 @@ def smollm2_converted(cache: Path | None = None) -> Path:
     lives in ``$ATOMKIT_CACHE/smollm2-135m-instruct`` and loads by mmap. It is rebuilt when the GGUF
     file's content changes (its SHA-256 is recorded beside it). Written to a temporary folder and renamed,
     so an interrupted conversion never leaves a half-written cache.
+
+    The GGUF file's path, size and modification time are recorded too: while they are unchanged the file is
+    not hashed again (a decoder load then costs no 0.07 s read of the GGUF). Another path (a second checkout's
+    venv sharing the cache) is checked by content.
     """
     gguf = smollm2_gguf()
     target = (cache or cache_dir()) / "smollm2-135m-instruct"
-    stamp = {"sha256": sha256_file(gguf)}  # by content: two checkouts' venvs share one cache
+    st = gguf.stat()
+    seen = {"path": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     meta = target / "atomkit.json"
     remove_stale(target)  # the half-written conversion of a killed run (about 0.5 GB)
-    if meta.is_file() and json.loads(meta.read_text()).get("stamp") == stamp:
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    if info and info.get("source") == seen:
+        return target
+    stamp = {"sha256": sha256_file(gguf)}  # by content: two checkouts' venvs share one cache
+    if info.get("stamp") == stamp:
+        write_json_atomic(meta, {**info, "source": seen})  # this path is known now: not hashed next time
         return target
 
     import torch
@@ -84,7 +94,8 @@ def smollm2_converted(cache: Path | None = None) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         lm.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "atomkit.json").write_text(json.dumps({"stamp": stamp, "converted_from": "GGUF Q4_1 dequantised to float32"}, indent=2))
+        (tmp / "atomkit.json").write_text(json.dumps({"stamp": stamp, "source": seen,
+                                                         "converted_from": "GGUF Q4_1 dequantised to float32"}, indent=2))
     return target
 
 

@@ -80,6 +80,54 @@ def test_converted_decoder_cache_is_reused(real_session):
     assert (folder / "model.safetensors").stat().st_mtime == mtime  # not rebuilt
 
 
+def test_the_decoder_loads_what_from_pretrained_loads(real_session):
+    """``llama_from_safetensors`` (meta build + the files' tensors, no random init) gives the model
+    ``from_pretrained`` gives: every tensor and buffer, the tied head, the generation config, the attention
+    implementation, and so the same beam-search tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from atomkit.registry import llama_from_safetensors
+    from atomkit.weights import smollm2_converted
+
+    folder = smollm2_converted(real_session.options.cache)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    lm = llama_from_safetensors(folder)
+    want, got = ref.state_dict(), lm.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    bufs = dict(lm.named_buffers())
+    assert all(torch.equal(bufs[k], b) for k, b in ref.named_buffers()) and bufs  # rotary tables, not meta
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    assert lm.generation_config.to_dict() == ref.generation_config.to_dict()
+    assert lm.config._attn_implementation == ref.config._attn_implementation and not lm.training
+    ids = real_session.decoder._ids("A dog jumps over a fence.")
+    with torch.inference_mode():
+        assert torch.equal(lm.generate(ids, max_new_tokens=6, num_beams=2),
+                           ref.generate(ids, max_new_tokens=6, num_beams=2))
+
+
+def test_the_converted_decoder_is_hashed_only_when_its_source_moved(real_session, monkeypatch):
+    """While the GGUF's path, size and mtime are the recorded ones, a load reads nothing of it; a stamp without them
+    (an older cache, another checkout's path) is checked by content once and then recorded."""
+    import atomkit.weights as W
+
+    folder = W.smollm2_converted(real_session.options.cache)
+    meta = folder / "atomkit.json"
+    info = json.loads(meta.read_text())
+    assert info["source"]["path"] == str(W.smollm2_gguf())
+    hashed = []
+    real_hash = W.sha256_file
+    monkeypatch.setattr(W, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
+    assert W.smollm2_converted(real_session.options.cache) == folder and hashed == []
+    meta.write_text(json.dumps({k: v for k, v in info.items() if k != "source"}))
+    try:
+        assert W.smollm2_converted(real_session.options.cache) == folder and len(hashed) == 1
+        assert json.loads(meta.read_text())["source"] == info["source"]
+        assert W.smollm2_converted(real_session.options.cache) == folder and len(hashed) == 1
+    finally:
+        meta.write_text(json.dumps(info))
+
+
 def test_int4_captions_identical_on_any_executor():
     """The int4 decoder (int4 steps, the CPU's prefill weights) on one thread (disjoint cores) writes the captions it writes
     on two: the thread count must not change the arithmetic the reuse path's executor choice depends on."""
