@@ -285,7 +285,7 @@ BACKENDS: dict[str, tuple[str, Callable | None]] = {
 # and retrieval stay within the paper's bound of the exact fp32 engine on the development set (README "Decode
 # engine": bench/decode-default.json for speed, bench/quality-int4.json for quality). On an AVX2-only CPU bf16 is
 # emulated: int4 with bf16 prefills made a pipeline run's captions 3.2x slower than exact there
-# (bench/default-int4-bf16prefill-avx2.json against bench/default.json); the quantized engines now prefill with the
+# (bench/default-int4-bf16prefill-avx2.json against bench/default-avx2.json); the quantized engines now prefill with the
 # fp32 matrices on such CPUs, and until int4 is measured faster there ``auto`` is the exact engine, as on CUDA (the
 # int4 kernels are CPU kernels).
 CPU_DEFAULT = "int4"
