@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
             p.add_argument("--devset", action="store_true",
                            help="evaluate on atomkit's development set (16 photos from scikit-image as pan/zoom clips "
-                           "+ the 4 sample videos, 21 hand-written queries; built into the cache on first use)")
+                           "+ the 4 sample videos, 40 hand-written queries; built into the cache on first use)")
             p.add_argument("--views", action="store_true",
                            help="also rank the same clips on their concepts alone, on caption + concepts, and on "
                            "the baseline: top-5 labels of a whole-frame encoder pass (needs the video files)")

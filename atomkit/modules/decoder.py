@@ -164,11 +164,11 @@ class TextDecoder(nn.Module):
                                                 **self._search(max_new_tokens, num_beams))
         return out[0]
 
-    def _search(self, max_new_tokens: int, num_beams: int) -> dict:
-        """The engine's search options: length, beams, this decoder's stop ids and padding id."""
+    def _search(self, max_new_tokens: int, num_beams: int, stop: Sequence[int] = ()) -> dict:
+        """The engine's search options: length, beams, this decoder's stop ids (and ``stop``) and padding id."""
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        return dict(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=self.stop_ids() or None,
+        return dict(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=[*self.stop_ids(), *stop] or None,
                     pad_token_id=pad)
 
     def decode_ids(self, ids: torch.Tensor) -> str:
@@ -226,9 +226,8 @@ class TextDecoder(nn.Module):
         end a row (besides EOS); the batch ends when every row has ended.
         """
         engine = self.engine(backend)
-        opts = self._search(max_new_tokens, num_beams)
-        stops = [*self.stop_ids(), *stop]
-        opts["eos_token_id"] = stops or None
+        opts = self._search(max_new_tokens, num_beams, stop)
+        stops = opts["eos_token_id"] or []
         with self.generation():
             if embeds is not None:
                 if len({e.shape for e in embeds}) == 1:
