@@ -51,12 +51,10 @@ def stepper(decoder, *, max_seq_len: int | None = None, **settings):
 
     ``stepper.loaded_from`` is the store file it was read from (None when it was built)."""
     from .io import atomic_path
-    from .llama import LlamaStepper
+    from .llama import LlamaStepper, default_prefill
 
     lm = decoder.lm
     store = getattr(decoder, "store", None)
-    from .llama import default_prefill
-
     settings = {"prefill": default_prefill(), **settings}  # bf16 prefill copies or none: part of the key
     stored = {k: v for k, v in settings.items() if k != "compile"}  # compiling changes no tensor
     path = entry(Path(store), lm, stored) if store and lm.lm_head.weight.is_cpu else None

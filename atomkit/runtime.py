@@ -249,7 +249,7 @@ class PteDecoder(TextDecoder):
             raise InputError("empty prompt")
         from .engine import Engine
 
-        eos = [*self.stop_ids(), *stop] or None
+        eos = self.stops(stop) or None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         with self.generation():  # the program's cache holds this sequence from prefill to the last step
             new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(),
@@ -266,7 +266,7 @@ class PteDecoder(TextDecoder):
         opts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, backend=backend, stop=stop)
         if embeds is not None:
             return [self.generate_ids(inputs_embeds=e[None], **opts) for e in embeds]
-        return [until_stop(self.generate_ids(p, **opts), [*self.stop_ids(), *stop]) for p in prompts]
+        return [until_stop(self.generate_ids(p, **opts), self.stops(stop)) for p in prompts]
 
 
 def example_inputs(path) -> list[torch.Tensor]:

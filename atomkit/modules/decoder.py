@@ -147,6 +147,10 @@ class TextDecoder(nn.Module):
 
         return _eos_list(self.lm.generation_config.eos_token_id) if self.stop_at_eos else []
 
+    def stops(self, extra: Sequence[int] = ()) -> list[int]:
+        """The ids a generation stops at: ``stop_ids()`` and the caller's ``extra`` ones (a narration's sentence ends)."""
+        return [*self.stop_ids(), *extra]
+
     def stepper(self, backend: str = "auto"):
         """The engine's ``Stepper`` for token-by-token decoding (structured output), or None for ``hf``."""
         return getattr(self.engine(backend), "stepper", None)
@@ -168,7 +172,7 @@ class TextDecoder(nn.Module):
         """The engine's search options: length, beams, this decoder's stop ids (and ``stop``) and padding id."""
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        return dict(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=[*self.stop_ids(), *stop] or None,
+        return dict(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=self.stops(stop) or None,
                     pad_token_id=pad)
 
     def decode_ids(self, ids: torch.Tensor) -> str:
