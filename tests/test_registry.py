@@ -146,3 +146,48 @@ def test_batchnorm_folding_keeps_the_encoder_outputs():
     a, b = ref.encode(frames), folded.encode(frames)  # encode() also runs the channels-last path
     torch.testing.assert_close(b.features, a.features, rtol=1e-4, atol=1e-4)
     assert [c for c, _ in b.concepts] == [c for c, _ in a.concepts]
+
+
+def test_the_encoder_loads_its_folded_copy_from_the_cache(tmp_path, monkeypatch):
+    """The default encoder reads the package's weights from a folded safetensors copy in the cache, written once.
+    It gives the package's own (unfolded) net's features and concepts on real frames, reads nothing of the
+    package's checkpoint while that file is unchanged, and is written again when the recorded source differs."""
+    import contextlib
+    import io
+    import json
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    import atomkit.weights as W
+    from atomkit.modules.encoder import EfficientNetEncoder, efficientnet_lite, imagenet_labels
+    from atomkit.video import clips, sample_frames, sample_videos
+
+    source = W.efficientnet_lite0_file()
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref = EfficientNetEncoder(EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(source)).eval(),
+                                  imagenet_labels()).eval()  # unfolded, as the package loads it
+    enc = efficientnet_lite("lite0", pretrained=True, cache=tmp_path)
+    folded = tmp_path / "efficientnet-lite0" / "model.safetensors"
+    assert enc.weight_files == [folded] and folded.is_file()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())
+    assert not any(t.is_meta for t in [*enc.parameters(), *enc.buffers()])
+    frames = [sample_frames(clips(v)[0]) for v in sample_videos()[:2]]
+    outs = []
+    for f in frames:
+        a, b = ref.encode(f), enc.encode(f)
+        torch.testing.assert_close(b.features, a.features, rtol=1e-4, atol=1e-4)
+        assert [c for c, _ in b.concepts[:5]] == [c for c, _ in a.concepts[:5]]
+        outs.append(b.concepts[0][0])
+    assert outs[0] != outs[1]  # two different videos: the comparison can see a wrong weight
+
+    hashed = []
+    real_hash = W.sha256_file
+    monkeypatch.setattr(W, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
+    mtime = folded.stat().st_mtime_ns
+    efficientnet_lite("lite0", pretrained=True, cache=tmp_path)
+    assert hashed == [] and folded.stat().st_mtime_ns == mtime  # not read, not rewritten
+    meta = tmp_path / "efficientnet-lite0" / "atomkit.json"
+    info = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**info, "source": {**info["source"], "size": 1}, "stamp": {"sha256": "0" * 64}}))
+    efficientnet_lite("lite0", pretrained=True, cache=tmp_path)
+    assert hashed == [source] and json.loads(meta.read_text())["stamp"] == info["stamp"]  # converted again

