@@ -50,12 +50,29 @@ def unsupported(lm) -> str | None:
     return None
 
 
+def _fused(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the outputs of ``linears`` (same input, no biases) side by side: one matmul and one
+    dynamic quantization of the input instead of several (int8 quantizes each output row alone, so the fused
+    weight quantizes to the same values)."""
+    w = torch.cat([lin.weight.detach() for lin in linears])
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    return fused
+
+
 class _Layer(nn.Module):
+    """One decoder layer's weights: q, k and v as one Linear, gate and up as one (fewer graph nodes to lower, fewer
+    kernel calls per step)."""
+
     def __init__(self, layer):
         super().__init__()
         a, m = layer.self_attn, layer.mlp
-        self.q, self.k, self.v, self.o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
-        self.gate, self.up, self.down = m.gate_proj, m.up_proj, m.down_proj
+        self.qkv = _fused(a.q_proj, a.k_proj, a.v_proj)
+        self.qkv_split = (a.q_proj.out_features, a.q_proj.out_features + a.k_proj.out_features)
+        self.o = a.o_proj
+        self.gate_up = _fused(m.gate_proj, m.up_proj)
+        self.ffn = m.gate_proj.out_features
+        self.down = m.down_proj
         self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
 
 
@@ -162,9 +179,11 @@ class LlamaDecodeProgram(nn.Module):
         H, KV, D, B = self.n_heads, self.n_kv, self.head_dim, self.batch
         for layer, (kc, vc) in zip(self.layers, self.cache.pairs()):
             h = self._rms(x, layer.ln1)
-            q = self._rotate(layer.q(h).view(b, n, H, D), cos, sin)
-            k = self._rotate(layer.k(h).view(b, n, KV, D), cos, sin)
-            v = layer.v(h).view(b, n, KV, D)
+            qkv = layer.qkv(h)
+            i, j = layer.qkv_split
+            q = self._rotate(qkv[..., :i].view(b, n, H, D), cos, sin)
+            k = self._rotate(qkv[..., i:j].view(b, n, KV, D), cos, sin)
+            v = qkv[..., j:].view(b, n, KV, D)
             if b < B:  # a prompt (one row): the same queries, keys and values in every row
                 q, k, v = q * self.rows, k * self.rows, v * self.rows
             torch.ops.llama.update_cache(k, kc, start)
@@ -172,8 +191,9 @@ class LlamaDecodeProgram(nn.Module):
             a = torch.ops.llama.custom_sdpa(q, kc, vc, start, None, 0.0, True, self.scaling)
             x = x + layer.o(a[:b].view(b, n, H * D))
             h = self._rms(x, layer.ln2)
-            g = layer.gate(h)
-            x = x + layer.down(g * torch.sigmoid(g) * layer.up(h))
+            gu = layer.gate_up(h)
+            g = gu[..., : layer.ffn]
+            x = x + layer.down(g * torch.sigmoid(g) * gu[..., layer.ffn:])
         return x
 
     # -- the methods -------------------------------------------------------------------------------

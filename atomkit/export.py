@@ -301,14 +301,41 @@ def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_
                                 model=model)
 
 
-def _lower_methods(methods: dict, *, quantized: bool):
+# XNNPACK passes that rewrite what a Llama decode program never holds: decomposed bilinear upsampling and
+# decomposed attention (the program's attention is ``llama.custom_sdpa``, outside XNNPACK), BatchNorm, PReLU and
+# 1-d convolutions. XNNPACK runs every pass on every delegate piece, and the two pattern matchers alone took a third
+# of the lowering (tested: the program is byte-identical without them).
+LLAMA_PROGRAM_SKIPPED_PASSES = ("ConvertToUpsampleBilinear2d", "ConvertToSDPAPass", "FuseBatchNormPass",
+                                "DecomposeBatchNorm", "PReLUReshapePass", "Conv1dUnsqueezePass")
+
+
+@contextlib.contextmanager
+def xnnpack_passes_without(names: tuple[str, ...]):
+    """Within the block, XNNPACK's preprocessing runs its default graph passes less those named."""
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    init = XNNPACKPassManager.__init__
+
+    def without(self, exported_program, passes=None):
+        init(self, exported_program, passes)
+        if passes is None:
+            self.passes = [p for p in self.passes if p.__name__ not in names]
+
+    XNNPACKPassManager.__init__ = without
+    try:
+        yield
+    finally:
+        XNNPACKPassManager.__init__ = init
+
+
+def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ...] = LLAMA_PROGRAM_SKIPPED_PASSES):
     """Several exported methods -> one ExecuTorch program whose methods share their mutable buffers (the KV
     cache); (etpm, {method: delegation report})."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), xnnpack_passes_without(skip_passes):
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(methods, partitioner=[XnnpackPartitioner()],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))

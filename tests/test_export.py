@@ -135,6 +135,27 @@ def test_decoder_program_is_compact_and_multi_method(dec_export):
     assert side["parity"]["decode_steps"] >= 8  # teacher-forced rows that differ, with a reorder halfway
 
 
+
+def test_the_skipped_xnnpack_passes_change_nothing_in_the_decoder_program(decoder):
+    """The XNNPACK passes the decoder program's lowering skips (for time) rewrite nothing it holds: the int8 program
+    (dynamic-quantized linears, the fused q/k/v and gate/up weights) is byte for byte the one all passes give."""
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    from atomkit.decoder_program import LlamaDecodeProgram
+    from atomkit.export import LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods, _quantized
+
+    every = {p.__name__ for p in XNNPACKPassManager(None).passes}
+    assert set(LLAMA_PROGRAM_SKIPPED_PASSES) <= every  # a renamed pass would silently be run again
+    prog = _quantized(LlamaDecodeProgram(decoder.lm, batch=2, max_seq_len=64), "int8")
+    programs = []
+    for skip in (LLAMA_PROGRAM_SKIPPED_PASSES, ()):
+        with torch.no_grad():
+            methods = {m: ep for m, ep in prog.export_methods().items() if m in ("forward", "clear")}
+        et, reports = _lower_methods(methods, quantized=True, skip_passes=skip)
+        assert reports["forward"]["delegate_subgraphs"] >= 2  # the linears are in XNNPACK pieces
+        programs.append(et.buffer)
+    assert programs[0] == programs[1]
+
 def _prompts(decoder):
     texts = ["A classifier saw: golden retriever (0.81), seashore (0.10). Write one short sentence describing it.",
              "A classifier saw: sports car (0.62), race track (0.20). Write one short sentence describing it."]
