@@ -43,10 +43,6 @@ def minilm_dir() -> Path:
     return path
 
 
-def efficientnet_lite0_file() -> Path:
-    return efficientnet_lite_file("lite0")
-
-
 def converted(target: Path, source: Path, convert: Callable[[Path], dict]) -> Path:
     """``target``, a cache folder written once from the file ``source`` by ``convert(folder)`` (which fills the
     folder and returns what to record about the conversion), and written again when ``source``'s content changes.

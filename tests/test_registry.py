@@ -162,7 +162,7 @@ def test_the_encoder_loads_its_folded_copy_from_the_cache(tmp_path, monkeypatch)
     from atomkit.modules.encoder import EfficientNetEncoder, efficientnet_lite, imagenet_labels
     from atomkit.video import clips, sample_frames, sample_videos
 
-    source = W.efficientnet_lite0_file()
+    source = W.efficientnet_lite_file("lite0")
     with contextlib.redirect_stdout(io.StringIO()):
         ref = EfficientNetEncoder(EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(source)).eval(),
                                   imagenet_labels()).eval()  # unfolded, as the package loads it
