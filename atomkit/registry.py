@@ -19,7 +19,7 @@ from .config import cache_dir
 from .errors import UnknownModel
 from .modules.decoder import Projector, TextDecoder
 from .modules.embedder import SentenceEmbedder, minilm
-from .modules.encoder import VideoEncoder, clip_vision, efficientnet_lite, efficientnet_lite0
+from .modules.encoder import VideoEncoder, clip_vision, efficientnet_lite0
 
 MODULES = ("encoder", "decoder", "embedder")
 
@@ -119,7 +119,7 @@ def _random_lm(config) -> TextDecoder:
 
 # -- default: real weights from registry packages ------------------------------------------------
 def _default_encoder(opts: LoadOptions) -> VideoEncoder:
-    return efficientnet_lite("lite0", pretrained=True, cache=opts.cache)  # its weight_files: the folded copy
+    return efficientnet_lite0(pretrained=True, cache=opts.cache)  # its weight_files: the folded copy
 
 
 def llama_from_safetensors(folder: Path):
