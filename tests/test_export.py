@@ -136,25 +136,31 @@ def test_decoder_program_is_compact_and_multi_method(dec_export):
 
 
 
-def test_the_skipped_xnnpack_passes_change_nothing_in_the_decoder_program(decoder):
-    """The XNNPACK passes the decoder program's lowering skips (for time) rewrite nothing it holds: the int8 program
-    (dynamic-quantized linears, the fused q/k/v and gate/up weights) is byte for byte the one all passes give."""
+def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder):
+    """What the decoder program's lowering skips for time (XNNPACK passes that rewrite nothing it holds, the
+    decomposition pass the per-node op check costs) changes nothing: the int8 program (dynamic-quantized linears,
+    the fused q/k/v and gate/up weights) is byte for byte the one the stock lowering gives."""
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
 
     from atomkit.decoder_program import LlamaDecodeProgram
-    from atomkit.export import LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods, _quantized
+    from atomkit.export import LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods, _quantized, xnnpack_partitioner
 
     every = {p.__name__ for p in XNNPACKPassManager(None).passes}
     assert set(LLAMA_PROGRAM_SKIPPED_PASSES) <= every  # a renamed pass would silently be run again
     prog = _quantized(LlamaDecodeProgram(decoder.lm, batch=2, max_seq_len=64), "int8")
+    with torch.no_grad():  # the shortcut applies: XNNPACK's check accepts every linear, so no check is passed on
+        ops, check = xnnpack_partitioner().ops_to_not_decompose(prog.export_methods()["forward"].run_decompositions({}))
+    assert torch.ops.aten.linear.default in ops and check is None
     programs = []
-    for skip in (LLAMA_PROGRAM_SKIPPED_PASSES, ()):
+    for shortcuts in (True, False):
         with torch.no_grad():
             methods = {m: ep for m, ep in prog.export_methods().items() if m in ("forward", "clear")}
-        et, reports = _lower_methods(methods, quantized=True, skip_passes=skip)
+        et, reports = _lower_methods(methods, quantized=True, skip_passes=LLAMA_PROGRAM_SKIPPED_PASSES if shortcuts
+                                     else (), whole_ops=shortcuts)
         assert reports["forward"]["delegate_subgraphs"] >= 2  # the linears are in XNNPACK pieces
         programs.append(et.buffer)
     assert programs[0] == programs[1]
+
 
 def _prompts(decoder):
     texts = ["A classifier saw: golden retriever (0.81), seashore (0.10). Write one short sentence describing it.",
