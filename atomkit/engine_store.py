@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: fused Linears prefill with the model's tensors, no fp32 concatenation stored
 _ENDS = 1 << 20  # bytes read at each end of a weight file for its fingerprint
 
 

@@ -54,23 +54,26 @@ def default_prefill() -> str:
 
 
 class Linear:
-    """``y = x @ W.T`` with W stored as fp32 (shared with the model), bf16, int8 or int4.
+    """``y = x @ W.T`` with W stored as fp32, bf16, int8 or int4; W is the model's tensor, or several of them
+    side by side (a fused q/k/v or gate/up: one matmul for a step).
 
     ``rows``: the weights that inputs of more than ``PACKED_MAX_ROWS`` rows (a prefill) use in the
-    quantized kinds: "bf16" (a bf16 copy) or "fp32" (the model's tensor, for a matrix that never
-    sees many rows, such as the output head, which a prefill applies to the last position only).
+    quantized kinds: "bf16" (a bf16 copy) or "fp32" (the model's own tensors, no copy: one matmul each for a fused
+    Linear, as fast as one on the concatenation and without holding it; also for a matrix that never sees many
+    rows, such as the output head, which a prefill applies to the last position only).
     """
 
-    def __init__(self, w: torch.Tensor, kind: str, rows: str = "bf16", *, owned: bool = False):
-        self.kind, self.out_features = kind, w.shape[0]
-        self.owned = owned  # ``w`` is this Linear's own tensor (a fused concatenation), not the model's
-        w = w.detach()
+    def __init__(self, ws: list[torch.Tensor], kind: str, rows: str = "bf16"):
+        ws = [w.detach() for w in ws]
+        self.kind = kind
+        self.owned = len(ws) > 1  # fused: the concatenation is this Linear's own tensor, not the model's
+        w = torch.cat(ws) if self.owned else ws[0]
+        self.out_features = w.shape[0]
         quantized = kind in ("int8", "int4")
         self.rows_w = w.to(torch.bfloat16) if quantized and rows == "bf16" and not w.is_cuda else None
-        # the fp32 weights: the model's tensor (no copy), kept for a prefill only where no bf16 copy serves it
-        self.full = w if kind == "fp32" or (quantized and self.rows_w is None) else None
+        self.full = ws if quantized and self.rows_w is None else None  # the model's tensors a prefill reads
         if kind == "fp32":
-            self.w = w  # the model's own tensor: no copy
+            self.w = w  # the model's own tensor (or the fused concatenation)
         elif kind == "bf16":
             self.w = w.to(torch.bfloat16)
         elif kind == "int8":
@@ -100,9 +103,11 @@ class Linear:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] > PACKED_MAX_ROWS:  # a prefill: the packed kernels are made for a few rows
-            if self.rows_w is None:
-                return F.linear(x, self.full)
-            return F.linear(x.to(torch.bfloat16), self.rows_w).float()
+            if self.rows_w is not None:
+                return F.linear(x.to(torch.bfloat16), self.rows_w).float()
+            if len(self.full) == 1:
+                return F.linear(x, self.full[0])
+            return torch.cat([F.linear(x, w) for w in self.full], dim=-1)
         x2 = x2.to(torch.bfloat16)
         if self.kind == "int8":
             y = torch._weight_int8pack_mm(x2, self.w, self.scale)
@@ -117,30 +122,33 @@ class Linear:
         only refers to the model's own fp32 tensor."""
         if self.kind == "fp32" and not self.owned:
             return {}
-        state = {a: getattr(self, a) for a in self._STORED if getattr(self, a, None) is not None}
-        if self.owned and self.full is not None and self.full is not self.w:
-            state["full"] = self.full  # a fused fp32 matrix that prefills use (no bf16 copy on this device)
-        return state
+        return {a: getattr(self, a) for a in self._STORED if getattr(self, a, None) is not None}
 
     @classmethod
-    def restore(cls, w: torch.Tensor, kind: str, state: dict[str, torch.Tensor], *, owned: bool = False) -> "Linear":
-        """A Linear from ``state`` (what ``state()`` returned for the same ``w`` and ``kind``): no packing is redone.
-        ``w`` is the model's fp32 tensor (for an owned Linear, only its shape is used)."""
+    def restore(cls, ws: list[torch.Tensor], kind: str, state: dict[str, torch.Tensor]) -> "Linear":
+        """A Linear from ``state`` (what ``state()`` returned for the same ``ws`` and ``kind``): no packing is redone.
+        ``ws`` are the model's fp32 tensors."""
+        ws = [w.detach() for w in ws]
         self = cls.__new__(cls)
-        self.kind, self.out_features, self.owned = kind, w.shape[0], owned
+        self.kind, self.owned = kind, len(ws) > 1
+        self.out_features = sum(w.shape[0] for w in ws)
         self.rows_w = state.get("rows_w")
-        if kind == "fp32" and not owned:
-            self.w = w.detach()
+        if kind == "fp32" and not self.owned:
+            self.w = ws[0]
         else:
             for a in cls._STORED:
                 if a in state:
                     setattr(self, a, state[a])
-        self.full = self.w if kind == "fp32" else state.get("full", w.detach() if not owned else None)
-        if self.rows_w is not None or kind == "bf16":
-            self.full = None
-        if kind in ("int8", "int4") and self.full is None and self.rows_w is None:
-            raise ValueError(f"a stored {kind} Linear of shape {tuple(w.shape)} has neither prefill weights nor a model tensor")
+        quantized = kind in ("int8", "int4")
+        self.full = ws if quantized and self.rows_w is None else None
+        if self.full is not None and any(w.is_meta for w in ws):
+            raise ValueError(f"a stored {kind} Linear of {self.out_features} rows has no prefill weights and the "
+                             "model's matrices were released")
         return self
+
+    def reads_model(self) -> bool:
+        """Whether this Linear reads the model's own tensors (a step or a prefill), so they must stay in memory."""
+        return self.full is not None or (self.kind == "fp32" and not self.owned)
 
     def nbytes(self) -> int:
         """Bytes of the weights a one-token step reads (values and scales)."""
@@ -153,8 +161,6 @@ class Linear:
         held = 0 if self.kind == "fp32" and not self.owned else self.nbytes()
         if self.rows_w is not None:
             held += self.rows_w.numel() * self.rows_w.element_size()
-        if self.owned and self.full is not None and self.full is not self.w:
-            held += self.full.numel() * self.full.element_size()
         return held
 
 
@@ -206,11 +212,7 @@ class LlamaStepper:
 
         def linear(name: str, ws: list[torch.Tensor], kind: str, rows: str = self.prefill_weights) -> Linear:
             """The Linear of the model tensors ``ws`` (several: fused along the output), packed or restored."""
-            owned = len(ws) > 1
-            if not stored:
-                return Linear(torch.cat(ws) if owned else ws[0], kind, rows, owned=owned)
-            shape = torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], device="meta") if owned else ws[0]
-            return Linear.restore(shape, kind, groups.get(name, {}), owned=owned)
+            return Linear.restore(ws, kind, groups.get(name, {})) if stored else Linear(ws, kind, rows)
 
         self.layers = []
         for i, layer in enumerate(model.layers):
@@ -391,8 +393,7 @@ class LlamaStepper:
     def needs_model_matrices(self) -> bool:
         """Whether a step or a prefill reads the LM's own layer matrices (else only its embedding table, norms and
         rotary tables: the layer matrices may be released, ``TextDecoder.keep_only_engine``)."""
-        return any(lin.full is not None and not lin.owned for L in self.layers for lin in L.values()
-                   if isinstance(lin, Linear))
+        return any(lin.reads_model() for L in self.layers for lin in L.values() if isinstance(lin, Linear))
 
     def held_bytes(self) -> int:
         """Bytes of weights this stepper holds beyond the model's own tensors (the KV cache not counted: it is

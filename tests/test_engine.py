@@ -306,8 +306,12 @@ def test_prefill_weights_follow_the_cpu(tiny, monkeypatch):
         if native:
             assert st.layers[0]["o"].rows_w.dtype == torch.bfloat16 and st.layers[0]["o"].full is None
         else:
-            o = st.layers[0]["o"]
-            assert o.rows_w is None and o.full.data_ptr() == layer0.self_attn.o_proj.weight.data_ptr()  # no copy
+            o, qkv = st.layers[0]["o"], st.layers[0]["qkv"]
+            assert o.rows_w is None and o.full[0].data_ptr() == layer0.self_attn.o_proj.weight.data_ptr()  # no copy
+            a = layer0.self_attn  # a fused Linear prefills with the model's own q, k and v: no concatenated copy
+            assert [w.data_ptr() for w in qkv.full] == [a.q_proj.weight.data_ptr(), a.k_proj.weight.data_ptr(),
+                                                         a.v_proj.weight.data_ptr()]
+            assert qkv.held_bytes() == qkv.nbytes()  # the packed int4 matrix and its scales, nothing in fp32
         assert st.needs_model_matrices() is (not native)
         st.reset(1, 64)
         err[kind] = (st.prefill(ids) - ref).abs().max().item()
