@@ -356,7 +356,7 @@ def host_info(device: str) -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": device, "cuda": None,
-            "cpu_native_bf16": native_bf16()}  # what ``auto`` decides by (atomkit.engine.resolve_backend)
+            "cpu_native_bf16": native_bf16()}  # how int4 (``auto`` on a CPU) prefills: bf16 copies or fp32
     if torch.cuda.is_available():
         info["cuda"] = torch.cuda.get_device_name(0)
     return info

@@ -35,9 +35,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--caption-batch", type=int, default=4, metavar="N",
                    help="clips whose captions are decoded together as one batch (default: %(default)s)")
     g.add_argument("--backend", default="auto", metavar="NAME",
-                   help="decode engine backend (auto: int4 on a CPU that multiplies bf16 natively (AVX512-BF16, "
-                   "AMX), chosen by speed and quality measured on the development set; the exact fp32 engine on "
-                   "other CPUs and on CUDA; torch = the exact fp32 reference; int8, bf16, int4-compiled; "
+                   help="decode engine backend (auto: int4 on a CPU, chosen by speed and quality measured on the "
+                   "development set; the exact fp32 engine on CUDA; torch = the exact fp32 reference; int8, bf16, "
+                   "int4-compiled; "
                    "hf = transformers generate; see `atomkit bench-decode`)")
     g.add_argument("--exact", dest="backend", action="store_const", const="torch",
                    help="decode with the exact fp32 engine (the reference; same as --backend torch)")
@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clips whose captions are decoded together, in both paths (default: %(default)s)")
     p.add_argument("--script-tokens", type=int, default=160, help="script length limit (default: 160)")
     p.add_argument("--backend", default="auto", metavar="NAME",
-                   help="decode engine backend of both paths (default: auto: int4 on a CPU with native bf16, "
-                   "else the exact engine; see bench-decode)")
+                   help="decode engine backend of both paths (default: auto: int4 on a CPU, the exact engine on "
+                   "CUDA; see bench-decode)")
     p.add_argument("--exact", dest="backend", action="store_const", const="torch",
                    help="both paths decode with the exact fp32 engine (same as --backend torch)")
     p.add_argument("--out", metavar="FILE.json", default="bench/bench.json",

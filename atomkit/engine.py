@@ -28,8 +28,8 @@ A stepper without batching sets ``max_batch_size = 1`` (beam search then needs `
 the engine says so). A stepper without embeddings prefill raises ``InputError`` naming the reason.
 
 Backends (``get_engine(name, decoder)``, ``BACKENDS``): ``hf`` is transformers ``generate`` (the
-reference), ``torch`` the exact fp32 stepper (the default, ``auto``, wherever it can run), the
-others trade exactness for speed (bf16, int8, int4 weights; ``torch.compile``: ``compiled``,
+reference), ``torch`` the exact fp32 stepper (the reference, ``auto`` on CUDA), the
+others trade exactness for speed (``auto`` on a CPU is ``CPU_DEFAULT``, int4) (bf16, int8, int4 weights; ``torch.compile``: ``compiled``,
 ``int4-compiled``) and are compared to fp32 by token agreement in ``atomkit bench-decode``. A new
 backend (e.g. an ExecuTorch program) is a stepper plus one entry in ``BACKENDS``.
 """
@@ -281,13 +281,13 @@ BACKENDS: dict[str, tuple[str, Callable | None]] = {
 }
 
 
-# What ``auto`` runs on a CPU that multiplies bf16 natively (AVX512-BF16, AMX): the fastest backend whose captions
-# and retrieval stay within the paper's bound of the exact fp32 engine on the development set (README "Decode
-# engine": bench/decode-default.json for speed, bench/quality-int4.json for quality). On an AVX2-only CPU bf16 is
-# emulated: int4 with bf16 prefills made a pipeline run's captions 3.2x slower than exact there
-# (bench/default-int4-bf16prefill-avx2.json against bench/default-avx2.json); the quantized engines now prefill with the
-# fp32 matrices on such CPUs, and until int4 is measured faster there ``auto`` is the exact engine, as on CUDA (the
-# int4 kernels are CPU kernels).
+# What ``auto`` runs on a CPU: the fastest backend whose captions and retrieval stay within the paper's bound of the
+# exact fp32 engine on the development set (README "Decode engine"). On a CPU that multiplies bf16 natively
+# (AVX512-BF16, AMX): bench/decode-default.json for speed, bench/quality-native-bf16.json for quality. On an AVX2-only
+# CPU, where the quantized engines prefill with the model's fp32 matrices: bench/decode-avx2.json (int4 2.4x the exact
+# engine's tok/s, a script 1.7x faster) and bench/default-avx2-int4.json against bench/default-avx2-exact.json for
+# speed, bench/quality-avx2.json for quality. ``int4-compiled`` is faster still per token but compiles for about
+# 37 s on first use, so it stays a flag. On CUDA ``auto`` is the exact engine (the int4 kernels are CPU kernels).
 CPU_DEFAULT = "int4"
 
 
@@ -315,18 +315,17 @@ def unsupported(decoder) -> str | None:
 
 
 def resolve_backend(name: str, decoder) -> str:
-    """``auto`` -> ``CPU_DEFAULT`` on a CPU with native bf16 (``torch`` where its int4 groups do not divide the LM's
-    widths), ``torch`` on other CPUs and on CUDA, ``hf`` for an LM the steppers cannot run; other names are
-    checked."""
+    """``auto`` -> ``CPU_DEFAULT`` on a CPU (``torch`` where its int4 groups do not divide the LM's widths), ``torch``
+    on CUDA, ``hf`` for an LM the steppers cannot run; other names are checked."""
     check_backend(name)
     if name != "auto":
         return name
     if unsupported(decoder):
         return "hf"
     lm = decoder.lm
-    from .llama import INT4_GROUP, native_bf16
+    from .llama import INT4_GROUP
 
-    if lm.lm_head.weight.device.type in ("cpu", "meta") and native_bf16():
+    if lm.lm_head.weight.device.type in ("cpu", "meta"):
         widths = (lm.config.hidden_size, lm.config.intermediate_size)
         if CPU_DEFAULT != "int4" or all(w % INT4_GROUP == 0 for w in widths):
             return CPU_DEFAULT

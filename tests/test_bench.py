@@ -66,11 +66,11 @@ def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
     # one sample per caption batch: the 2 clips decode together (caption_batch 4), per prompt and repeat
     assert len(comps["caption_generation"]["reuse"]["samples"]) == 1 * 2 * 2
     assert r["decode"]["caption_batch"] == 4
-    # what ``auto`` ran is recorded with what it decided by: int4 only where the CPU multiplies bf16 natively
+    # what ``auto`` ran is recorded, with the CPU kind that decides how int4 prefills (bf16 copies or fp32 matrices)
     from atomkit.llama import native_bf16
 
     assert r["device"]["cpu_native_bf16"] is native_bf16()
-    assert r["decode"]["engine"] == (["int4"] if native_bf16() else ["torch"])
+    assert r["decode"]["engine"] == ["int4"]
     assert r["reuse_executor"] == "sequential"  # measured: one caption batch per prompt leaves nothing to overlap
     for task in ("retrieval", "assembly"):
         e = r["end_to_end"][task]

@@ -273,8 +273,8 @@ def test_single_row_stepper_embeddings(tiny_paper):
 def test_decoder_routes_through_backend(tiny, monkeypatch, native_bf16):
     monkeypatch.setattr("atomkit.llama.native_bf16", lambda: native_bf16)
     ids = _prompt(tiny)
-    # the measured CPU default: int4 where the CPU multiplies bf16 natively, else the exact engine
-    default = "int4" if native_bf16 else "torch"
+    # the measured CPU default: int4 on either kind of CPU (prefilling with bf16 copies or with the fp32 matrices)
+    default = "int4"
     assert tiny.engine("auto").name == default
     assert isinstance(tiny.engine("hf"), HFEngine)
     a = tiny.generate_ids(ids, max_new_tokens=6, num_beams=2, backend="hf")
@@ -370,4 +370,4 @@ def test_bench_decode_smoke(tmp_path):
     # the pipeline's decoder work on the stepper backends (generate has no stepper for the structured script)
     assert r["grounded_clips_per_s"]["torch"] > 0 and r["structured_script_s"]["torch"] > 0
     assert "hf_generate" not in r["structured_script_s"]
-    assert r["auto"] == ("int4" if r["cpu_native_bf16"] else "torch")
+    assert r["auto"] == "int4"
