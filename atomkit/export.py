@@ -211,29 +211,6 @@ def export_encoder(encoder, out_dir, *, name: str, quant: str = "none", frames: 
 
 
 # -- embedder ----------------------------------------------------------------------------------------
-class PooledEmbedding(nn.Module):
-    """sentence-transformers' Transformer + mean Pooling + Normalize as one tensor-in/tensor-out module."""
-
-    def __init__(self, auto_model: nn.Module):
-        super().__init__()
-        self.auto_model = auto_model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.auto_model(input_ids=input_ids, attention_mask=attention_mask,
-                                 token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
-
-
-def pooled_embedding(embedder) -> PooledEmbedding:
-    st = embedder.model
-    modes = [getattr(m, "pooling_mode", None) for m in st if type(m).__name__ == "Pooling"]
-    if modes and modes[0] not in ("mean", ("mean",), ["mean"]):
-        raise ValueError(f"only mean pooling is exportable here, the model pools with {modes[0]!r}")
-    return PooledEmbedding(st[0].auto_model).eval()
-
-
 def export_embedder(embedder, out_dir, *, name: str, quant: str = "none", seq_len: int = 128,
                     batch: int = 1, dynamic_seq: bool = True, model: str | None = None) -> ExportResult:
     """The transformer + pooling at a static batch; the runtime pads the last batch.
@@ -243,9 +220,9 @@ def export_embedder(embedder, out_dir, *, name: str, quant: str = "none", seq_le
     pieces, but a short caption costs a fraction of a 128-token pass: the fixed-length program measured
     10-18x slower than eager on captions); ``dynamic_seq=False``: exactly seq_len tokens (29 pieces)."""
     t0 = time.perf_counter()
-    wrapper = pooled_embedding(embedder)
+    wrapper = embedder.net.eval()  # BERT, mean pooling and normalisation, tensors in and out (MeanPooledBert)
     texts = (["a person rides a bike down a street", "a cartoon rabbit in a forest"] * batch)[:batch]
-    ids, mask = tokenize_fixed(embedder.model.tokenizer, texts, seq_len, dynamic=dynamic_seq)
+    ids, mask = tokenize_fixed(embedder.tokenizer, texts, seq_len, dynamic=dynamic_seq)
     seq = {1: torch.export.Dim("seq", min=2, max=seq_len)} if dynamic_seq else None
     qwrapper = _quantized(wrapper, quant)
     et, report = _lower(qwrapper, (ids, mask), dynamic_shapes=seq and (seq, seq), quantized=quant != "none")
@@ -256,7 +233,7 @@ def export_embedder(embedder, out_dir, *, name: str, quant: str = "none", seq_le
                 return {"embedding": module(ids, mask).float()}
         return run
 
-    save_tokenizer(embedder.model.tokenizer, Path(out_dir) / f"{name}.pte")
+    save_tokenizer(embedder.tokenizer, Path(out_dir) / f"{name}.pte")
     return _finish(et, report, out_dir, name, t0=t0, model=model or "sentence-transformers", module="embedder",
                    quant=quant, inputs={"input_ids": ids, "attention_mask": mask}, run_eager=outputs(qwrapper),
                    run_fp32=outputs(wrapper),

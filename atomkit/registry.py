@@ -18,7 +18,7 @@ from . import weights as W
 from .config import cache_dir
 from .errors import UnknownModel
 from .modules.decoder import Projector, TextDecoder
-from .modules.embedder import SentenceEmbedder, minilm
+from .modules.embedder import SentenceEmbedder, mean_pooled_bert, minilm
 from .modules.encoder import VideoEncoder, clip_vision, efficientnet_lite0
 
 MODULES = ("encoder", "decoder", "embedder")
@@ -192,9 +192,7 @@ def _smollm2_arch(opts: LoadOptions) -> TextDecoder:
 
 
 def _minilm_arch(opts: LoadOptions) -> torch.nn.Module:
-    from transformers import BertConfig, BertModel
-
-    return BertModel(BertConfig.from_pretrained(str(W.minilm_dir()), local_files_only=True))
+    return mean_pooled_bert(W.minilm_dir())
 
 
 def _paper_encoder_arch(opts: LoadOptions) -> VideoEncoder:

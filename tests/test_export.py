@@ -33,7 +33,7 @@ def encoder():
 def embedder():
     """all-MiniLM-L6-v2 cut to its first layer: the same ops, a fraction of the lowering time."""
     emb = _load("embedder")
-    bert = emb.model[0].auto_model
+    bert = emb.net.bert
     bert.encoder.layer = torch.nn.ModuleList(list(bert.encoder.layer)[:1])
     bert.config.num_hidden_layers = 1
     return emb
@@ -107,7 +107,7 @@ def test_load_times_in_a_fresh_process(enc_export):
 def test_embedder_exports_and_pte_embedder_matches_eager(emb_export, embedder):
     side = _check_result(emb_export, "embedder")
     assert side["seq_len"] == 32 and side["dim"] == 384
-    pte = PteEmbedder(emb_export.path, embedder.model.tokenizer, seq_len=32)
+    pte = PteEmbedder(emb_export.path, embedder.tokenizer, seq_len=32)
     texts = ["a dog runs on the beach", "a man rides a bicycle", "cartoon rabbit", "", "two cars"]
     ref, got = embedder.embed(texts), pte.embed(texts)
     assert got.shape == ref.shape == (5, 384)
@@ -274,6 +274,6 @@ def test_int8_dynamic_length_embedder(embedder, tmp_path):
     assert side["quant"] == "int8" and side["parity"]["sqnr_min_db"] == SQNR_MIN_DB["quantized"]
     assert side["dynamic_seq"] is True
     assert res.parity["passed"], res.parity  # int8 embedding (embedding_byte kernel) + int8 dynamic linears
-    assert not hasattr(embedder.model[0].auto_model, "atomkit_quant"), "the caller's embedder must stay fp32"
+    assert not hasattr(embedder.net, "atomkit_quant"), "the caller's embedder must stay fp32"
     texts = ["a dog runs on the beach at sunset with its owner", "two cars", ""]  # 3 lengths, one program
-    assert sqnr_db(embedder.embed(texts), PteEmbedder(res.path, embedder.model.tokenizer).embed(texts)) >= 20
+    assert sqnr_db(embedder.embed(texts), PteEmbedder(res.path, embedder.tokenizer).embed(texts)) >= 20

@@ -191,3 +191,30 @@ def test_the_encoder_loads_its_folded_copy_from_the_cache(tmp_path, monkeypatch)
     meta.write_text(json.dumps({**info, "source": {**info["source"], "size": 1}, "stamp": {"sha256": "0" * 64}}))
     efficientnet_lite("lite0", pretrained=True, cache=tmp_path)
     assert hashed == [source] and json.loads(meta.read_text())["stamp"] == info["stamp"]  # converted again
+
+
+def test_the_embedder_equals_sentence_transformers(monkeypatch):
+    """The embedder built on ``meta`` from the package's safetensors file (BERT, mean pooling, normalisation written
+    out here) gives sentence-transformers' own vectors for texts of different lengths: one word, captions, an empty
+    string and a text past the 256-token limit (truncated alike), in one batch and one by one, and ranks a query's
+    texts in the same order."""
+    from sentence_transformers import SentenceTransformer
+
+    import atomkit.weights as W
+    from atomkit.modules.embedder import minilm
+
+    texts = ["dog", "A golden retriever (a kind of dog) runs along the seashore.", "",
+             "A streetcar, or perhaps a parking meter or a jinrikisha.", "a red car " * 120,
+             "Two cyclists in helmets ride past an old barn at noon."]
+    ref = SentenceTransformer(str(W.minilm_dir()), device="cpu", local_files_only=True)
+    want = ref.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float()
+    emb = minilm(W.minilm_dir())
+    assert not any(t.is_meta for t in [*emb.parameters(), *emb.buffers()])
+    got = emb.embed(texts, batch_size=4)  # two batches, padded to different lengths
+    assert got.shape == (len(texts), 384) and emb.dim == 384
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(torch.cat([emb.embed([t]) for t in texts]), want, rtol=0, atol=2e-5)
+    assert (want @ want.T).triu(1).abs().max() < 0.99  # the texts' vectors differ: a mix-up would show
+    query = emb.embed(["a dog on a beach"])[0]
+    assert (got @ query).argsort().tolist() == (want @ query).argsort().tolist()
+    assert emb.embed([]).shape == (0, 384)
