@@ -28,9 +28,9 @@ A stepper without batching sets ``max_batch_size = 1`` (beam search then needs `
 the engine says so). A stepper without embeddings prefill raises ``InputError`` naming the reason.
 
 Backends (``get_engine(name, decoder)``, ``BACKENDS``): ``hf`` is transformers ``generate`` (the
-reference), ``torch`` the exact fp32 stepper (the reference, ``auto`` on CUDA), the
-others trade exactness for speed (``auto`` on a CPU is ``CPU_DEFAULT``, int4) (bf16, int8, int4 weights; ``torch.compile``: ``compiled``,
-``int4-compiled``) and are compared to fp32 by token agreement in ``atomkit bench-decode``. A new
+reference), ``torch`` the exact fp32 stepper (``auto`` on CUDA), the others trade exactness for
+speed (bf16, int8, int4 weights; ``torch.compile``: ``compiled``, ``int4-compiled``; ``auto`` on a CPU is
+``CPU_DEFAULT``, int4) and are compared to fp32 by token agreement in ``atomkit bench-decode``. A new
 backend (e.g. an ExecuTorch program) is a stepper plus one entry in ``BACKENDS``.
 """
 from __future__ import annotations

@@ -3,8 +3,8 @@
 all-MiniLM-L6-v2 is a sentence-transformers model of three steps (its ``modules.json``): a BERT encoder, the
 mean of its token vectors over the real tokens, and L2 normalisation. ``MeanPooledBert`` is those three steps as
 one tensor-in, tensor-out module (what ``atomkit export`` lowers, too), on a ``BertModel`` built on the meta device
-whose tensors are the safetensors file's, mapped from the page cache: a load is a file read and a tokenizer
-parse, without sentence-transformers' set-up or transformers' ``from_pretrained`` (together most of a 0.1 s load).
+whose tensors are the safetensors file's (``assign``, no random initialisation): a load is a file read and a
+tokenizer parse, without sentence-transformers' set-up or transformers' ``from_pretrained`` (together most of a 0.1 s load).
 The vectors equal sentence-transformers' ``encode`` (tested).
 """
 from __future__ import annotations
