@@ -193,7 +193,7 @@ def test_the_encoder_loads_its_folded_copy_from_the_cache(tmp_path, monkeypatch)
     assert hashed == [source] and json.loads(meta.read_text())["stamp"] == info["stamp"]  # converted again
 
 
-def test_the_embedder_equals_sentence_transformers(monkeypatch):
+def test_the_embedder_equals_sentence_transformers():
     """The embedder built on ``meta`` from the package's safetensors file (BERT, mean pooling, normalisation written
     out here) gives sentence-transformers' own vectors for texts of different lengths: one word, captions, an empty
     string and a text past the 256-token limit (truncated alike), in one batch and one by one, and ranks a query's

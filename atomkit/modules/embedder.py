@@ -66,7 +66,7 @@ def _config(path: Path):
     from transformers import BertConfig
 
     pooling = path / "1_Pooling" / "config.json"
-    if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False):
+    if pooling.is_file() and not _json(pooling).get("pooling_mode_mean_tokens", False):
         raise ValueError(f"{pooling}: this model does not pool by the mean of its tokens; only {POOLING} pooling is built")
     return BertConfig.from_json_file(str(path / "config.json"))
 
