@@ -147,8 +147,12 @@ def _profile(engine, ids: torch.Tensor, steps: int = 32) -> dict:
 def bench_decode(model: str = "default", *, backends: list[str] | None = None, threads: int = 2,
                  new_tokens: tuple[int, ...] = (23, 128), repeats: int = 3, llama_cpp: bool = True,
                  batch: int = 4, beams: int = 4, caption_tokens: int = 23, script_tokens: int = 160,
-                 profile_steps: int = 32, progress: bool = True) -> dict:
-    """Run the decode benchmark; returns the JSON-ready result (see the module docstring)."""
+                 profile_steps: int = 32, progress: bool = True, programs: list | None = None) -> dict:
+    """Run the decode benchmark; returns the JSON-ready result (see the module docstring).
+
+    ``programs``: decoder ``.pte`` programs (files, or ``atomkit export`` folders holding ``decoder.pte``) to time
+    beside the engine backends, each as contender ``pte-<quant>`` run by the ExecuTorch runtime
+    (``atomkit.runtime.PteDecoder``)."""
     from .registry import LoadOptions, get_spec
 
     import os
@@ -170,6 +174,8 @@ def bench_decode(model: str = "default", *, backends: list[str] | None = None, t
         if n not in BACKENDS:
             raise UnknownBackend(n, list(BACKENDS))
     names = ["hf", *[n for n in names if n != "hf"]]  # the reference first: the others compare to it
+    contenders = {n: (BACKENDS[n][0], decoder, lambda n=n: get_engine(n, decoder)) for n in names}
+    contenders.update(_program_contenders(programs or [], decoder))
     lengths = sorted(set(new_tokens))
     longest = lengths[-1]
     res: dict = {
@@ -180,7 +186,7 @@ def bench_decode(model: str = "default", *, backends: list[str] | None = None, t
                   "decode tok/s = (n - 1) / (total(n) - total(1)); tok_s = greedy, batch 1, n = "
                   f"{longest}; caption latency = beam {beams}, {caption_tokens} new tokens max, EOS on (as captions run); "
                   f"batch{batch}_tok_s = {batch} prompts greedy, {caption_tokens} tokens each, tokens of all rows / s",
-        "backends": {n: BACKENDS[n][0] for n in names},
+        "backends": {n: c[0] for n, c in contenders.items()},
         "tok_s": {}, "tok_s_by_new_tokens": {}, "prefill_s": {}, "total_s": {}, "samples_s": {},
         "caption_latency_beam4_s": {}, "caption_beam4_tokens": {}, "caption_beam4_equal_hf": {},
         "caption_tokens": caption_tokens, "script_tokens": script_tokens, "beams": beams, "batch": batch,
@@ -195,10 +201,10 @@ def bench_decode(model: str = "default", *, backends: list[str] | None = None, t
     concept_lists = _sample_concepts(spec)
     ref_tokens: dict[str, list[int]] = {}
     engines = {}
-    for name in names:
-        say(f"[bench-decode] {name}: {BACKENDS[name][0]}", flush=True)
+    for name, (what, dec, make) in contenders.items():
+        say(f"[bench-decode] {name}: {what}", flush=True)
         t0 = time.perf_counter()
-        eng = get_engine(name, decoder)
+        eng = make()
         eng.generate(ids, max_new_tokens=2, pad_token_id=pad)  # builds and (for compiled) compiles
         res["compile_or_warmup_s"][name] = round(time.perf_counter() - t0, 2)
         engines[name] = eng
@@ -225,19 +231,24 @@ def bench_decode(model: str = "default", *, backends: list[str] | None = None, t
         ref_tokens[name + ":caption"] = cap
         res["caption_beam4_equal_hf"][name] = cap == ref_tokens["hf:caption"]
         # several prompts at once (greedy): the same prompt batch times, tokens/s of the whole batch
-        med_b, _, _ = _median_time(lambda: eng.generate(ids.repeat(batch, 1), max_new_tokens=caption_tokens,
-                                                        pad_token_id=pad), max(1, repeats - 1))
-        res[f"batch{batch}_tok_s"][name] = round(batch * caption_tokens / med_b, 2)
+        if dec is decoder:  # a program prefills one prompt at a time: its rows are one prompt's beams
+            med_b, _, _ = _median_time(lambda: eng.generate(ids.repeat(batch, 1), max_new_tokens=caption_tokens,
+                                                            pad_token_id=pad), max(1, repeats - 1))
+            res[f"batch{batch}_tok_s"][name] = round(batch * caption_tokens / med_b, 2)
+        else:
+            res[f"batch{batch}_tok_s"][name] = None
         # the script prompt, greedy, EOS on (what `assemble` runs)
         script = eng.generate(sids, max_new_tokens=script_tokens, eos_token_id=eos, pad_token_id=pad)[0].tolist()
         ref_tokens[name + ":script"] = script
         res["script_greedy_equal_hf"][name] = script == ref_tokens["hf:script"]
         if getattr(eng, "stepper", None) is not None:  # the pipeline's decoder work (the structured script needs a stepper)
+            backend = name if dec is decoder else "auto"  # a program decoder runs its own program
+
             def script(caps):
                 with torch.inference_mode():
-                    return script_json(decoder, eng.stepper, "make a highlight reel", caps, name)
+                    return script_json(dec, eng.stepper, "make a highlight reel", caps, backend)
 
-            med_c, _, caps = _median_time(lambda: grounded_captions(decoder, concept_lists, name), repeats)
+            med_c, _, caps = _median_time(lambda: grounded_captions(dec, concept_lists, backend), repeats)
             med_s, _, _ = _median_time(lambda: script(caps), repeats)
             res["grounded_captions_s"][name] = round(med_c, 4)
             res["grounded_clips_per_s"][name] = round(len(concept_lists) / med_c, 2)
@@ -248,7 +259,7 @@ def bench_decode(model: str = "default", *, backends: list[str] | None = None, t
             f"{med:.3f} s  batch{batch} {res[f'batch{batch}_tok_s'][name]} tok/s  equal to hf: greedy "
             f"{res['greedy_agreement_with_hf'][name]['equal']}, caption {res['caption_beam4_equal_hf'][name]}, "
             f"script {res['script_greedy_equal_hf'][name]}", flush=True)
-    res["caption_text"] = {n: decoder.decode_ids(torch.tensor(ref_tokens[n + ":caption"])) for n in names}
+    res["caption_text"] = {n: decoder.decode_ids(torch.tensor(ref_tokens[n + ":caption"])) for n in contenders}
     res["llama_cpp"] = None
     if llama_cpp:
         res["tok_s"]["llama_cpp"] = None
@@ -278,7 +289,7 @@ def bench_decode(model: str = "default", *, backends: list[str] | None = None, t
                                 "weights": "Q4_1 (the package's file); the torch backends dequantize it to fp32",
                                 "beam_search": "not offered by llama-cpp-python: no caption latency at beam 4"}
             say(f"  tok/s {res['tok_s_by_new_tokens']['llama_cpp']}  prefill {totals[1] * 1e3:.0f} ms", flush=True)
-    stepper_names = [n for n in names if n != "hf"]
+    stepper_names = [n for n in names if n != "hf"]  # torch steppers: a program's ops are not torch's to profile
     if stepper_names and profile_steps:
         fastest = max(stepper_names, key=lambda n: res["tok_s"][n])
         res["profile"] = _profile(engines[fastest], ids, profile_steps)
@@ -289,6 +300,31 @@ def bench_decode(model: str = "default", *, backends: list[str] | None = None, t
                      "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                      "note": "load averages show other work on the machine during the run"}
     return _named_for_json(res)
+
+
+def _program_contenders(programs: list, decoder) -> dict:
+    """name -> (what it is, decoder, engine factory) for decoder programs (``bench_decode(programs=...)``)."""
+    from .engine import Engine
+    from .errors import InputError
+    from .program import read_sidecar
+    from .runtime import PteDecoder, PteStepper
+
+    out: dict = {}
+    for p in programs:
+        path = Path(p) / "decoder.pte" if Path(p).is_dir() else Path(p)
+        if not path.is_file():
+            raise InputError(f"{path}: no decoder program there; write one with `atomkit export --only decoder`")
+        meta = read_sidecar(path)
+        if meta.get("module") not in (None, "decoder"):
+            raise InputError(f"{path} is the {meta['module']} program; give the decoder's (decoder.pte)")
+        name = f"pte-{meta.get('quant', 'none')}"
+        while name in out:
+            name += "'"
+        pd = PteDecoder(path, like=decoder)
+        what = (f"ExecuTorch program {path.name} (XNNPACK, {meta.get('quant', 'none')}, {pd.batch} rows, "
+                f"{meta.get('program_kind', 'static-cache')}) on the host runtime")
+        out[name] = (what, pd, lambda pd=pd, name=name: Engine(PteStepper(pd), name))
+    return out
 
 
 def _named_for_json(res: dict) -> dict:
@@ -327,7 +363,8 @@ def plot(result: dict, path: str | Path) -> Path:
 
     items = [(k, v) for k, v in result["tok_s"].items() if v is not None]
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    colors = ["#888888" if k == "hf_generate" else "#c0504d" if k == "llama_cpp" else "#4f81bd" for k, _ in items]
+    colors = ["#888888" if k == "hf_generate" else "#c0504d" if k == "llama_cpp" else "#9bbb59" if k.startswith("pte-")
+              else "#4f81bd" for k, _ in items]
     bars = ax.bar([k for k, _ in items], [v for _, v in items], color=colors)
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_ylabel("decode tokens/s")

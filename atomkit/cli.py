@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "per-token profile of the fastest backend as JSON, and a bar chart beside it.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  atomkit bench-decode --models default --out bench/decode-default.json\n"
-                       "  atomkit bench-decode --backends torch,int4 --new-tokens 8,32 --repeats 1 --out /tmp/d.json")
+                       "  atomkit bench-decode --backends torch,int4 --new-tokens 8,32 --repeats 1 --out /tmp/d.json\n"
+                       "  atomkit bench-decode --program export/default-int8 --out bench/decode-with-program.json")
     p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME")
     p.add_argument("--out", metavar="FILE.json", default="bench/decode-default.json",
                    help="where the JSON goes; the PNG goes beside it (default: %(default)s)")
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=int, default=4, help="beam width of the caption latency (paper: 4)")
     p.add_argument("--batch", type=int, default=4, help="prompts decoded together for batch throughput (default: 4)")
     p.add_argument("--script-tokens", type=int, default=160, help="max new tokens of the script agreement check")
+    p.add_argument("--program", action="append", default=[], metavar="PATH",
+                   help="also time this decoder .pte program (or `atomkit export` folder) on the ExecuTorch runtime, "
+                   "as contender pte-<quant> (repeatable)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     p.add_argument("--no-profile", action="store_true", help="skip the per-token profile")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -755,7 +759,8 @@ def _bench_decode(args) -> int:
     result = bench_decode(args.models, backends=backends, threads=args.threads, new_tokens=lengths,
                           repeats=args.repeats, llama_cpp=not args.no_llama_cpp, batch=args.batch, beams=args.beams,
                           caption_tokens=args.caption_tokens, script_tokens=args.script_tokens,
-                          profile_steps=0 if args.no_profile else 32, progress=not args.quiet)
+                          profile_steps=0 if args.no_profile else 32, progress=not args.quiet,
+                          programs=args.program)
     out = Path(args.out)
     png = plot(result, out.with_suffix(".png"))
     result["plot_png"] = str(png)

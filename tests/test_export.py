@@ -241,6 +241,31 @@ def test_pte_decoder_serialises_whole_generations(dec_export, decoder):
         assert got == alone[i], texts[i]
 
 
+def test_bench_decode_times_a_program_beside_the_engines(decoder, out_dir):
+    """`bench_decode(programs=...)` runs the decoder program as contender pte-<quant> on the same prompts: its greedy
+    and beam-4 tokens equal generate's (the tiny program is fp32), it runs the pipeline's decoder work, and it has no
+    several-prompt batch (one prompt at a time); a folder without a decoder program is refused by name."""
+    from atomkit.bench_decode import bench_decode
+    from atomkit.errors import InputError
+
+    folder = out_dir / "long"  # the bench's script prompt needs a longer cache than dec_export's
+    export_decoder(decoder, folder, name="decoder", max_seq_len=1024, model="tiny-default")
+    r = bench_decode("tiny-default", backends=["torch"], new_tokens=(3, 5), repeats=1, llama_cpp=False,
+                     caption_tokens=4, script_tokens=4, batch=2, profile_steps=0, progress=False,
+                     programs=[folder])
+    assert list(r["tok_s"]) == ["hf_generate", "torch", "pte-none"]
+    assert r["tok_s"]["pte-none"] > 0 and r["prefill_s"]["pte-none"] > 0
+    assert r["greedy_agreement_with_hf"]["pte-none"]["equal"] and r["caption_beam4_equal_hf"]["pte-none"]
+    assert r["script_greedy_equal_hf"]["pte-none"]
+    assert r["grounded_clips_per_s"]["pte-none"] > 0 and r["structured_script_s"]["pte-none"] > 0
+    assert r["batch2_tok_s"]["pte-none"] is None and r["batch2_tok_s"]["torch"] > 0
+    assert "decoder.pte" in r["backends"]["pte-none"]
+    empty = out_dir / "no-programs"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(InputError, match="no decoder program.*--only decoder"):
+        bench_decode("tiny-default", backends=["torch"], llama_cpp=False, progress=False, programs=[empty])
+
+
 def test_export_and_runtime_do_not_import_each_other():
     """Both build on atomkit.program; a program runs without the export stack imported."""
     import ast
