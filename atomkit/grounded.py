@@ -89,7 +89,8 @@ def _hf_scores(decoder, prompt: torch.Tensor, options: list[list[int]]) -> list[
 @torch.inference_mode()
 def _stepper_scores(stepper, prompts: list[torch.Tensor], options: list[list[list[int]]], pad_id: int) -> list[list[float]]:
     """Mean log-probability of every option after its prompt: all prompts prefilled as one left-padded batch,
-    each row then spread over its options (``reorder``), all options stepped together."""
+    each row then spread over its options (``reorder``), and every option's tokens fed in one pass (``extend``; a
+    stepper without it, a program, steps all options together one token at a time)."""
     from .engine import _as_batch
 
     ids, pad = _as_batch(prompts, pad_id)
@@ -101,14 +102,18 @@ def _stepper_scores(stepper, prompts: list[torch.Tensor], options: list[list[lis
     spread = torch.repeat_interleave(torch.arange(len(prompts)), counts)
     stepper.reorder(spread)
     logits = logits[spread.to(logits.device)]
-    total = torch.zeros(b)
-    for j in range(n):
-        tok = torch.tensor([o[j] if j < len(o) else o[-1] for o in flat])
-        live = torch.tensor([j < len(o) for o in flat])
-        lp = logits.float().log_softmax(-1).cpu()
-        total += torch.where(live, lp[torch.arange(b), tok], torch.zeros(b))
-        if j + 1 < n:
-            logits = stepper.step(tok, L + j)
+    toks = torch.tensor([o + o[-1:] * (n - len(o)) for o in flat])  # (b, n), short options repeat their last token
+    live = torch.tensor([[j < len(o) for j in range(n)] for o in flat])
+    if n > 1 and hasattr(stepper, "extend"):  # every option's tokens after the first in one pass
+        logits = torch.cat([logits[:, None], stepper.extend(toks[:, :-1], L)], dim=1)  # (b, n, V)
+        lp = logits.float().log_softmax(-1).cpu().gather(-1, toks[..., None])[..., 0]
+    else:  # a stepper of one token at a time (a program)
+        lp = torch.zeros(b, n)
+        for j in range(n):
+            lp[:, j] = logits.float().log_softmax(-1).cpu()[torch.arange(b), toks[:, j]]
+            if j + 1 < n:
+                logits = stepper.step(toks[:, j], L + j)
+    total = torch.where(live, lp, torch.zeros(b, n)).sum(1)
     scores = (total / torch.tensor([len(o) for o in flat])).tolist()
     return [scores[int(a):int(a) + int(c)] for a, c in zip(torch.cumsum(counts, 0) - counts, counts)]
 

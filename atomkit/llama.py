@@ -36,6 +36,22 @@ WEIGHT_KINDS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 32
 PACKED_MAX_ROWS = 16  # more rows than this (a prefill) run on the fp32 weights: the packed kernels are slow there
 CACHE_ROUND = 256  # cache lengths are rounded up to this, so a new prompt rarely reallocates
+MIN_SHARED = 4  # a batched prefill runs a common prefix of at least this many tokens once (not exact steppers)
+
+
+def _common_prefix(ids: torch.Tensor, pad: torch.Tensor | None) -> int:
+    """How many first tokens (after each row's left padding) all rows of ``ids`` (b, n) share; always leaves the
+    shortest row one token of its own (its logits are what a prefill returns)."""
+    pad = [0] * ids.shape[0] if pad is None else [int(p) for p in pad]
+    rows = [ids[i, p:] for i, p in enumerate(pad)]
+    limit = min(len(r) for r in rows) - 1
+    if limit <= 0:
+        return 0
+    first = rows[0][:limit]
+    same = torch.ones(limit, dtype=torch.bool, device=ids.device)
+    for r in rows[1:]:
+        same &= r[:limit] == first
+    return int(limit if bool(same.all()) else int(torch.argmin(same.int())))
 
 
 def native_bf16() -> bool:
@@ -95,14 +111,16 @@ class Linear:
         else:
             raise ValueError(f"unknown weight kind {kind!r}; kinds are {WEIGHT_KINDS}")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, wide: bool | None = None) -> torch.Tensor:
+        """``x @ W.T``; ``wide``: use the prefill weights (True) or the packed ones (False) whatever the number of
+        rows (None: by the rows, more than ``PACKED_MAX_ROWS`` is wide)."""
         if self.kind == "fp32":
             return F.linear(x, self.w)
         if self.kind == "bf16":
             return F.linear(x.to(torch.bfloat16), self.w).float()
         shape = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > PACKED_MAX_ROWS:  # a prefill: the packed kernels are made for a few rows
+        if x2.shape[0] > PACKED_MAX_ROWS if wide is None else wide:  # a prefill: the packed kernels suit few rows
             if self.rows_w is not None:
                 return F.linear(x.to(torch.bfloat16), self.rows_w).float()
             if len(self.full) == 1:
@@ -236,6 +254,11 @@ class LlamaStepper:
         self.v_cache: list[torch.Tensor] = []
         self.batch_size, self.cache_len, self.filled = 0, 0, 0
         self.pad: torch.Tensor | None = None  # (B,) left padding per row, None when no row is padded
+        # the padding of a prefill whose rows share a prefix sits after that prefix: positions gap..gap+pad-1
+        self.gap = torch.zeros((), dtype=torch.long, device=self.device)
+        self.share_prefix = fuse  # the exact (unfused) stepper keeps generate's arithmetic: no shared prefill
+        self.shared_last = 0  # prompt tokens the last prefill computed once for all rows
+        self.wide: bool | None = None  # which weights the Linears use regardless of rows (Linear.__call__)
 
     # -- the Stepper interface ---------------------------------------------------------------------
     def reset(self, batch_size: int, seq_len: int) -> None:
@@ -251,6 +274,7 @@ class LlamaStepper:
             self.v_cache = [torch.zeros(shape, dtype=dt, device=self.device) for _ in self.layers]
             self.batch_size, self.cache_len = batch_size, need
         self.pad = None
+        self.gap.zero_()
         self.filled = 0  # positions written so far: reorder copies only these
 
     def prefill(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -266,6 +290,11 @@ class LlamaStepper:
             raise InputError(f"{self.name}: prompt of {n} tokens does not fit the cache of {self.cache_len}")
         pos = torch.arange(n, device=self.device)
         mask = None
+        self.shared_last = 0
+        if inputs_embeds is None and b > 1 and self.share_prefix:
+            shared = _common_prefix(input_ids, pad)
+            if shared >= MIN_SHARED:
+                return self._prefill_shared(input_ids.to(self.device), pad, shared)
         if pad is not None and bool((pad > 0).any()):
             self.pad = pad.to(self.device)
             rows = (pos[None, :] - self.pad[:, None]).clamp(min=0)  # (b, n) positions as transformers counts them
@@ -278,6 +307,38 @@ class LlamaStepper:
         self.filled = n
         h = self._layers(x, cos, sin, 0, n, mask, causal=mask is None)
         return self.lm_head(self._rms(h[:, -1], self.norm)).float()
+
+    def _prefill_shared(self, ids: torch.Tensor, pad: torch.Tensor | None, shared: int) -> torch.Tensor:
+        """``prefill`` of rows whose first ``shared`` tokens (after their left padding) are the same: those are run
+        once, as one row, and their keys and values copied to every row; then the rest of every row. Row i's cache
+        is laid out as [shared prefix][its padding][the rest], so every row still ends at position n - 1 and
+        a position keeps its rotary angle (index - padding after the prefix); the padding is masked out."""
+        b, n = ids.shape
+        pad = torch.zeros(b, dtype=torch.long, device=self.device) if pad is None else pad.to(self.device)
+        head = ids[0, int(pad[0]):int(pad[0]) + shared][None]
+        self.wide = b * n > PACKED_MAX_ROWS  # the weights the whole prefill would use, in both passes
+        pos = torch.arange(shared, device=self.device)
+        cos, sin = self._rope(pos[None, :])
+        self._layers(self.embed[head], cos, sin, 0, shared, None, causal=True)
+        for t in (*self.k_cache, *self.v_cache):
+            t[1:b, :, :shared] = t[:1, :, :shared]
+        cols = torch.arange(n, device=self.device)
+        rest = (cols[None, :] < pad[:, None]) | (cols[None, :] >= pad[:, None] + shared)  # padding, then the rest
+        x = self.embed[ids[rest].reshape(b, n - shared)]
+        self.pad, self.gap = pad, torch.tensor(shared, device=self.device)
+        pos = torch.arange(shared, n, device=self.device)
+        keys = torch.arange(n, device=self.device)
+        mask = ((keys[None, :] <= pos[:, None])[None] & self._unpadded(keys, b)[:, None, :])[:, None]
+        cos, sin = self._rope((pos[None, :] - pad[:, None]).clamp(min=0))
+        self.filled, self.shared_last = n, shared
+        h = self._layers(x, cos, sin, shared, n, mask, causal=False)
+        self.wide = None
+        return self.lm_head(self._rms(h[:, -1], self.norm)).float()
+
+    def _unpadded(self, keys: torch.Tensor, b: int) -> torch.Tensor:
+        """(b, K): which cache positions ``keys`` hold tokens (not padding) for the first ``b`` rows."""
+        pad = self.pad[:b, None]
+        return (keys[None, :] < self.gap) | (keys[None, :] >= self.gap + pad)
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Feed one token per row at cache position ``pos``; fp32 next-token logits (B, V)."""
@@ -293,9 +354,31 @@ class LlamaStepper:
         else:
             cos, sin = self._rope((pos - self.pad)[:, None])
             keys = torch.arange(pos + 1, device=self.device)
-            mask = (keys[None, :] >= self.pad[:, None])[:, None, None]  # (B, 1, 1, pos + 1)
+            mask = self._unpadded(keys, x.shape[0])[:, None, None]  # (B, 1, 1, pos + 1)
         h = self._layers(x, cos, sin, pos, pos + 1, mask, causal=False)
         return self.lm_head(self._rms(h[:, -1], self.norm)).float()
+
+    def extend(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed ``m`` tokens per row (B, m) at cache positions ``start..start+m-1`` in one pass (after a prefill;
+        a chunk of teacher-forced tokens, such as candidate phrases being scored); fp32 logits of every position
+        (B, m, V). The same cache, masks and positions as ``m`` calls of ``step``, in one forward pass."""
+        b, m = tokens.shape
+        end = start + m
+        if end > self.cache_len:
+            raise InputError(f"{self.name}: positions up to {end} are past the cache ({self.cache_len})")
+        x = self.embed[tokens.to(self.device)]
+        pos = torch.arange(start, end, device=self.device)
+        keys = torch.arange(end, device=self.device)
+        keep = keys[None, :] <= pos[:, None]  # (m, end): causal over the whole cache
+        if self.pad is None:
+            cos, sin = self._rope(pos[None, :])
+            mask = keep[None, None]
+        else:
+            cos, sin = self._rope(pos[None, :] - self.pad[:b, None])
+            mask = (keep[None] & self._unpadded(keys, b)[:, None, :])[:, None]  # (B, 1, m, end)
+        self.filled = max(self.filled, end)
+        h = self._layers(x, cos, sin, start, end, mask, causal=False)
+        return self.lm_head(self._rms(h, self.norm)).float()
 
     def reorder(self, index: torch.Tensor, keep: int = 0) -> None:
         """Row i of the cache becomes old row ``index[i]`` (beam search; spreading a prefill). Positions before
@@ -328,20 +411,20 @@ class LlamaStepper:
         b, n, _ = hn.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         if self.fuse:  # rotate q and k heads in one go
-            qkv = L["qkv"](hn)
+            qkv = L["qkv"](hn, self.wide)
             qk = self._rotate(qkv[..., :(H + KV) * D].view(b, n, H + KV, D).transpose(1, 2), cos, sin)
             return qk[:, :H], qk[:, H:], qkv[..., (H + KV) * D:].view(b, n, KV, D).transpose(1, 2)
-        q, k, v = L["q"](hn), L["k"](hn), L["v"](hn)
+        q, k, v = L["q"](hn, self.wide), L["k"](hn, self.wide), L["v"](hn, self.wide)
         return (self._rotate(q.view(b, n, H, D).transpose(1, 2), cos, sin),
                 self._rotate(k.view(b, n, KV, D).transpose(1, 2), cos, sin), v.view(b, n, KV, D).transpose(1, 2))
 
     def _mlp(self, L: dict, x: torch.Tensor) -> torch.Tensor:
         hn = self._rms(x, L["ln2"])
         if self.fuse:
-            g, u = L["gate_up"](hn).chunk(2, dim=-1)
+            g, u = L["gate_up"](hn, self.wide).chunk(2, dim=-1)
         else:
-            g, u = L["gate"](hn), L["up"](hn)
-        return x + L["down"](F.silu(g) * u)
+            g, u = L["gate"](hn, self.wide), L["up"](hn, self.wide)
+        return x + L["down"](F.silu(g) * u, self.wide)
 
     def _layers(self, x, cos, sin, start: int, end: int, mask, *, causal: bool):
         b, n, _ = x.shape
@@ -351,7 +434,7 @@ class LlamaStepper:
             vc[:b, :, start:end] = v
             a = F.scaled_dot_product_attention(q, kc[:b, :, :end], vc[:b, :, :end], attn_mask=mask,
                                                is_causal=causal and n > 1, scale=self.scaling, enable_gqa=True)
-            x = self._mlp(L, x + L["o"](a.transpose(1, 2).reshape(b, n, -1)))
+            x = self._mlp(L, x + L["o"](a.transpose(1, 2).reshape(b, n, -1), self.wide))
         return x
 
     def _step_static(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -364,7 +447,7 @@ class LlamaStepper:
             mask = (keys <= pos).view(1, 1, 1, -1)
         else:
             cos, sin = self._rope((pos - self.pad)[:, None])
-            mask = ((keys[None, :] <= pos) & (keys[None, :] >= self.pad[:, None]))[:, None, None]
+            mask = ((keys[None, :] <= pos) & self._unpadded(keys, b))[:, None, None]
         for L, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             q, k, v = self._qkv(L, self._rms(x, L["ln1"]), cos, sin)
             kc.index_copy_(2, pos.view(1), k)

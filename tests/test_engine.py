@@ -221,6 +221,55 @@ def test_int4_compiled_equals_int4(tiny, padded):
     assert sqnr_db(_logits_along(int4.stepper, prompts, want), _logits_along(comp.stepper, prompts, want)) > 80
 
 
+def _shared_batch(tiny):
+    """Three prompts that start with the same 12 tokens and then differ, of three lengths (a left-padded batch)."""
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(5, tiny.lm.config.vocab_size, (12,), generator=g)
+    return [torch.cat([head, torch.randint(5, tiny.lm.config.vocab_size, (n,), generator=g)]) for n in (3, 9, 6)]
+
+
+@pytest.mark.parametrize("backend", ["fused", "compiled", "int4"])
+def test_a_shared_prefix_is_prefilled_once_with_the_same_result(tiny, backend):
+    """Rows that share their first tokens: the prefix runs once and is copied to every row, the padding moves
+    behind it. Tokens (greedy and beam 2) and logits equal the same stepper prefilling every row in full."""
+    from atomkit.quant import sqnr_db
+
+    prompts = _shared_batch(tiny)
+    eng = get_engine(backend, tiny)
+    st = eng.stepper
+    outs = {}
+    for share in (False, True):
+        st.share_prefix = share
+        outs[share] = [eng.generate(prompts, max_new_tokens=8, num_beams=beams) for beams in (1, 2)]
+        assert st.shared_last == (12 if share else 0)
+        outs[share, "logits"] = _logits_along(st, prompts, outs[share][1])
+    for beams in (0, 1):
+        assert torch.equal(outs[True][beams], outs[False][beams])
+    assert len({tuple(r) for r in outs[True][0].tolist()}) == 3  # the rows differ: a row mixed up would show
+    assert sqnr_db(outs[False, "logits"], outs[True, "logits"]) > 90
+
+
+def test_extend_equals_steps(tiny, padded):
+    """``extend`` (several tokens per row in one pass, after a padded prefill) gives the logits of feeding them one
+    ``step`` at a time."""
+    from atomkit.engine import _as_batch
+    from atomkit.quant import sqnr_db
+
+    prompts, exact = padded
+    ids, pad = _as_batch(prompts, 0)
+    tokens = exact[:, :5]  # (3, 5): the tokens beam search gave each prompt
+    st = get_engine("torch", tiny).stepper
+    st.reset(3, ids.shape[1] + 5)
+    first = st.prefill(ids, pad=pad)
+    stepped = [st.step(tokens[:, t], ids.shape[1] + t) for t in range(4)]
+    st.reset(3, ids.shape[1] + 5)
+    assert torch.equal(st.prefill(ids, pad=pad), first)
+    chunk = st.extend(tokens[:, :4], ids.shape[1])
+    assert chunk.shape == (3, 4, tiny.lm.config.vocab_size)
+    assert sqnr_db(torch.stack(stepped, 1), chunk) > 90
+    assert not torch.allclose(chunk[0], chunk[1])
+
+
 @pytest.mark.gpu
 def test_exact_engine_on_cuda_equals_cpu(tiny, padded):
     """The exact engine on a CUDA GPU: the CPU's beam tokens for a padded batch, and its logits to fp32 rounding
