@@ -315,8 +315,19 @@ class LlamaStepper:
         a position keeps its rotary angle (index - padding after the prefix); the padding is masked out."""
         b, n = ids.shape
         pad = torch.zeros(b, dtype=torch.long, device=self.device) if pad is None else pad.to(self.device)
-        head = ids[0, int(pad[0]):int(pad[0]) + shared][None]
         self.wide = b * n > PACKED_MAX_ROWS  # the weights the whole prefill would use, in both passes
+        try:
+            h = self._shared_passes(ids, pad, shared)
+        finally:
+            self.wide = None
+        if not bool((pad > 0).any()):  # nothing to mask in later steps
+            self.pad = None
+            self.gap.zero_()
+        return self.lm_head(self._rms(h[:, -1], self.norm)).float()
+
+    def _shared_passes(self, ids: torch.Tensor, pad: torch.Tensor, shared: int) -> torch.Tensor:
+        b, n = ids.shape
+        head = ids[0, int(pad[0]):int(pad[0]) + shared][None]
         pos = torch.arange(shared, device=self.device)
         cos, sin = self._rope(pos[None, :])
         self._layers(self.embed[head], cos, sin, 0, shared, None, causal=True)
@@ -325,15 +336,14 @@ class LlamaStepper:
         cols = torch.arange(n, device=self.device)
         rest = (cols[None, :] < pad[:, None]) | (cols[None, :] >= pad[:, None] + shared)  # padding, then the rest
         x = self.embed[ids[rest].reshape(b, n - shared)]
-        self.pad, self.gap = pad, torch.tensor(shared, device=self.device)
+        self.pad = pad
+        self.gap.fill_(shared)
         pos = torch.arange(shared, n, device=self.device)
         keys = torch.arange(n, device=self.device)
         mask = ((keys[None, :] <= pos[:, None])[None] & self._unpadded(keys, b)[:, None, :])[:, None]
         cos, sin = self._rope((pos[None, :] - pad[:, None]).clamp(min=0))
         self.filled, self.shared_last = n, shared
-        h = self._layers(x, cos, sin, shared, n, mask, causal=False)
-        self.wide = None
-        return self.lm_head(self._rms(h[:, -1], self.norm)).float()
+        return self._layers(x, cos, sin, shared, n, mask, causal=False)
 
     def _unpadded(self, keys: torch.Tensor, b: int) -> torch.Tensor:
         """(b, K): which cache positions ``keys`` hold tokens (not padding) for the first ``b`` rows."""
