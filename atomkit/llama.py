@@ -21,6 +21,10 @@ filled part of the cache), so its greedy tokens equal ``generate``'s. Variants:
 * ``compile=True``: the one-token step under ``torch.compile`` (attention over the whole static
   cache with a mask, so the graph has one shape per batch size and cache length).
 
+A batch of prompts that begin alike (a caption group, a script's narration lines) prefills the common beginning
+once and copies it to every row (every variant but the exact one, ``LlamaStepper.share_prefix``); ``extend``
+feeds several known tokens per row in one pass (candidate phrases being scored).
+
 Quantized variants change the numbers: compare them to fp32 by token and caption agreement.
 """
 from __future__ import annotations
@@ -120,7 +124,7 @@ class Linear:
             return F.linear(x.to(torch.bfloat16), self.w).float()
         shape = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > PACKED_MAX_ROWS if wide is None else wide:  # a prefill: the packed kernels suit few rows
+        if (x2.shape[0] > PACKED_MAX_ROWS) if wide is None else wide:  # a prefill: the packed kernels suit few rows
             if self.rows_w is not None:
                 return F.linear(x.to(torch.bfloat16), self.rows_w).float()
             if len(self.full) == 1:
