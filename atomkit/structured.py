@@ -95,15 +95,29 @@ def subject(caption: str) -> str:
 
 def one_sentence(text: str) -> str:
     """The first sentence of ``text``; without one, the words up to the last clause break (a comma) of at least
-    three words, else all of it; ending with a full stop."""
+    three words, else all of it; ending with a full stop. A clause the line already said is said once (a small
+    model's greedy line can loop: "..., a life of its own, a life of its own.")."""
     text = " ".join(text.split())
     m = re.match(r"(.+?[.!?])(\s|$)", text)
     if m:
-        return m.group(1)
+        return _without_repeated_clauses(m.group(1))
     cut = text.rfind(",")
     if cut > 0 and len(text[:cut].split()) >= 3:
         text = text[:cut]
-    return text.rstrip(" ,;:-") + "." if text else ""
+    return _without_repeated_clauses(text.rstrip(" ,;:-") + ".") if text else ""
+
+
+def _without_repeated_clauses(sentence: str) -> str:
+    """``sentence`` with each comma-separated clause kept at its first occurrence only (case and spacing aside)."""
+    body, end = sentence[:-1], sentence[-1]
+    seen, kept = set(), []
+    for clause in body.split(","):
+        key = " ".join(clause.lower().split())
+        if key and key in seen:
+            continue
+        seen.add(key)
+        kept.append(clause)
+    return ",".join(kept) + end
 
 
 def sentence_end_ids(decoder) -> list[int]:

@@ -69,6 +69,10 @@ def test_subject_and_one_sentence():
         "An albatross, a seabird with long wings."
     assert one_sentence("A tripod, on") == "A tripod, on."  # no clause of three words to cut back to
     assert one_sentence("") == ""
+    # a line that loops (atomkit assemble wrote this one) says each clause once
+    assert one_sentence("A streetcar, a beautiful sight, a life of its own, a life of its own.") == \
+        "A streetcar, a beautiful sight, a life of its own."
+    assert one_sentence("A dog, a Dog , runs, jumps, a dog") == "A dog, runs, jumps."
 
 
 def test_script_is_valid_json_with_every_clip_once_and_a_line_each(tiny):
