@@ -339,15 +339,10 @@ class LlamaStepper:
             t[1:b, :, :shared] = t[:1, :, :shared]
         cols = torch.arange(n, device=self.device)
         rest = (cols[None, :] < pad[:, None]) | (cols[None, :] >= pad[:, None] + shared)  # padding, then the rest
-        x = self.embed[ids[rest].reshape(b, n - shared)]
         self.pad = pad
         self.gap.fill_(shared)
-        pos = torch.arange(shared, n, device=self.device)
-        keys = torch.arange(n, device=self.device)
-        mask = ((keys[None, :] <= pos[:, None])[None] & self._unpadded(keys, b)[:, None, :])[:, None]
-        cos, sin = self._rope((pos[None, :] - pad[:, None]).clamp(min=0))
-        self.filled, self.shared_last = n, shared
-        return self._layers(x, cos, sin, shared, n, mask, causal=False)
+        self.shared_last = shared
+        return self._chunk(self.embed[ids[rest].reshape(b, n - shared)], shared)
 
     def _unpadded(self, keys: torch.Tensor, b: int) -> torch.Tensor:
         """(b, K): which cache positions ``keys`` hold tokens (not padding) for the first ``b`` rows."""
@@ -376,11 +371,17 @@ class LlamaStepper:
         """Feed ``m`` tokens per row (B, m) at cache positions ``start..start+m-1`` in one pass (after a prefill;
         a chunk of teacher-forced tokens, such as candidate phrases being scored); fp32 logits of every position
         (B, m, V). The same cache, masks and positions as ``m`` calls of ``step``, in one forward pass."""
-        b, m = tokens.shape
-        end = start + m
+        end = start + tokens.shape[1]
         if end > self.cache_len:
             raise InputError(f"{self.name}: positions up to {end} are past the cache ({self.cache_len})")
-        x = self.embed[tokens.to(self.device)]
+        h = self._chunk(self.embed[tokens.to(self.device)], start)
+        return self.lm_head(self._rms(h, self.norm)).float()
+
+    def _chunk(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Hidden states of ``x`` (B, m, hidden) run at cache positions ``start..start+m-1``, each attending to
+        everything before it in the cache but padding (``pad``, ``gap``)."""
+        b, m, _ = x.shape
+        end = start + m
         pos = torch.arange(start, end, device=self.device)
         keys = torch.arange(end, device=self.device)
         keep = keys[None, :] <= pos[:, None]  # (m, end): causal over the whole cache
@@ -391,8 +392,7 @@ class LlamaStepper:
             cos, sin = self._rope(pos[None, :] - self.pad[:b, None])
             mask = (keep[None] & self._unpadded(keys, b)[:, None, :])[:, None]  # (B, 1, m, end)
         self.filled = max(self.filled, end)
-        h = self._layers(x, cos, sin, start, end, mask, causal=False)
-        return self.lm_head(self._rms(h, self.norm)).float()
+        return self._layers(x, cos, sin, start, end, mask, causal=False)
 
     def reorder(self, index: torch.Tensor, keep: int = 0) -> None:
         """Row i of the cache becomes old row ``index[i]`` (beam search; spreading a prefill). Positions before
