@@ -113,7 +113,9 @@ class _Cache(nn.Module):
 
 def _start(positions: torch.Tensor, n, max_seq_len: int):
     """The first position as a size the custom ops take, with the bounds export needs to know."""
-    start = positions[0].item()
+    # what .item() decomposes to; with .item() in a method, ExecuTorch re-traces the whole method once more to
+    # decompose that one node (tested: the same program)
+    start = torch.ops.aten._local_scalar_dense.default(positions[0])
     torch._check(start >= 0)
     torch._check(start + n <= max_seq_len)
     return start

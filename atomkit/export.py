@@ -277,12 +277,18 @@ def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_
                                 model=model)
 
 
-# XNNPACK passes that rewrite what a Llama decode program never holds: decomposed bilinear upsampling and
-# decomposed attention (the program's attention is ``llama.custom_sdpa``, outside XNNPACK), BatchNorm, PReLU and
-# 1-d convolutions. XNNPACK runs every pass on every delegate piece, and the two pattern matchers alone took a third
-# of the lowering (tested: the program is byte-identical without them).
+# XNNPACK passes that rewrite what a Llama decode program never holds, so that all but ChannelsLastTaggedReshapePass
+# are skipped: decomposed bilinear upsampling and attention (its attention is ``llama.custom_sdpa``, outside
+# XNNPACK), BatchNorm, PReLU, convolutions, ReLU-like activations to fuse, pads, concatenations of more than five
+# tensors, clones, dim-order and memory-format copies, addmm (its linears are kept whole), getitem of pooling,
+# constants left to fold and custom metadata on q/dq nodes. XNNPACK runs every pass on every delegate piece, each a
+# re-trace of the piece on fake tensors: the sixteen took about a quarter of the lowering (tested: the program is
+# byte-identical without them).
 LLAMA_PROGRAM_SKIPPED_PASSES = ("ConvertToUpsampleBilinear2d", "ConvertToSDPAPass", "FuseBatchNormPass",
-                                "DecomposeBatchNorm", "PReLUReshapePass", "Conv1dUnsqueezePass")
+                                "DecomposeBatchNorm", "PReLUReshapePass", "Conv1dUnsqueezePass",
+                                "XNNPACKRemoveCloneOpsTransform", "DimOrderOpsRevertPass", "ConvertToLinearPass",
+                                "PropagateCustomMetaPass", "ConstPropPass", "FuseActivationPass", "DecomposeConcatenate",
+                                "RemoveGetItemPass", "InsertPadQDQPass", "RemoveRedundantCopyPass")
 
 
 @contextlib.contextmanager
@@ -302,6 +308,61 @@ def xnnpack_passes_without(names: tuple[str, ...]):
         yield
     finally:
         XNNPACKPassManager.__init__ = init
+
+
+PREPROCESS_WORKERS = 4  # each forked worker holds copies of the pieces it touches (copy on write)
+_PIECES: list = []  # (program, compile specs) of every delegate piece, read by the forked workers of the block below
+
+
+def _preprocess_piece(i: int):
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    program, specs = _PIECES[i]
+    return XnnpackBackend.preprocess(program, specs)
+
+
+@contextlib.contextmanager
+def xnnpack_preprocess_in(workers: int):
+    """Within the block, XNNPACK preprocesses the delegate pieces of all methods in ``workers`` processes at once.
+
+    Preprocessing is Python graph passes over each piece alone (its own named data, nothing shared between pieces),
+    about a third of lowering the Llama decode program; the pieces are handed to forked processes (which inherit
+    them, so nothing but the serialized results crosses a pipe) and come back in order, the same bytes as one by one.
+    ``workers`` <= 1 changes nothing."""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    if workers <= 1:
+        yield
+        return
+    import multiprocessing
+
+    def parallel(cls, edge_programs, compile_specs):
+        names = list(edge_programs)
+        _PIECES[:] = [(p, s) for m in names for p, s in zip(edge_programs[m], compile_specs[m])]
+        try:
+            if len(_PIECES) < 2:
+                results = [_preprocess_piece(i) for i in range(len(_PIECES))]
+            else:
+                pool = multiprocessing.get_context("fork").Pool(min(workers, len(_PIECES)),
+                                                                initializer=torch.set_num_threads, initargs=(1,))
+                with pool:
+                    results = pool.map(_preprocess_piece, range(len(_PIECES)), chunksize=1)
+        finally:
+            _PIECES.clear()
+        out, k = {}, 0
+        for m in names:
+            out[m], k = results[k: k + len(edge_programs[m])], k + len(edge_programs[m])
+        return out
+
+    own = XnnpackBackend.__dict__.get("preprocess_multimethod")  # None: inherited from BackendDetails
+    XnnpackBackend.preprocess_multimethod = classmethod(parallel)
+    try:
+        yield
+    finally:
+        if own is None:
+            del XnnpackBackend.preprocess_multimethod
+        else:
+            XnnpackBackend.preprocess_multimethod = own
 
 
 def xnnpack_partitioner(*, whole_ops: bool = True):
@@ -326,14 +387,18 @@ def xnnpack_partitioner(*, whole_ops: bool = True):
 
 
 def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ...] = LLAMA_PROGRAM_SKIPPED_PASSES,
-                   whole_ops: bool = True):
+                   whole_ops: bool = True, workers: int | None = None):
     """Several exported methods -> one ExecuTorch program whose methods share their mutable buffers (the KV
-    cache); (etpm, {method: delegation report}). ``skip_passes`` and ``whole_ops`` save lowering time and change
-    nothing in the program (``xnnpack_passes_without``, ``xnnpack_partitioner``)."""
+    cache); (etpm, {method: delegation report}). ``skip_passes``, ``whole_ops`` and ``workers`` (processes that
+    preprocess delegate pieces; default: one per core, at most ``PREPROCESS_WORKERS``) save lowering time and change
+    nothing in the program (``xnnpack_passes_without``, ``xnnpack_partitioner``, ``xnnpack_preprocess_in``)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    with torch.no_grad(), warnings.catch_warnings(), xnnpack_passes_without(skip_passes):
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)), PREPROCESS_WORKERS)
+    with torch.no_grad(), warnings.catch_warnings(), xnnpack_passes_without(skip_passes), \
+            xnnpack_preprocess_in(workers):
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(methods, partitioner=[xnnpack_partitioner(whole_ops=whole_ops)],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))

@@ -137,9 +137,10 @@ def test_decoder_program_is_compact_and_multi_method(dec_export):
 
 
 def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder):
-    """What the decoder program's lowering skips for time (XNNPACK passes that rewrite nothing it holds, the
-    decomposition pass the per-node op check costs) changes nothing: the int8 program (dynamic-quantized linears,
-    the fused q/k/v and gate/up weights) is byte for byte the one the stock lowering gives."""
+    """What the decoder program's lowering skips or spreads for time (XNNPACK passes that rewrite nothing it holds,
+    the decomposition pass the per-node op check costs, the pieces preprocessed in two forked processes) changes
+    nothing: the int8 program (dynamic-quantized linears, the fused q/k/v and gate/up weights) is byte for byte the
+    one the stock lowering gives, one piece after another in this process."""
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
 
     from atomkit.decoder_program import LlamaDecodeProgram
@@ -156,7 +157,7 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder):
         with torch.no_grad():
             methods = {m: ep for m, ep in prog.export_methods().items() if m in ("forward", "clear")}
         et, reports = _lower_methods(methods, quantized=True, skip_passes=LLAMA_PROGRAM_SKIPPED_PASSES if shortcuts
-                                     else (), whole_ops=shortcuts)
+                                     else (), whole_ops=shortcuts, workers=2 if shortcuts else 1)
         assert reports["forward"]["delegate_subgraphs"] >= 2  # the linears are in XNNPACK pieces
         programs.append(et.buffer)
     assert programs[0] == programs[1]
