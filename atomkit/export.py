@@ -282,8 +282,8 @@ def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_
 # XNNPACK), BatchNorm, PReLU, convolutions, ReLU-like activations to fuse, pads, concatenations of more than five
 # tensors, clones, dim-order and memory-format copies, addmm (its linears are kept whole), getitem of pooling,
 # constants left to fold and custom metadata on q/dq nodes. XNNPACK runs every pass on every delegate piece, each a
-# re-trace of the piece on fake tensors: the sixteen took about a quarter of the lowering (tested: the program is
-# byte-identical without them).
+# re-trace of the piece on fake tensors (SmolLM2 cut to 2 layers: the last ten added here took a quarter of its
+# lowering; tested: the program is byte-identical without them).
 LLAMA_PROGRAM_SKIPPED_PASSES = ("ConvertToUpsampleBilinear2d", "ConvertToSDPAPass", "FuseBatchNormPass",
                                 "DecomposeBatchNorm", "PReLUReshapePass", "Conv1dUnsqueezePass",
                                 "XNNPACKRemoveCloneOpsTransform", "DimOrderOpsRevertPass", "ConvertToLinearPass",
@@ -326,15 +326,16 @@ def xnnpack_preprocess_in(workers: int):
     """Within the block, XNNPACK preprocesses the delegate pieces of all methods in ``workers`` processes at once.
 
     Preprocessing is Python graph passes over each piece alone (its own named data, nothing shared between pieces),
-    about a third of lowering the Llama decode program; the pieces are handed to forked processes (which inherit
-    them, so nothing but the serialized results crosses a pipe) and come back in order, the same bytes as one by one.
-    ``workers`` <= 1 changes nothing."""
+    about a third of lowering the Llama decode program before ``LLAMA_PROGRAM_SKIPPED_PASSES``; the pieces are handed
+    to forked processes (which inherit them, so nothing but the serialized results crosses a pipe) and come back in
+    order, the same bytes as one by one. ``workers`` <= 1, or a platform without fork, changes nothing."""
+    import multiprocessing
+
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
 
-    if workers <= 1:
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         yield
         return
-    import multiprocessing
 
     def parallel(cls, edge_programs, compile_specs):
         names = list(edge_programs)
