@@ -91,8 +91,13 @@ def test_two_actors_index_what_one_process_does_and_a_killed_worker_is_retried(c
         assert sorted(Path(p).name for p in report.captioned) == sorted(expected)
         assert report.failed == [] and report.clips_new == n_clips and not report.cancelled
         w = report.workers
-        assert w["backend"] == "ray" and w["deaths"] == 1 and w["retried"] == killed
-        assert sum(w["videos_per_worker"].values()) == 4 and killed_worker[0] not in w["videos_per_worker"]
+        # the first result came from one actor; the other is killed while it holds a video. Where that video had
+        # just finished (its result already sent), the kill lands on the next video the dead worker is given, and
+        # that one is retried: one death and one retry either way, and every clip stored once (below)
+        assert w["backend"] == "ray" and w["deaths"] == 1 and len(w["retried"]) == 1
+        per_worker = w["videos_per_worker"]
+        assert w["retried"] == killed or per_worker.get(killed_worker[0]) == 1, (w["retried"], killed, per_worker)
+        assert sum(per_worker.values()) == 4 and per_worker.get(killed_worker[0], 0) <= 1
         assert _stored(lib, driver) == expected  # the same clips under the same videos, nothing twice
         assert lib.counts()["clips"] == n_clips
         again = update(driver, lib, [four], captioner=pool)
