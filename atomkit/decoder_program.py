@@ -16,10 +16,13 @@ the LM) and writes the forward pass so that everything between two attention cal
 * q, k and v as one Linear, gate and up as one (weights concatenated by rows at build time): a layer is 4 matmuls
   and 4 dynamic quantizations of its input, not 7, and its graph 28 nodes smaller to lower.
 
-Three methods share the cache (``to_executorch`` with ``share_mutable_buffers``):
+Five methods share the cache (``to_executorch`` with ``share_mutable_buffers``):
 
 * ``forward(tokens (B, 1), cache_position (1,)) -> logits (B, V)``: one decode step of every row at the
   same position;
+* ``step(tokens (1, 1), cache_position (1,)) -> logits (1, V)``: one greedy decode step, row 0 alone (attention reads
+  row 0 through a one-row view of each cache buffer; the keys and values go to every row, as a prompt's do). With
+  B = 4 it decodes 1.5x faster than ``forward``, whose other three rows greedy decoding does not need;
 * ``prefill(tokens (1, P), cache_position (P,), last (1,)) -> logits (1, V)``: a chunk of P prompt tokens (the
   host pads the last chunk), its keys and values written to every row, the logits of position ``last`` of the
   chunk. P is static (``prefill_chunk``): XNNPACK takes a layer whole only where every shape is static (with a
@@ -38,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-METHODS = ("forward", "prefill", "reorder", "clear")
+METHODS = ("forward", "step", "prefill", "reorder", "clear")
 PREFILL_CHUNK = 32  # prompt tokens per prefill call (static: see the module docstring)
 
 
@@ -122,7 +125,7 @@ def _start(positions: torch.Tensor, n, max_seq_len: int):
 
 
 class LlamaDecodeProgram(nn.Module):
-    """A transformers Llama (``LlamaForCausalLM``) as three exportable methods over a static KV cache.
+    """A transformers Llama (``LlamaForCausalLM``) as five exportable methods over a static KV cache.
 
     Args:
         lm: the LM; its modules are shared, not copied (quantize a deep copy, as ``atomkit.export`` does).
@@ -179,8 +182,12 @@ class LlamaDecodeProgram(nn.Module):
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def _layers(self, x: torch.Tensor, cos, sin, start) -> torch.Tensor:
+        """The decoder layers over x (b, n, hidden). b == B: each row attends its own cache row. b == 1 (a prompt
+        chunk or a greedy step): its keys and values go to every row, and attention reads row 0 alone through a
+        (1, B * max_seq_len, ...) view of each cache buffer, whose first max_seq_len positions are row 0 (a view
+        ``atomkit.export`` keeps out of XNNPACK, so it stays a view and not a copy)."""
         b, n, _ = x.shape
-        H, KV, D, B = self.n_heads, self.n_kv, self.head_dim, self.batch
+        H, KV, D, B, S = self.n_heads, self.n_kv, self.head_dim, self.batch, self.max_seq_len
         for layer, (kc, vc) in zip(self.layers, self.cache.pairs()):
             h = self._rms(x, layer.ln1)
             qkv = layer.qkv(h)
@@ -188,12 +195,16 @@ class LlamaDecodeProgram(nn.Module):
             q = self._rotate(qkv[..., :i].view(b, n, H, D), cos, sin)
             k = self._rotate(qkv[..., i:j].view(b, n, KV, D), cos, sin)
             v = qkv[..., j:].view(b, n, KV, D)
-            if b < B:  # a prompt (one row): the same queries, keys and values in every row
-                q, k, v = q * self.rows, k * self.rows, v * self.rows
-            torch.ops.llama.update_cache(k, kc, start)
-            torch.ops.llama.update_cache(v, vc, start)
-            a = torch.ops.llama.custom_sdpa(q, kc, vc, start, None, 0.0, True, self.scaling)
-            x = x + layer.o(a[:b].view(b, n, H * D))
+            if b < B:  # one row (a prompt, or a greedy step): its keys and values go to every row
+                torch.ops.llama.update_cache(k * self.rows, kc, start)
+                torch.ops.llama.update_cache(v * self.rows, vc, start)
+                k0, v0 = kc.view(1, B * S, KV, D), vc.view(1, B * S, KV, D)  # positions 0..S-1: row 0
+                a = torch.ops.llama.custom_sdpa(q, k0, v0, start, None, 0.0, True, self.scaling)
+            else:
+                torch.ops.llama.update_cache(k, kc, start)
+                torch.ops.llama.update_cache(v, vc, start)
+                a = torch.ops.llama.custom_sdpa(q, kc, vc, start, None, 0.0, True, self.scaling)
+            x = x + layer.o(a.view(b, n, H * D))
             h = self._rms(x, layer.ln2)
             gu = layer.gate_up(h)
             g = gu[..., : layer.ffn]
@@ -207,6 +218,14 @@ class LlamaDecodeProgram(nn.Module):
         cos, sin = self._rope(cache_position)
         x = self._layers(self.embed(tokens), cos, sin, start)
         return self.lm_head(self._rms(x, self.norm).view(tokens.shape[0], self.hidden))
+
+    def step(self, tokens: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """One greedy decode step of row 0 alone: token (1, 1) at position ``cache_position[0]`` -> logits (1, V).
+        Its keys and values go to every row (like a prompt's); attention reads row 0 only."""
+        start = _start(cache_position, 1, self.max_seq_len)
+        cos, sin = self._rope(cache_position)
+        x = self._layers(self.embed(tokens), cos, sin, start)
+        return self.lm_head(self._rms(x, self.norm).view(1, self.hidden))
 
     def prefill(self, tokens: torch.Tensor, cache_position: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """A prompt chunk (1, P) at positions ``cache_position`` (P,), written to every row -> the logits (1, V) of
@@ -228,6 +247,7 @@ class LlamaDecodeProgram(nn.Module):
     def example_args(self) -> dict[str, tuple[torch.Tensor, ...]]:
         B, P = self.batch, self.prefill_chunk
         return {"forward": (torch.zeros(B, 1, dtype=torch.long), torch.tensor([P])),
+                "step": (torch.zeros(1, 1, dtype=torch.long), torch.tensor([P])),
                 "prefill": (torch.zeros(1, P, dtype=torch.long), torch.arange(P), torch.tensor([P - 1])),
                 "reorder": (torch.arange(B).flip(0), torch.arange(min(8, self.max_seq_len - 1))), "clear": ()}
 
@@ -241,7 +261,7 @@ class LlamaDecodeProgram(nn.Module):
 
         seq = Dim("seq", min=1, max=self.max_seq_len - 1)
         args = self.example_args()
-        dynamic = {"forward": None, "prefill": None, "reorder": ((None, {0: seq}),), "clear": None}  # forward(*args)
+        dynamic = {"forward": None, "step": None, "prefill": None, "reorder": ((None, {0: seq}),), "clear": None}  # forward(*args)
         out = {}
         for name in METHODS:
             out[name] = export(_Method(self, name), args[name], dynamic_shapes=dynamic[name], strict=False)

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import json
 import os
+import operator
 import subprocess
 import sys
 import tempfile
@@ -310,6 +311,40 @@ def xnnpack_passes_without(names: tuple[str, ...]):
         XNNPACKPassManager.__init__ = init
 
 
+# ExecuTorch's own edge passes that rewrite nothing a Llama decode program holds: transposes to normalise, in-place
+# or broken ops to make functional, symbolic ints to make tensors, operands of mixed dtypes, and dim-order copies to
+# legalise for portable kernels. Each re-traces every method whole on fake tensors (SmolLM2 cut to 4 layers: about
+# 1.5 s each of a 34 s lowering; tested: the program is byte-identical without them).
+LLAMA_PROGRAM_SKIPPED_EDGE_PASSES = ("NormalizeTransposePass", "ReplaceBrokenOpsWithFunctionalOpsPass",
+                                     "SymToTensorPass", "RemoveMixedTypeOperators", "LegalizePortableDimOrderPass")
+
+
+def _pass_name(p) -> str:
+    """A pass's class name (ExecuTorch wraps some passes in a function that keeps the pass as ``__wrapped__``)."""
+    return type(getattr(p, "__wrapped__", p)).__name__
+
+
+@contextlib.contextmanager
+def edge_passes_without(names: tuple[str, ...]):
+    """Within the block, ``to_edge`` and ``to_executorch`` run their default graph passes less those named."""
+    import executorch.exir.program._program as prog
+
+    to_edge, to_et = prog._get_aten_to_edge_passes, prog.edge_to_executorch_passes
+
+    def edge_without(config):
+        pre, post = to_edge(config)
+        return [p for p in pre if _pass_name(p) not in names], [p for p in post if _pass_name(p) not in names]
+
+    def et_without(*args, **kwargs):
+        return [p for p in to_et(*args, **kwargs) if _pass_name(p) not in names]
+
+    prog._get_aten_to_edge_passes, prog.edge_to_executorch_passes = edge_without, et_without
+    try:
+        yield
+    finally:
+        prog._get_aten_to_edge_passes, prog.edge_to_executorch_passes = to_edge, to_et
+
+
 PREPROCESS_WORKERS = 4  # each forked worker holds copies of the pieces it touches (copy on write)
 _PIECES: list = []  # (program, compile specs) of every delegate piece, read by the forked workers of the block below
 
@@ -374,7 +409,25 @@ def xnnpack_partitioner(*, whole_ops: bool = True):
     whole graph) to keep only the nodes the check accepts. Where the check accepts every node of those ops in the
     program, keeping them all is the same decision, and without the check ExecuTorch decomposes once less
     (tested: the same program; a quarter of the decomposition time of the Llama decode program)."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import ViewCopyConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class ViewOfNoBuffer(ViewCopyConfig):
+        """A reshape of a buffer (the KV cache seen as one row) stays outside: ExecuTorch makes it a view of the
+        buffer's memory, where inside a delegate it would be a copy of the whole cache at every call."""
+
+        def check_constraints(self, node, ep) -> bool:
+            base = node.args[0]
+            if base.op == "call_function" and base.target is operator.getitem:  # a buffer a custom op wrote
+                base = base.args[0]
+                if base.op == "call_function" and str(base.target).startswith("auto_functionalized"):
+                    return False
+            if base.op == "placeholder" and base.name in ep.graph_signature.inputs_to_buffers:
+                return False
+            return super().check_constraints(node, ep)
+
+    configs = [ViewOfNoBuffer if c is ViewCopyConfig else c for c in ALL_PARTITIONER_CONFIGS]
 
     class WholeOpsXnnpackPartitioner(XnnpackPartitioner):
         def ops_to_not_decompose(self, ep):
@@ -384,22 +437,24 @@ def xnnpack_partitioner(*, whole_ops: bool = True):
                 return ops, None
             return ops, check
 
-    return WholeOpsXnnpackPartitioner() if whole_ops else XnnpackPartitioner()
+    return WholeOpsXnnpackPartitioner(configs) if whole_ops else XnnpackPartitioner(configs)
 
 
 def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ...] = LLAMA_PROGRAM_SKIPPED_PASSES,
-                   whole_ops: bool = True, workers: int | None = None):
+                   skip_edge_passes: tuple[str, ...] = LLAMA_PROGRAM_SKIPPED_EDGE_PASSES, whole_ops: bool = True,
+                   workers: int | None = None):
     """Several exported methods -> one ExecuTorch program whose methods share their mutable buffers (the KV
-    cache); (etpm, {method: delegation report}). ``skip_passes``, ``whole_ops`` and ``workers`` (processes that
-    preprocess delegate pieces; default: one per core, at most ``PREPROCESS_WORKERS``) save lowering time and change
-    nothing in the program (``xnnpack_passes_without``, ``xnnpack_partitioner``, ``xnnpack_preprocess_in``)."""
+    cache); (etpm, {method: delegation report}). ``skip_passes``, ``skip_edge_passes``, ``whole_ops`` and ``workers``
+    (processes that preprocess delegate pieces; default: one per core, at most ``PREPROCESS_WORKERS``) save lowering
+    time and change nothing in the program (``xnnpack_passes_without``, ``edge_passes_without``,
+    ``xnnpack_partitioner``, ``xnnpack_preprocess_in``)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)), PREPROCESS_WORKERS)
     with torch.no_grad(), warnings.catch_warnings(), xnnpack_passes_without(skip_passes), \
-            xnnpack_preprocess_in(workers):
+            edge_passes_without(skip_edge_passes), xnnpack_preprocess_in(workers):
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(methods, partitioner=[xnnpack_partitioner(whole_ops=whole_ops)],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
@@ -411,9 +466,10 @@ def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ..
 
 
 def _program_run(method_fn, prompt: torch.Tensor, cont: list[int], batch: int, vocab: int, chunk: int,
-                 max_seq_len: int) -> dict[str, torch.Tensor]:
+                 max_seq_len: int, greedy: bool = True) -> dict[str, torch.Tensor]:
     """Prefill ``prompt`` (1, n) in chunks, then decode teacher-forced: row 0 gets ``cont``, row r the token r places
-    further in the vocabulary (rows differ), with one reversal of the rows (``reorder``) halfway.
+    further in the vocabulary (rows differ), with one reversal of the rows (``reorder``) halfway; ``greedy``: then
+    ``cont`` once more through the one-row ``step`` method.
     ``method_fn(name, args)`` runs a method (eager or program); returns the logits of the prefill and of every step."""
     from .program import prefill_chunks
 
@@ -427,7 +483,13 @@ def _program_run(method_fn, prompt: torch.Tensor, cont: list[int], batch: int, v
             method_fn("reorder", (torch.arange(batch).flip(0), torch.arange(n, pos)))
         toks = (torch.tensor([tok]) + torch.arange(batch)) % vocab
         rows.append(method_fn("forward", (toks[:, None], torch.tensor([pos]))))
-    return {"prefill_logits": first.reshape(1, -1), "decode_logits": torch.cat(rows) if rows else first[:0]}
+    out = {"prefill_logits": first.reshape(1, -1), "decode_logits": torch.cat(rows) if rows else first[:0]}
+    if greedy:  # the prompt again, then row 0 alone through ``step`` (every position it reads, it wrote anew)
+        for args in prefill_chunks(prompt[0].tolist(), chunk, max_seq_len):
+            method_fn("prefill", args)
+        steps = [method_fn("step", (torch.tensor([[tok]]), torch.tensor([n + j]))) for j, tok in enumerate(cont)]
+        out["step_logits"] = torch.cat(steps) if steps else first[:0]
+    return out
 
 
 # what ExecuTorch's LLM ops print on every eager call: their ATen wrappers give the kernels no scratch allocator
@@ -455,10 +517,11 @@ def _native_stderr_without(noise: bytes):
 
 def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", max_seq_len: int = 512,
                          batch: int = 4, model: str | None = None) -> ExportResult:
-    """``LlamaDecodeProgram`` of a Llama decoder -> one ``.pte`` with methods forward, prefill and reorder.
+    """``LlamaDecodeProgram`` of a Llama decoder -> one ``.pte`` with methods forward, step, prefill, reorder, clear.
 
     Parity (teacher-forced, against the eager program of the same quantization, and fp32 for the record):
-    the prompt's last logits, then ``PARITY_STEPS`` steps of all ``batch`` rows with a reorder halfway."""
+    the prompt's last logits, then ``PARITY_STEPS`` steps of all ``batch`` rows with a reorder halfway, and the same
+    steps of row 0 alone (``step``)."""
     from .decoder_program import METHODS, LlamaDecodeProgram
 
     t0 = time.perf_counter()
@@ -483,18 +546,26 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
     vocab = int(lm.config.vocab_size)
     steps = min(PARITY_STEPS, max_seq_len - prompt.shape[1] - 1)
     run = dict(batch=batch, vocab=vocab, chunk=chunk, max_seq_len=max_seq_len)
+    def eager(module):
+        def call(m, a):
+            if m == "step":  # its reference: forward's row 0 with the token in every row (eager int8 rounds one row
+                # alone differently from the same row among four: 31-35 dB apart for SmolLM2; XNNPACK's are equal)
+                return module.forward(a[0].expand(batch, 1), a[1])[:1]
+            return getattr(module, m)(*a)
+        return call
+
     with torch.inference_mode(), _native_stderr_without(EAGER_OP_NOISE):
         prog.clear()
-        cont = [int(_program_run(lambda m, a: getattr(prog, m)(*a), prompt, [], **run)["prefill_logits"].argmax())]
+        cont = [int(_program_run(eager(prog), prompt, [], greedy=False, **run)["prefill_logits"].argmax())]
         for j in range(steps - 1):  # the eager program's own greedy continuation (row 0)
             toks = torch.full((batch, 1), cont[-1])
             cont.append(int(prog(toks, torch.tensor([prompt.shape[1] + j]))[0].argmax()))
         prog.clear()
-        ref = _program_run(lambda m, a: getattr(prog, m)(*a), prompt, cont, **run)
+        ref = _program_run(eager(prog), prompt, cont, **run)
         ref_fp32 = None
         if quant != "none":
             fp32.clear()
-            ref_fp32 = _program_run(lambda m, a: getattr(fp32, m)(*a), prompt, cont, **run)
+            ref_fp32 = _program_run(eager(fp32), prompt, cont, **run)
     got = _program_run(lambda m, a: loaded[m].execute(list(a))[0], prompt, cont, **run)
     par = parity(ref, got, quant != "none", fp32=ref_fp32)
     par["decode_steps"] = len(cont)
@@ -509,6 +580,7 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
                             "cache_position": {"shape": [1], "dtype": "int64"}},
                     outputs={"logits": {"shape": [batch, vocab], "dtype": "float32"}},
                     method_inputs={"forward": {"tokens": [batch, 1], "cache_position": [1]},
+                                   "step": {"tokens": [1, 1], "cache_position": [1]},
                                    "prefill": {"tokens": [1, chunk], "cache_position": [chunk], "last": [1]},
                                    "reorder": {"index": [batch], "cache_position": ["L"]}},
                     example_prompt_tokens=int(prompt.shape[1]), prefill="chunk", max_seq_len=max_seq_len,

@@ -203,7 +203,12 @@ class PteDecoder(TextDecoder):
         return out[0].reshape(-1, out[0].shape[-1])[-1]
 
     def _forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """One token per row (``batch`` rows) at position ``pos``; logits (batch, V)."""
+        """One token per row (``batch`` rows) at position ``pos``; logits (batch, V). One token alone, where the
+        program has a ``step`` method: row 0 alone (its keys and values written to every row); logits (1, V)."""
+        if tokens.numel() == 1 and "step" in self._methods:
+            out = self._methods["step"].execute([tokens.reshape(1, 1).long().contiguous(),
+                                                 torch.tensor([pos], dtype=torch.long)])
+            return out[0].reshape(1, -1)
         out = self._method.execute([tokens.reshape(self.batch, 1).long().contiguous(),
                                     torch.tensor([pos], dtype=torch.long)])
         return out[0].reshape(self.batch, -1)
@@ -402,7 +407,7 @@ class PteStepper:
         b = tokens.shape[0]
         if b > self.max_batch_size:
             raise InputError(f"{self.decoder.path.name} holds {self.max_batch_size} row(s); got {b} tokens")
-        if b < self.max_batch_size:
+        if 1 < b < self.max_batch_size or (b == 1 and "step" not in self.decoder._methods):
             tokens = torch.cat([tokens, tokens[-1:].expand(self.max_batch_size - b)])
         logits = self.decoder._forward(tokens, pos)
         self.filled = max(self.filled, pos + 1)

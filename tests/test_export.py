@@ -118,14 +118,19 @@ def test_embedder_exports_and_pte_embedder_matches_eager(emb_export, embedder):
 
 
 def test_decoder_program_is_compact_and_multi_method(dec_export):
-    """The Llama decoder lowers as LlamaDecodeProgram: three methods over one KV cache of 4 rows, each decode-step
+    """The Llama decoder lowers as LlamaDecodeProgram: five methods over one KV cache of 4 rows, each decode-step
     layer one XNNPACK piece between the custom cache/attention ops (a few pieces per layer, no portable-kernel
-    arithmetic left in the step)."""
+    arithmetic left in the step). The one-row ``step`` reads the cache through views that stay outside XNNPACK
+    (inside a piece each would be a copy of a whole cache buffer per call)."""
     side = _check_result(dec_export, "decoder")
     assert side["max_seq_len"] == 128 and side["batch"] == 4 and side["prefill"] == "chunk" and side["max_prefill"] == 32
-    assert side["program_kind"] == "llama-custom-ops" and side["methods"] == ["forward", "prefill", "reorder", "clear"]
+    methods = ["forward", "step", "prefill", "reorder", "clear"]
+    assert side["program_kind"] == "llama-custom-ops" and side["methods"] == methods
     d, layers = dec_export.delegation, dec_export.delegation["layers"]
-    assert layers == 2 and set(d["methods"]) == {"forward", "prefill", "reorder", "clear"}
+    assert layers == 2 and list(d["methods"]) == methods
+    step = d["methods"]["step"]
+    assert step["delegate_subgraphs"] <= 2 * layers + 1 and step["outside_ops"].get("view_copy.default") == 2 * layers
+    assert "view_copy.default" not in d["outside_ops"]  # forward reads its cache rows as they are
     assert d["delegate_subgraphs"] <= 2 * layers + 1, d["outside_ops"]  # the decode step
     assert d["pieces_per_layer"] <= 2.5
     outside = d["outside_ops"]
@@ -133,21 +138,28 @@ def test_decoder_program_is_compact_and_multi_method(dec_export):
     assert d["non_delegated_ops"] <= 6 * layers + 8, outside
     assert d["methods"]["prefill"]["delegate_subgraphs"] <= 6 * layers + 4, d["methods"]["prefill"]["outside_ops"]
     assert side["parity"]["decode_steps"] >= 8  # teacher-forced rows that differ, with a reorder halfway
+    assert side["parity"]["outputs"]["step_logits"]["sqnr_db"] >= 20.0  # row 0 alone, against forward's row 0
 
 
 
 def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder):
-    """What the decoder program's lowering skips or spreads for time (XNNPACK passes that rewrite nothing it holds,
-    the decomposition pass the per-node op check costs, the pieces preprocessed in two forked processes) changes
-    nothing: the int8 program (dynamic-quantized linears, the fused q/k/v and gate/up weights) is byte for byte the
-    one the stock lowering gives, one piece after another in this process."""
+    """What the decoder program's lowering skips or spreads for time (XNNPACK and ExecuTorch passes that rewrite
+    nothing it holds, the decomposition pass the per-node op check costs, the pieces preprocessed in two forked
+    processes) changes nothing: the int8 program (dynamic-quantized linears, the fused q/k/v and gate/up weights, the
+    one-row step's cache views) is byte for byte the one the stock lowering gives, one piece after another in this
+    process."""
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig
+    from executorch.exir.program._program import _get_aten_to_edge_passes, edge_to_executorch_passes
 
     from atomkit.decoder_program import LlamaDecodeProgram
-    from atomkit.export import LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods, _quantized, xnnpack_partitioner
+    from atomkit.export import (LLAMA_PROGRAM_SKIPPED_EDGE_PASSES, LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods,
+                                _pass_name, _quantized, xnnpack_partitioner)
 
     every = {p.__name__ for p in XNNPACKPassManager(None).passes}
     assert set(LLAMA_PROGRAM_SKIPPED_PASSES) <= every  # a renamed pass would silently be run again
+    edge = [*_get_aten_to_edge_passes(EdgeCompileConfig())[0], *edge_to_executorch_passes(ExecutorchBackendConfig())]
+    assert set(LLAMA_PROGRAM_SKIPPED_EDGE_PASSES) <= {_pass_name(p) for p in edge}
     prog = _quantized(LlamaDecodeProgram(decoder.lm, batch=2, max_seq_len=64), "int8")
     with torch.no_grad():  # the shortcut applies: XNNPACK's check accepts every linear, so no check is passed on
         ops, check = xnnpack_partitioner().ops_to_not_decompose(prog.export_methods()["forward"].run_decompositions({}))
@@ -155,9 +167,10 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder):
     programs = []
     for shortcuts in (True, False):
         with torch.no_grad():
-            methods = {m: ep for m, ep in prog.export_methods().items() if m in ("forward", "clear")}
+            methods = {m: ep for m, ep in prog.export_methods().items() if m in ("forward", "step", "clear")}
         et, reports = _lower_methods(methods, quantized=True, skip_passes=LLAMA_PROGRAM_SKIPPED_PASSES if shortcuts
-                                     else (), whole_ops=shortcuts, workers=2 if shortcuts else 1)
+                                     else (), skip_edge_passes=LLAMA_PROGRAM_SKIPPED_EDGE_PASSES if shortcuts else (),
+                                     whole_ops=shortcuts, workers=2 if shortcuts else 1)
         assert reports["forward"]["delegate_subgraphs"] >= 2  # the linears are in XNNPACK pieces
         programs.append(et.buffer)
     assert programs[0] == programs[1]
@@ -220,6 +233,40 @@ def test_program_reorder_moves_cache_rows(dec_export, decoder):
     logits = stepper.prefill(torch.tensor([ids]))
     assert logits.shape == (1, pte.meta["outputs"]["logits"]["shape"][1]) and stepper.same_rows
     assert stepper.step(a[:2], n).shape[0] == 2 and not stepper.same_rows
+
+
+def test_program_step_decodes_row_0_alone(dec_export, decoder):
+    """``step`` (one token) continues row 0 of the cache: after four rows fed different tokens, a step gives row 0's
+    logits of ``forward`` fed the same token (and not another row's: their logits differ), and greedy decoding on the
+    engine's stepper runs ``step``, not ``forward``."""
+    pte = PteDecoder(dec_export.path, like=decoder)
+    ids = _prompts(decoder)[0][0].tolist()
+    n, a, b = len(ids), torch.tensor([5, 17, 29, 41]), torch.tensor([7, 7, 7, 7])
+    with pte.generation():
+        pte._prefill(ids)
+        pte._forward(a, n)
+        rows = pte._forward(b, n + 1)
+        pte._prefill(ids)
+        pte._forward(a, n)
+        one = pte._forward(b[:1], n + 1)
+    assert one.shape == (1, rows.shape[1]) and torch.allclose(one[0], rows[0], atol=1e-5)
+    assert not torch.allclose(rows[0], rows[1], atol=1e-3) and not torch.allclose(rows[0], rows[3], atol=1e-3)
+
+    calls = {"forward": 0, "step": 0}
+
+    class Counted:
+        def __init__(self, name):
+            self.name, self.method = name, pte._methods[name]
+
+        def execute(self, args):
+            calls[self.name] += 1
+            return self.method.execute(args)
+
+    pte._methods["step"], pte._method = Counted("step"), Counted("forward")
+    greedy = pte.generate_ids(_prompts(decoder)[1], max_new_tokens=6, num_beams=1)
+    assert calls == {"forward": 0, "step": 5} and len(greedy) == 6  # the first token comes from the prefill
+    pte.generate_ids(_prompts(decoder)[1], max_new_tokens=6, num_beams=4)
+    assert calls["forward"] >= 5 and calls["step"] == 5
 
 
 def test_pte_decoder_serialises_whole_generations(dec_export, decoder):
