@@ -21,8 +21,8 @@ Five methods share the cache (``to_executorch`` with ``share_mutable_buffers``):
 * ``forward(tokens (B, 1), cache_position (1,)) -> logits (B, V)``: one decode step of every row at the
   same position;
 * ``step(tokens (1, 1), cache_position (1,)) -> logits (1, V)``: one greedy decode step, row 0 alone (attention reads
-  row 0 through a one-row view of each cache buffer; the keys and values go to every row, as a prompt's do). With
-  B = 4 it decodes 1.5x faster than ``forward``, whose other three rows greedy decoding does not need;
+  row 0 through a one-row view of each cache buffer; the keys and values go to every row, as a prompt's do):
+  greedy decoding does not pay for the B - 1 rows of ``forward`` it does not need;
 * ``prefill(tokens (1, P), cache_position (P,), last (1,)) -> logits (1, V)``: a chunk of P prompt tokens (the
   host pads the last chunk), its keys and values written to every row, the logits of position ``last`` of the
   chunk. P is static (``prefill_chunk``): XNNPACK takes a layer whole only where every shape is static (with a
@@ -261,7 +261,8 @@ class LlamaDecodeProgram(nn.Module):
 
         seq = Dim("seq", min=1, max=self.max_seq_len - 1)
         args = self.example_args()
-        dynamic = {"forward": None, "step": None, "prefill": None, "reorder": ((None, {0: seq}),), "clear": None}  # forward(*args)
+        dynamic = {m: None for m in METHODS}
+        dynamic["reorder"] = ((None, {0: seq}),)  # forward(*args): the cache positions' length
         out = {}
         for name in METHODS:
             out[name] = export(_Method(self, name), args[name], dynamic_shapes=dynamic[name], strict=False)

@@ -372,8 +372,9 @@ class PteStepper:
 
     One prompt at a time (``prefill`` takes one row of ids, no padding): the compact program writes the prompt to
     all its rows, so beam search's first ``reorder`` (the prompt to every beam) has nothing to move. Fewer rows
-    than the program holds are padded with copies of the last row, whose logits are dropped. The KV cache lives
-    inside the program; a new generation simply starts writing at position 0 again."""
+    than the program holds are padded with copies of the last row, whose logits are dropped; one row (greedy) runs
+    the program's one-row ``step`` method where it has one (programs exported before it pad like the others). The
+    KV cache lives inside the program; a new generation simply starts writing at position 0 again."""
 
     def __init__(self, decoder: "PteDecoder"):
         self.decoder = decoder
