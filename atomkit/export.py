@@ -8,12 +8,13 @@ the eager module on the example input:
 * encoder: ``forward(x float (frames, 3, size, size)) -> (features, probs)`` (or features alone);
 * embedder: ``forward(input_ids, attention_mask (B, seq_len) int64) -> (B, D)`` unit vectors, the
   transformer plus mean pooling and L2 norm; tokenisation (pad/truncate to seq_len) stays on the host;
-* decoder (a Llama LM): ``atomkit.decoder_program.LlamaDecodeProgram``, one program with three methods over
+* decoder (a Llama LM): ``atomkit.decoder_program.LlamaDecodeProgram``, one program with five methods over
   a KV cache of ``batch`` rows (default 4, the beams) held inside it and shared by them:
   ``forward(tokens (B, 1), cache_position (1,)) -> logits (B, vocab)`` (a decode step),
-  ``prefill(tokens (1, L), cache_position (L,)) -> logits (1, vocab)`` (L dynamic) and
-  ``reorder(index (B,), cache_position (L,))`` (beam search moves its beams); cache writes and attention are
-  ExecuTorch's LLM custom ops, so each layer of a step lowers to one or two XNNPACK pieces;
+  ``step(tokens (1, 1), cache_position (1,)) -> logits (1, vocab)`` (a greedy step of row 0 alone),
+  ``prefill(tokens (1, P), cache_position (P,), last (1,)) -> logits (1, vocab)`` (a chunk of P prompt tokens),
+  ``reorder(index (B,), cache_position (L,))`` (beam search moves its beams) and ``clear()``; cache writes and
+  attention are ExecuTorch's LLM custom ops, so each layer of a step lowers to one or two XNNPACK pieces;
 * decoder (any other LM): ``forward(input_ids (1, L), cache_position (L,)) -> logits (1, 1, vocab)`` over
   transformers' static cache (``TorchExportableModuleWithStaticCache``), batch 1 (greedy).
 
