@@ -203,15 +203,18 @@ class PteDecoder(TextDecoder):
         return out[0].reshape(-1, out[0].shape[-1])[-1]
 
     def _forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """One token per row (``batch`` rows) at position ``pos``; logits (batch, V). One token alone, where the
-        program has a ``step`` method: row 0 alone (its keys and values written to every row); logits (1, V)."""
-        if tokens.numel() == 1 and "step" in self._methods:
-            out = self._methods["step"].execute([tokens.reshape(1, 1).long().contiguous(),
-                                                 torch.tensor([pos], dtype=torch.long)])
-            return out[0].reshape(1, -1)
-        out = self._method.execute([tokens.reshape(self.batch, 1).long().contiguous(),
-                                    torch.tensor([pos], dtype=torch.long)])
-        return out[0].reshape(self.batch, -1)
+        """One token per row (up to ``batch`` rows) at position ``pos``; logits (rows, V). One row runs the program's
+        ``step`` where it has one (row 0 alone, its keys and values written to every row); fewer rows otherwise are
+        padded with copies of the last row, whose logits are dropped."""
+        tokens = tokens.reshape(-1).long()
+        b = tokens.shape[0]
+        where = torch.tensor([pos], dtype=torch.long)
+        if b == 1 and "step" in self._methods:
+            return self._methods["step"].execute([tokens.reshape(1, 1).contiguous(), where])[0].reshape(1, -1)
+        if b < self.batch:
+            tokens = torch.cat([tokens, tokens[-1:].expand(self.batch - b)])
+        out = self._method.execute([tokens.reshape(self.batch, 1).contiguous(), where])
+        return out[0].reshape(self.batch, -1)[:b]
 
     def _reorder(self, index: torch.Tensor, start: int, end: int) -> None:
         """Row i of the cache becomes old row ``index[i]`` at positions start..end-1."""
@@ -372,9 +375,9 @@ class PteStepper:
 
     One prompt at a time (``prefill`` takes one row of ids, no padding): the compact program writes the prompt to
     all its rows, so beam search's first ``reorder`` (the prompt to every beam) has nothing to move. Fewer rows
-    than the program holds are padded with copies of the last row, whose logits are dropped; one row (greedy) runs
-    the program's one-row ``step`` method where it has one (programs exported before it pad like the others). The
-    KV cache lives inside the program; a new generation simply starts writing at position 0 again."""
+    than the program holds go through ``PteDecoder._forward``: one row (greedy) runs the program's ``step`` where it
+    has one (programs exported before it pad like the others). The KV cache lives inside the program; a new
+    generation simply starts writing at position 0 again."""
 
     def __init__(self, decoder: "PteDecoder"):
         self.decoder = decoder
@@ -408,12 +411,10 @@ class PteStepper:
         b = tokens.shape[0]
         if b > self.max_batch_size:
             raise InputError(f"{self.decoder.path.name} holds {self.max_batch_size} row(s); got {b} tokens")
-        if 1 < b < self.max_batch_size or (b == 1 and "step" not in self.decoder._methods):
-            tokens = torch.cat([tokens, tokens[-1:].expand(self.max_batch_size - b)])
         logits = self.decoder._forward(tokens, pos)
         self.filled = max(self.filled, pos + 1)
         self.same_rows = self.same_rows and bool((tokens == tokens[0]).all())
-        return logits[:b].float()
+        return logits.float()
 
     def reorder(self, index: torch.Tensor, keep: int = 0) -> None:
         index = index.reshape(-1).cpu().long()

@@ -209,12 +209,17 @@ def test_pte_decoder_greedy_and_beam4_equal_the_exact_engine(dec_export, decoder
         pte.generate_ids(_prompts(decoder)[0], max_new_tokens=200, num_beams=1)
 
 
+def _four_rows(dec_export, decoder):
+    """The program, a prompt's ids and length n, four different tokens (one per row) and one token in every row."""
+    pte = PteDecoder(dec_export.path, like=decoder)
+    ids = _prompts(decoder)[0][0].tolist()
+    return pte, ids, len(ids), torch.tensor([5, 17, 29, 41]), torch.tensor([7, 7, 7, 7])
+
+
 def test_program_reorder_moves_cache_rows(dec_export, decoder):
     """reorder(index) makes row i continue old row index[i]: four rows fed different tokens, reversed, then fed one
     token, give the logits of rows fed the reversed tokens directly (and the rows' logits differ)."""
-    pte = PteDecoder(dec_export.path, like=decoder)
-    ids = _prompts(decoder)[0][0].tolist()
-    n, a, b = len(ids), torch.tensor([5, 17, 29, 41]), torch.tensor([7, 7, 7, 7])
+    pte, ids, n, a, b = _four_rows(dec_export, decoder)
     with pte.generation():
         pte._prefill(ids)
         pte._forward(a, n)
@@ -239,9 +244,7 @@ def test_program_step_decodes_row_0_alone(dec_export, decoder):
     """``step`` (one token) continues row 0 of the cache: after four rows fed different tokens, a step gives row 0's
     logits of ``forward`` fed the same token (and not another row's: their logits differ), and greedy decoding on the
     engine's stepper runs ``step``, not ``forward``."""
-    pte = PteDecoder(dec_export.path, like=decoder)
-    ids = _prompts(decoder)[0][0].tolist()
-    n, a, b = len(ids), torch.tensor([5, 17, 29, 41]), torch.tensor([7, 7, 7, 7])
+    pte, ids, n, a, b = _four_rows(dec_export, decoder)
     with pte.generation():
         pte._prefill(ids)
         pte._forward(a, n)
