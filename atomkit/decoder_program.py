@@ -7,8 +7,10 @@ same weights (the LM's own ``nn.Linear`` / ``nn.Embedding`` modules, so ``atomki
 the LM) and writes the forward pass so that everything between two attention calls is one XNNPACK piece:
 
 * RMSNorm as transformers computes it, the mean taken over a (rows, 1, hidden) view (XNNPACK's mean
-  lowers over the two innermost dims of a 4-D tensor); SiLU as ``x * sigmoid(x)``; rotary embedding by
-  halves (slice, negate, concatenate), its tables computed from the positions given;
+  lowers over the two innermost dims of a 4-D tensor), its epsilon a tensor; SiLU as ``x * sigmoid(x)``; rotary
+  embedding by halves (slice, negate, concatenate), its cos and sin looked up by position in tables of every
+  position (no Python float and no int-to-float copy in any method: ExecuTorch re-traces a whole method to
+  legalise either, so ``atomkit.export`` skips those passes);
 * the KV cache: one (B, max_seq_len, kv_heads, head_dim) buffer per layer for keys and one for values,
   written by ``llama.update_cache`` and read by ``llama.custom_sdpa`` (causal from the start position, GQA),
   the two LLM custom ops of the executorch wheel (``atomkit.program.load_llm_custom_ops``);
@@ -157,8 +159,14 @@ class LlamaDecodeProgram(nn.Module):
         self.lm_head = lm.lm_head
         rot = model.rotary_emb
         inv = rot.inv_freq.detach().float()
-        self.register_buffer("inv_freq", torch.cat((inv, inv)), persistent=False)  # both halves of a head
-        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+        emb = torch.arange(self.max_seq_len).float().view(-1, 1) * torch.cat((inv, inv))  # both halves of a head
+        scale = float(getattr(rot, "attention_scaling", 1.0))
+        # the rotary tables of every position, looked up by position (computed in the program, they would be an int
+        # to float copy and a multiply by a Python float, each a pass of ExecuTorch's over every method to legalise)
+        self.register_buffer("cos_table", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin_table", emb.sin() * scale, persistent=False)
+        # RMSNorm's epsilon as a tensor (as a Python float, ExecuTorch re-traces every method to make it one)
+        self.register_buffer("eps", torch.tensor(float(model.norm.variance_epsilon)), persistent=False)
         self.cache = _Cache(len(self.layers), (self.batch, self.max_seq_len, self.n_kv, self.head_dim))
         # a prompt row times this is the row in every cache row (a multiply XNNPACK takes; an expand it does not)
         self.register_buffer("rows", torch.ones(self.batch, 1, 1, 1), persistent=False)
@@ -167,14 +175,14 @@ class LlamaDecodeProgram(nn.Module):
     def _rms(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         b, n, h = x.shape
         var = x.view(b, n, 1, h).pow(2).mean(dim=(2, 3), keepdim=True).view(b, n, 1)
-        return norm.weight * (x * torch.rsqrt(var + norm.variance_epsilon))
+        return norm.weight * (x * torch.rsqrt(var + self.eps))
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin tables (1, L, 1, D) of the positions, as transformers computes them (its two equal halves
-        of frequencies are one (D,) buffer here)."""
+        """cos and sin (1, L, 1, D) of the positions, as transformers computes them (its two equal halves of
+        frequencies side by side, times its attention scaling)."""
         n = positions.shape[0]
-        emb = positions.float().view(n, 1) * self.inv_freq
-        return (emb.cos() * self.rope_scale).view(1, n, 1, -1), (emb.sin() * self.rope_scale).view(1, n, 1, -1)
+        return (self.cos_table.index_select(0, positions).view(1, n, 1, -1),
+                self.sin_table.index_select(0, positions).view(1, n, 1, -1))
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

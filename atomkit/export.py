@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import operator
 import os
@@ -346,6 +347,116 @@ def edge_passes_without(names: tuple[str, ...]):
         prog._get_aten_to_edge_passes, prog.edge_to_executorch_passes = to_edge, to_et
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off within the block, one collection after it.
+
+    Exporting and lowering the decode program builds millions of short-lived graph objects, and the collector's
+    scans of the whole heap took 16 s of a 244 s decoder export (measured with ``gc.callbacks``); the cycles
+    left are collected once at the end."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
+
+
+class _Retarget:
+    """A graph pass that renames ops node by node (``rename(op)``: the new op, or None to keep it), in place.
+
+    ExecuTorch's passes that turn views into view copies and ATen ops into edge ops do the same renaming by
+    re-tracing the whole method on fake tensors, each about a tenth of the Llama decode program's lowering; a
+    rename keeps each node's shapes and metadata, which the new op computes alike. A graph with control flow
+    (subgraphs) gets the stock pass."""
+
+    def __init__(self, rename, stock):
+        self.rename, self.stock, self.name = rename, stock, stock.__name__
+
+    def __call__(self, gm):
+        from torch._ops import OpOverload
+        from torch.fx.passes.infra.pass_base import PassResult
+        from torch.fx.traceback import NodeSource, NodeSourceAction
+
+        if any(isinstance(m, torch.fx.GraphModule) for m in gm.children()):
+            return self.stock()(gm)
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and isinstance(n.target, OpOverload):
+                op = self.rename(n.target)
+                if op is not None:
+                    n.target = op
+            if n.op not in ("placeholder", "output") and "from_node" not in n.meta:  # as a re-trace records it
+                n.meta["from_node"] = [NodeSource(n, self.name, NodeSourceAction.CREATE)]
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+class _IfNeeded:
+    """A stock graph pass run only on a graph where ``needed(gm)`` finds something for it to rewrite (a scan of
+    the nodes, where the pass itself re-traces the whole method)."""
+
+    def __init__(self, stock, needed):
+        self.stock, self.needed = stock, needed
+
+    def __call__(self, gm):
+        from torch.fx.passes.infra.pass_base import PassResult
+
+        return self.stock(gm) if self.needed(gm) else PassResult(gm, False)
+
+
+def _python_scalar_for_tensor(gm) -> bool:
+    """Whether a node passes a Python number where its op takes a tensor (what ``ScalarToTensorPass`` rewrites)."""
+    from torch._ops import OpOverload
+
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, OpOverload):
+            schema = n.target._schema.arguments
+            given = [*zip(schema, n.args), *((a, n.kwargs[a.name]) for a in schema if a.name in n.kwargs)]
+            if any(isinstance(v, (bool, int, float)) and isinstance(a.type, torch.TensorType) for a, v in given):
+                return True
+    return False
+
+
+def _memory_format_op(gm) -> bool:
+    """Whether a node is an op that takes a memory format (what ``MemoryFormatOpsPass`` makes a dim-order op)."""
+    from executorch.exir.passes.memory_format_ops_pass import DimOrderOpsMap
+
+    return any(n.op == "call_function" and n.target in DimOrderOpsMap for n in gm.graph.nodes)
+
+
+@contextlib.contextmanager
+def edge_passes_lean():
+    """Within the block, ``to_edge`` does four of its passes without re-tracing every method for each: views to view
+    copies and ATen ops to edge ops are renamed in place (``_Retarget``); Python numbers to tensors and memory-format
+    ops to dim-order ops run only on a method that has one (``_IfNeeded``; ``LlamaDecodeProgram`` has neither)."""
+    import executorch.exir.program._program as prog
+    from executorch.exir.passes.replace_aten_with_edge_pass import aten_to_edge, should_lower_to_edge
+    from torch._export.passes import replace_view_ops_with_view_copy_ops_pass as views
+
+    def view_copy(op):
+        if op in views._NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS:
+            return views._NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS[op]
+        return views.get_view_copy_of_view_op(op._schema)
+
+    def to_edge(config):
+        pre, post = stock[3](config)
+        return [_IfNeeded(p, _python_scalar_for_tensor) if _pass_name(p) == "ScalarToTensorPass" else p for p in pre], post
+
+    stock = prog.ReplaceViewOpsWithViewCopyOpsPass, prog.OpReplacePass, prog.MemoryFormatOpsPass, \
+        prog._get_aten_to_edge_passes
+    prog.ReplaceViewOpsWithViewCopyOpsPass = lambda: _Retarget(view_copy, stock[0])
+    prog.OpReplacePass = lambda: _Retarget(lambda op: aten_to_edge(op) if should_lower_to_edge(op) else None, stock[1])
+    prog.MemoryFormatOpsPass = lambda: _IfNeeded(stock[2](), _memory_format_op)
+    prog._get_aten_to_edge_passes = to_edge
+    try:
+        yield
+    finally:
+        (prog.ReplaceViewOpsWithViewCopyOpsPass, prog.OpReplacePass, prog.MemoryFormatOpsPass,
+         prog._get_aten_to_edge_passes) = stock
+
+
 PREPROCESS_WORKERS = 4  # each forked worker holds copies of the pieces it touches (copy on write)
 _PIECES: list = []  # (program, compile specs) of every delegate piece, read by the forked workers of the block below
 
@@ -443,7 +554,7 @@ def xnnpack_partitioner(*, whole_ops: bool = True):
 
 def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ...] = LLAMA_PROGRAM_SKIPPED_PASSES,
                    skip_edge_passes: tuple[str, ...] = LLAMA_PROGRAM_SKIPPED_EDGE_PASSES, whole_ops: bool = True,
-                   workers: int | None = None):
+                   lean_edge_passes: bool = True, workers: int | None = None):
     """Several exported methods -> one ExecuTorch program whose methods share their mutable buffers (the KV
     cache); (etpm, {method: delegation report}). ``skip_passes``, ``skip_edge_passes``, ``whole_ops`` and ``workers``
     (processes that preprocess delegate pieces; default: one per core, at most ``PREPROCESS_WORKERS``) save lowering
@@ -455,7 +566,8 @@ def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ..
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)), PREPROCESS_WORKERS)
     with torch.no_grad(), warnings.catch_warnings(), xnnpack_passes_without(skip_passes), \
-            edge_passes_without(skip_edge_passes), xnnpack_preprocess_in(workers):
+            edge_passes_without(skip_edge_passes), xnnpack_preprocess_in(workers), \
+            (edge_passes_lean() if lean_edge_passes else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(methods, partitioner=[xnnpack_partitioner(whole_ops=whole_ops)],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
@@ -532,10 +644,11 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
     prompt = decoder._ids(decoder.render([{"role": "user", "content": "Describe a video of a dog on a beach."}]))
     prompt = prompt[:, : max_seq_len // 2].cpu()
     chunk = prog.prefill_chunk
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="_check_is_size", category=FutureWarning)  # in executorch's meta kernels
-        methods = prog.export_methods()
-    et, reports = _lower_methods(methods, quantized=quant != "none")
+    with gc_paused():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="_check_is_size", category=FutureWarning)  # in executorch's meta kernels
+            methods = prog.export_methods()
+        et, reports = _lower_methods(methods, quantized=quant != "none")
     path = _write(et, out_dir, name)
     save_tokenizer(decoder.tokenizer, path)
     seconds = time.perf_counter() - t0

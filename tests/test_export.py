@@ -142,15 +142,19 @@ def test_decoder_program_is_compact_and_multi_method(dec_export):
 
 
 
-def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder):
+def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, monkeypatch):
     """What the decoder program's lowering skips or spreads for time (XNNPACK and ExecuTorch passes that rewrite
-    nothing it holds, the decomposition pass the per-node op check costs, the pieces preprocessed in two forked
-    processes) changes nothing: the int8 program (dynamic-quantized linears, the fused q/k/v and gate/up weights, the
-    one-row step's cache views) is byte for byte the one the stock lowering gives, one piece after another in this
-    process."""
+    nothing it holds, the decomposition pass the per-node op check costs, two re-tracing renames done in place, the
+    pieces preprocessed in two forked processes) changes nothing: the int8 program (dynamic-quantized linears, the
+    fused q/k/v and gate/up weights, the one-row step's cache views) is byte for byte the one the stock lowering
+    gives, one piece after another in this process."""
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig
+    from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsPass
+    from executorch.exir.passes.replace_aten_with_edge_pass import OpReplacePass
+    from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
     from executorch.exir.program._program import _get_aten_to_edge_passes, edge_to_executorch_passes
+    from torch._export.passes import ReplaceViewOpsWithViewCopyOpsPass
 
     from atomkit.decoder_program import LlamaDecodeProgram
     from atomkit.export import (LLAMA_PROGRAM_SKIPPED_EDGE_PASSES, LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods,
@@ -168,12 +172,64 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder):
     for shortcuts in (True, False):
         with torch.no_grad():
             methods = {m: ep for m, ep in prog.export_methods().items() if m in ("forward", "step", "clear")}
-        et, reports = _lower_methods(methods, quantized=True, skip_passes=LLAMA_PROGRAM_SKIPPED_PASSES if shortcuts
-                                     else (), skip_edge_passes=LLAMA_PROGRAM_SKIPPED_EDGE_PASSES if shortcuts else (),
-                                     whole_ops=shortcuts, workers=2 if shortcuts else 1)
+        with monkeypatch.context() as mp:
+            if shortcuts:  # the stock renames and the passes with nothing to do do not run (else a shortcut went away)
+                for stock in (ScalarToTensorPass, MemoryFormatOpsPass, OpReplacePass, ReplaceViewOpsWithViewCopyOpsPass):
+                    mp.setattr(stock, "call_operator", _not_run(stock))
+            et, reports = _lower_methods(methods, quantized=True, skip_passes=LLAMA_PROGRAM_SKIPPED_PASSES if shortcuts
+                                         else (), skip_edge_passes=LLAMA_PROGRAM_SKIPPED_EDGE_PASSES if shortcuts
+                                         else (), whole_ops=shortcuts, lean_edge_passes=shortcuts,
+                                         workers=2 if shortcuts else 1)
         assert reports["forward"]["delegate_subgraphs"] >= 2  # the linears are in XNNPACK pieces
         programs.append(et.buffer)
     assert programs[0] == programs[1]
+
+
+def _not_run(cls):
+    def call_operator(self, *args, **kwargs):
+        raise AssertionError(f"{cls.__name__} ran")
+    return call_operator
+
+
+def test_lean_edge_passes_run_a_needed_pass_and_change_nothing(monkeypatch, tmp_path):
+    """A method with a Python number for a tensor operand and an int-to-float copy (the decoder program has neither)
+    gets ExecuTorch's scalar-to-tensor and memory-format passes from the lean lowering too: the same program as the
+    stock lowering's, and it computes what the module does."""
+    from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsPass
+    from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
+
+    from atomkit.export import _lower_methods
+    from atomkit.program import load_method
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, pos):
+            return self.lin(x) * 0.5 + pos.float()
+
+    torch.manual_seed(0)
+    module, args = Scaled().eval(), (torch.randn(2, 8), torch.tensor([3, 7]).view(2, 1))
+    ran = {ScalarToTensorPass: 0, MemoryFormatOpsPass: 0}
+    for cls in ran:
+        def counted(self, op, *a, _cls=cls, _stock=cls.call_operator, **k):
+            ran[_cls] += 1
+            return _stock(self, op, *a, **k)
+        monkeypatch.setattr(cls, "call_operator", counted)
+    programs = []
+    for lean in (True, False):
+        with torch.no_grad():
+            ep = torch.export.export(module, args, strict=False)
+        et, _ = _lower_methods({"forward": ep}, quantized=False, lean_edge_passes=lean, workers=1)
+        programs.append(et.buffer)
+        if lean:
+            assert all(ran.values()), ran  # the method needs both, so both ran
+    assert programs[0] == programs[1]
+    path = tmp_path / "scaled.pte"
+    path.write_bytes(programs[0])
+    got = load_method(path).execute(list(args))[0]
+    torch.testing.assert_close(got, module(*args))
 
 
 def _prompts(decoder):
