@@ -10,7 +10,7 @@ the LM) and writes the forward pass so that everything between two attention cal
   lowers over the two innermost dims of a 4-D tensor), its epsilon a tensor; SiLU as ``x * sigmoid(x)``; rotary
   embedding by halves (slice, negate, concatenate), its cos and sin looked up by position in tables of every
   position (no Python float and no int-to-float copy in any method: ExecuTorch re-traces a whole method to
-  legalise either, so ``atomkit.export`` skips those passes);
+  legalise either, and ``atomkit.export`` runs those passes only on a method that needs them);
 * the KV cache: one (B, max_seq_len, kv_heads, head_dim) buffer per layer for keys and one for values,
   written by ``llama.update_cache`` and read by ``llama.custom_sdpa`` (causal from the start position, GQA),
   the two LLM custom ops of the executorch wheel (``atomkit.program.load_llm_custom_ops``);

@@ -368,8 +368,9 @@ class _Retarget:
     """A graph pass that renames ops node by node (``rename(op)``: the new op, or None to keep it), in place.
 
     ExecuTorch's passes that turn views into view copies and ATen ops into edge ops do the same renaming by
-    re-tracing the whole method on fake tensors, each about a tenth of the Llama decode program's lowering; a
-    rename keeps each node's shapes and metadata, which the new op computes alike. A graph with control flow
+    re-tracing the whole method on fake tensors (15 s and 13 s of a 192 s lowering of the Llama decode program); a
+    rename keeps each node's shapes and metadata, which the new op computes alike, and records the provenance
+    (``from_node``) a re-trace records, which ExecuTorch's debug handles read. A graph with control flow
     (subgraphs) gets the stock pass."""
 
     def __init__(self, rename, stock):
@@ -442,7 +443,8 @@ def edge_passes_lean():
 
     def to_edge(config):
         pre, post = stock[3](config)
-        return [_IfNeeded(p, _python_scalar_for_tensor) if _pass_name(p) == "ScalarToTensorPass" else p for p in pre], post
+        pre = [_IfNeeded(p, _python_scalar_for_tensor) if _pass_name(p) == "ScalarToTensorPass" else p for p in pre]
+        return pre, post
 
     stock = prog.ReplaceViewOpsWithViewCopyOpsPass, prog.OpReplacePass, prog.MemoryFormatOpsPass, \
         prog._get_aten_to_edge_passes
@@ -556,10 +558,10 @@ def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ..
                    skip_edge_passes: tuple[str, ...] = LLAMA_PROGRAM_SKIPPED_EDGE_PASSES, whole_ops: bool = True,
                    lean_edge_passes: bool = True, workers: int | None = None):
     """Several exported methods -> one ExecuTorch program whose methods share their mutable buffers (the KV
-    cache); (etpm, {method: delegation report}). ``skip_passes``, ``skip_edge_passes``, ``whole_ops`` and ``workers``
-    (processes that preprocess delegate pieces; default: one per core, at most ``PREPROCESS_WORKERS``) save lowering
-    time and change nothing in the program (``xnnpack_passes_without``, ``edge_passes_without``,
-    ``xnnpack_partitioner``, ``xnnpack_preprocess_in``)."""
+    cache); (etpm, {method: delegation report}). ``skip_passes``, ``skip_edge_passes``, ``whole_ops``,
+    ``lean_edge_passes`` and ``workers`` (processes that preprocess delegate pieces; default: one per core, at most
+    ``PREPROCESS_WORKERS``) save lowering time and change nothing in the program (``xnnpack_passes_without``,
+    ``edge_passes_without``, ``xnnpack_partitioner``, ``edge_passes_lean``, ``xnnpack_preprocess_in``)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -646,7 +648,8 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
     chunk = prog.prefill_chunk
     with gc_paused():
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="_check_is_size", category=FutureWarning)  # in executorch's meta kernels
+            # in executorch's meta kernels
+            warnings.filterwarnings("ignore", message="_check_is_size", category=FutureWarning)
             methods = prog.export_methods()
         et, reports = _lower_methods(methods, quantized=quant != "none")
     path = _write(et, out_dir, name)
