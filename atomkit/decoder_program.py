@@ -199,9 +199,9 @@ class LlamaDecodeProgram(nn.Module):
         for layer, (kc, vc) in zip(self.layers, self.cache.pairs()):
             h = self._rms(x, layer.ln1)
             qkv = layer.qkv(h)
-            i, j = layer.qkv_split
-            q = self._rotate(qkv[..., :i].view(b, n, H, D), cos, sin)
-            k = self._rotate(qkv[..., i:j].view(b, n, KV, D), cos, sin)
+            j = layer.qkv_split[1]
+            qk = self._rotate(qkv[..., :j].view(b, n, H + KV, D), cos, sin)  # q's and k's heads rotated at once
+            q, k = qk[:, :, :H], qk[:, :, H:]
             v = qkv[..., j:].view(b, n, KV, D)
             if b < B:  # one row (a prompt, or a greedy step): its keys and values go to every row
                 torch.ops.llama.update_cache(k * self.rows, kc, start)

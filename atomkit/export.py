@@ -459,6 +459,45 @@ def edge_passes_lean():
          prog._get_aten_to_edge_passes) = stock
 
 
+@contextlib.contextmanager
+def delegate_outputs_from_metadata():
+    """Within the block, a delegate call on fake tensors returns fake outputs made from the shapes its lowered
+    graph records, instead of running that graph op by op on fake tensors.
+
+    ``to_executorch`` re-traces every method once more to refresh tensor specs, and on fake tensors a delegate
+    call runs the whole graph the delegate holds: for the Llama decode program, where XNNPACK holds nearly every
+    op, that is one more re-trace of every method. A delegate whose outputs have a symbolic shape, or whose graph
+    does not record them, is run as before."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _pytree as pytree
+
+    hop = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")  # the package names the op so
+    stock = hop.call_delegate_cpu
+
+    def outputs(lowered_module, *args):
+        fakes = [a for a in pytree.tree_leaves(args) if isinstance(a, FakeTensor)]
+        ep = lowered_module.original_module
+        if fakes:
+            node = ep.graph_module.graph.output_node()
+            by_name = {getattr(n, "name", None): n for n in pytree.tree_leaves(node.args[0])}
+            vals = [getattr(by_name.get(name), "meta", {}).get("val") for name in ep.graph_signature.user_outputs]
+            if all(isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in (*v.shape, *v.stride()))
+                   for v in vals):
+                mode = fakes[0].fake_mode
+                made = [FakeTensor(mode, torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta"),
+                                   v.device) for v in vals]
+                return pytree.tree_unflatten(made, ep.call_spec.out_spec)
+        return stock(lowered_module, *args)
+
+    hop.call_delegate_cpu = outputs
+    try:
+        yield
+    finally:
+        hop.call_delegate_cpu = stock
+
+
 PREPROCESS_WORKERS = 4  # each forked worker holds copies of the pieces it touches (copy on write)
 _PIECES: list = []  # (program, compile specs) of every delegate piece, read by the forked workers of the block below
 
@@ -569,7 +608,8 @@ def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ..
         workers = min(len(os.sched_getaffinity(0)), PREPROCESS_WORKERS)
     with torch.no_grad(), warnings.catch_warnings(), xnnpack_passes_without(skip_passes), \
             edge_passes_without(skip_edge_passes), xnnpack_preprocess_in(workers), \
-            (edge_passes_lean() if lean_edge_passes else contextlib.nullcontext()):
+            (edge_passes_lean() if lean_edge_passes else contextlib.nullcontext()), \
+            (delegate_outputs_from_metadata() if lean_edge_passes else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(methods, partitioner=[xnnpack_partitioner(whole_ops=whole_ops)],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))

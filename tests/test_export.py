@@ -1,6 +1,7 @@
 """ExecuTorch export (.pte lowered to XNNPACK) of the tiny-default modules, and the host runtime wrappers."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -144,10 +145,10 @@ def test_decoder_program_is_compact_and_multi_method(dec_export):
 
 def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, monkeypatch):
     """What the decoder program's lowering skips or spreads for time (XNNPACK and ExecuTorch passes that rewrite
-    nothing it holds, the decomposition pass the per-node op check costs, two re-tracing renames done in place, the
-    pieces preprocessed in two forked processes) changes nothing: the int8 program (dynamic-quantized linears, the
-    fused q/k/v and gate/up weights, the one-row step's cache views) is byte for byte the one the stock lowering
-    gives, one piece after another in this process."""
+    nothing it holds, the decomposition pass the per-node op check costs, two re-tracing renames done in place,
+    delegate outputs made from recorded shapes, the pieces preprocessed in two forked processes) changes nothing:
+    the int8 program (dynamic-quantized linears, the fused q/k/v and gate/up weights, the one-row step's cache
+    views) is byte for byte the one the stock lowering gives, one piece after another in this process."""
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig
     from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsPass
@@ -173,9 +174,12 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, m
         with torch.no_grad():
             methods = {m: ep for m, ep in prog.export_methods().items() if m in ("forward", "step", "clear")}
         with monkeypatch.context() as mp:
-            if shortcuts:  # the stock renames and the passes with nothing to do do not run (else a shortcut went away)
+            if shortcuts:  # the stock renames, the passes with nothing to do and the op-by-op run of a delegate's
+                # graph on fake tensors do not run (else a shortcut silently went away)
                 for stock in (ScalarToTensorPass, MemoryFormatOpsPass, OpReplacePass, ReplaceViewOpsWithViewCopyOpsPass):
-                    mp.setattr(stock, "call_operator", _not_run(stock))
+                    mp.setattr(stock, "call_operator", _raises(stock.__name__))
+                mp.setattr(importlib.import_module("torch._higher_order_ops.executorch_call_delegate"),
+                           "call_delegate_cpu", _raises("call_delegate_cpu"))
             et, reports = _lower_methods(methods, quantized=True, skip_passes=LLAMA_PROGRAM_SKIPPED_PASSES if shortcuts
                                          else (), skip_edge_passes=LLAMA_PROGRAM_SKIPPED_EDGE_PASSES if shortcuts
                                          else (), whole_ops=shortcuts, lean_edge_passes=shortcuts,
@@ -185,10 +189,10 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, m
     assert programs[0] == programs[1]
 
 
-def _not_run(cls):
-    def call_operator(self, *args, **kwargs):
-        raise AssertionError(f"{cls.__name__} ran")
-    return call_operator
+def _raises(name):
+    def ran(*args, **kwargs):
+        raise AssertionError(f"{name} ran")
+    return ran
 
 
 def test_lean_edge_passes_run_a_needed_pass_and_change_nothing(monkeypatch, tmp_path):
