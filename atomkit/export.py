@@ -600,7 +600,8 @@ def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ..
     cache); (etpm, {method: delegation report}). ``skip_passes``, ``skip_edge_passes``, ``whole_ops``,
     ``lean_edge_passes`` and ``workers`` (processes that preprocess delegate pieces; default: one per core, at most
     ``PREPROCESS_WORKERS``) save lowering time and change nothing in the program (``xnnpack_passes_without``,
-    ``edge_passes_without``, ``xnnpack_partitioner``, ``edge_passes_lean``, ``xnnpack_preprocess_in``)."""
+    ``edge_passes_without``, ``xnnpack_partitioner``, ``xnnpack_preprocess_in``; ``lean_edge_passes``:
+    ``edge_passes_lean`` and ``delegate_outputs_from_metadata``)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
