@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -498,6 +499,96 @@ def delegate_outputs_from_metadata():
         hop.call_delegate_cpu = stock
 
 
+@contextlib.contextmanager
+def partitioning_lean():
+    """Within the block, two costs of partitioning a method that grow with its size times its number of pieces are
+    cut, with the same pieces in the same graph:
+
+    - XNNPACK's partitioner asks of every pair of candidate pieces whether merging them makes a cycle, by looking
+      up each node downstream of their users one by one in Python; here one ``set.isdisjoint`` per user does it.
+    - Fusing each piece into a submodule re-sorts the method's graph (``legalize_graph``), and assigning the sorted
+      graph regenerates the module's Python code and that of every piece fused before it. Here the code is
+      generated once, after all pieces of the method are fused; nothing in between runs the module.
+
+    The two were 24 s and 29 s of the 140 s ``to_backend`` of the Llama decode program (SmolLM2, 30 layers, under
+    cProfile)."""
+    import executorch.exir.backend.backend_api as api
+    import executorch.exir.lowered_backend_module as lbm
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import GroupBasedPartitioner
+    from torch.fx.passes.utils.fuser_utils import validate_partition
+
+    def can_merge(self, p1, p2, partitions_by_id):
+        combined = set(partitions_by_id[p1].nodes) | set(partitions_by_id[p2].nodes)
+        downstream = self.dependency_viewer.downstreams_of
+        if any(not combined.isdisjoint(downstream(u)) for n in combined for u in n.users if u not in combined):
+            return False
+        return validate_partition(list(combined))
+
+    stale: list = []
+
+    def legalize(gm):
+        gm.__dict__["recompile"] = lambda: None  # the graph setter's regeneration, deferred to the end of the method
+        try:
+            return stock[1](gm)
+        finally:
+            del gm.__dict__["recompile"]
+            stale.append(gm)
+
+    def create_partitions(tagged_graph_module, *args, **kwargs):
+        try:
+            return stock[2](tagged_graph_module, *args, **kwargs)
+        finally:
+            for gm in dict.fromkeys(stale):
+                gm.recompile()
+            stale.clear()
+
+    stock = GroupBasedPartitioner._can_merge_partitions, lbm.legalize_graph, api._create_partitions_in_graph_module
+    GroupBasedPartitioner._can_merge_partitions, lbm.legalize_graph = can_merge, legalize
+    api._create_partitions_in_graph_module = create_partitions
+    try:
+        yield
+    finally:
+        GroupBasedPartitioner._can_merge_partitions, lbm.legalize_graph, api._create_partitions_in_graph_module = stock
+
+
+@contextlib.contextmanager
+def make_fx_without_module_patches():
+    """Within the block, a ``make_fx`` trace does not patch ``nn.Module.__call__`` and ``__getattr__`` for its run.
+
+    Every FX trace sets both on ``nn.Module`` and restores them after, and each assignment makes CPython update the
+    call and attribute slots of every ``nn.Module`` subclass in the process (hundreds, with transformers loaded):
+    about 3 ms each. ``to_executorch`` traces one small graph per mutating custom op (the decoder program's cache
+    writes: 300 traces, 10.5 s of its 49 s under cProfile). For ``make_fx``'s own tracer the two patches do nothing:
+    it calls every module as Python would and reads attributes as they are (``PythonKeyTracer.call_module`` and
+    ``getattr``) and wraps no functions (no autowrap modules). A tracer that overrides either, and every other
+    tracer, patches as before."""
+    from torch.fx import _symbolic_trace as st
+    from torch.fx.experimental.proxy_tensor import PythonKeyTracer
+
+    state = threading.local()
+    stock_trace, stock_patch = st.Tracer.trace, st._Patcher.patch_method
+
+    def trace(self, *args, **kwargs):
+        before = getattr(state, "plain", False)
+        state.plain = (type(self).call_module is PythonKeyTracer.call_module and type(self).getattr is
+                       PythonKeyTracer.getattr and not self._autowrap_function_ids)
+        try:
+            return stock_trace(self, *args, **kwargs)
+        finally:
+            state.plain = before
+
+    def patch_method(self, cls, name, new_fn, deduplicate=True):
+        if cls is torch.nn.Module and name in ("__call__", "__getattr__") and getattr(state, "plain", False):
+            return None
+        return stock_patch(self, cls, name, new_fn, deduplicate)
+
+    st.Tracer.trace, st._Patcher.patch_method = trace, patch_method
+    try:
+        yield
+    finally:
+        st.Tracer.trace, st._Patcher.patch_method = stock_trace, stock_patch
+
+
 PREPROCESS_WORKERS = 4  # each forked worker holds copies of the pieces it touches (copy on write)
 _PIECES: list = []  # (program, compile specs) of every delegate piece, read by the forked workers of the block below
 
@@ -601,7 +692,8 @@ def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ..
     ``lean_edge_passes`` and ``workers`` (processes that preprocess delegate pieces; default: one per core, at most
     ``PREPROCESS_WORKERS``) save lowering time and change nothing in the program (``xnnpack_passes_without``,
     ``edge_passes_without``, ``xnnpack_partitioner``, ``xnnpack_preprocess_in``; ``lean_edge_passes``:
-    ``edge_passes_lean`` and ``delegate_outputs_from_metadata``)."""
+    ``edge_passes_lean``, ``delegate_outputs_from_metadata``, ``partitioning_lean`` and
+    ``make_fx_without_module_patches``)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -610,7 +702,9 @@ def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ..
     with torch.no_grad(), warnings.catch_warnings(), xnnpack_passes_without(skip_passes), \
             edge_passes_without(skip_edge_passes), xnnpack_preprocess_in(workers), \
             (edge_passes_lean() if lean_edge_passes else contextlib.nullcontext()), \
-            (delegate_outputs_from_metadata() if lean_edge_passes else contextlib.nullcontext()):
+            (delegate_outputs_from_metadata() if lean_edge_passes else contextlib.nullcontext()), \
+            (partitioning_lean() if lean_edge_passes else contextlib.nullcontext()), \
+            (make_fx_without_module_patches() if lean_edge_passes else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(methods, partitioner=[xnnpack_partitioner(whole_ops=whole_ops)],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))

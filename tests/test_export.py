@@ -146,11 +146,14 @@ def test_decoder_program_is_compact_and_multi_method(dec_export):
 def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, monkeypatch):
     """What the decoder program's lowering skips or spreads for time (XNNPACK and ExecuTorch passes that rewrite
     nothing it holds, the decomposition pass the per-node op check costs, two re-tracing renames done in place,
-    delegate outputs made from recorded shapes, the pieces preprocessed in two forked processes) changes nothing:
+    delegate outputs made from recorded shapes, a set test for cycles when pieces merge, the method's code generated
+    once after its pieces are fused, the pieces preprocessed in two forked processes) changes nothing:
     the int8 program (dynamic-quantized linears, the fused q/k/v and gate/up weights, the one-row step's cache
     views) is byte for byte the one the stock lowering gives, one piece after another in this process."""
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    import executorch.exir.lowered_backend_module as lbm
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import GroupBasedPartitioner
     from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsPass
     from executorch.exir.passes.replace_aten_with_edge_pass import OpReplacePass
     from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
@@ -169,6 +172,12 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, m
     with torch.no_grad():  # the shortcut applies: XNNPACK's check accepts every linear, so no check is passed on
         ops, check = xnnpack_partitioner().ops_to_not_decompose(prog.export_methods()["forward"].run_decompositions({}))
     assert torch.ops.aten.linear.default in ops and check is None
+    sorts = []
+
+    def deferred(gm, _stock=lbm.legalize_graph):
+        sorts.append("recompile" in gm.__dict__)  # partitioning_lean's stand-in for the graph setter's regeneration
+        return _stock(gm)
+
     programs = []
     for shortcuts in (True, False):
         with torch.no_grad():
@@ -180,6 +189,8 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, m
                     mp.setattr(stock, "call_operator", _raises(stock.__name__))
                 mp.setattr(importlib.import_module("torch._higher_order_ops.executorch_call_delegate"),
                            "call_delegate_cpu", _raises("call_delegate_cpu"))
+                mp.setattr(GroupBasedPartitioner, "_can_merge_partitions", _raises("_can_merge_partitions"))
+                mp.setattr(lbm, "legalize_graph", deferred)  # each re-sort leaves the module's code for later
             et, reports = _lower_methods(methods, quantized=True, skip_passes=LLAMA_PROGRAM_SKIPPED_PASSES if shortcuts
                                          else (), skip_edge_passes=LLAMA_PROGRAM_SKIPPED_EDGE_PASSES if shortcuts
                                          else (), whole_ops=shortcuts, lean_edge_passes=shortcuts,
@@ -187,6 +198,7 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, m
         assert reports["forward"]["delegate_subgraphs"] >= 2  # the linears are in XNNPACK pieces
         programs.append(et.buffer)
     assert programs[0] == programs[1]
+    assert len(sorts) >= 3 and all(sorts), sorts  # every piece fused without regenerating the method's code
 
 
 def _raises(name):
@@ -234,6 +246,41 @@ def test_lean_edge_passes_run_a_needed_pass_and_change_nothing(monkeypatch, tmp_
     path.write_bytes(programs[0])
     got = load_method(path).execute(list(args))[0]
     torch.testing.assert_close(got, module(*args))
+
+
+def test_make_fx_without_module_patches_traces_the_same_graph():
+    """Under ``make_fx_without_module_patches`` a ``make_fx`` trace leaves ``nn.Module.__call__`` as it is and gives
+    the graph the patched trace gives (a module call inside); FX's own symbolic tracer still patches, so a leaf
+    module stays a ``call_module`` node."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from atomkit.export import make_fx_without_module_patches
+
+    torch.manual_seed(0)
+    lin, stock_call, seen = torch.nn.Linear(4, 3), torch.nn.Module.__call__, []
+
+    def f(x):
+        seen.append(torch.nn.Module.__call__ is stock_call)
+        return lin(x).relu() * 2
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x) + 1
+
+    x = torch.randn(2, 4)
+    with make_fx_without_module_patches():
+        lean = make_fx(f)(x)
+        symbolic = torch.fx.symbolic_trace(Outer())
+    stock = make_fx(f)(x)
+    assert seen == [True, False]  # the lean trace left nn.Module alone; the stock one patched it
+    assert lean.code == stock.code and "addmm" in lean.code
+    torch.testing.assert_close(lean(x), f(x))
+    assert [n.op for n in symbolic.graph.nodes].count("call_module") == 1  # the Linear, a leaf of the symbolic trace
+    assert torch.nn.Module.__call__ is stock_call
 
 
 def _prompts(decoder):
