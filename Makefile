@@ -37,7 +37,7 @@ demo: setup
 	$(PY) -m atomkit.cli assemble $$($(PY) -m atomkit.cli samples) --prompt "$(PROMPT)" --out $(OUT)
 
 test: setup browser
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 # The browser test drives Debian's Chromium (Playwright cannot download a browser here). Installed when it
 # is missing and this runs as root with apt-get (CI does); otherwise the browser test skips and says why.
