@@ -510,7 +510,7 @@ def partitioning_lean():
       graph regenerates the module's Python code and that of every piece fused before it. Here the code is
       generated once, after all pieces of the method are fused; nothing in between runs the module.
 
-    The two were 24 s and 29 s of the 140 s ``to_backend`` of the Llama decode program (SmolLM2, 30 layers, under
+    The two were 27 s and 29 s of the 140 s ``to_backend`` of the Llama decode program (SmolLM2, 30 layers, under
     cProfile)."""
     import executorch.exir.backend.backend_api as api
     import executorch.exir.lowered_backend_module as lbm
