@@ -131,8 +131,9 @@ def llama_from_safetensors(folder: Path):
     (``assign``): pages are read when first used, so an engine that keeps only its packed copy
     (``TextDecoder.keep_only_engine``) never reads the layer matrices at all. The result equals
     ``from_pretrained``'s (tested: same tensors, same generation config, same attention implementation)."""
-    from safetensors.torch import load_file
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from .weights import mapped_safetensors
 
     folder = Path(folder)
     config = LlamaConfig.from_pretrained(folder, local_files_only=True)
@@ -141,7 +142,7 @@ def llama_from_safetensors(folder: Path):
         lm = LlamaForCausalLM(config)
     state: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(f))
+        state.update(mapped_safetensors(f))
     head, embed = "lm_head.weight", "model.embed_tokens.weight"
     if config.tie_word_embeddings and (head in state) != (embed in state):
         state[head] = state[embed] = state.get(head, state.get(embed))

@@ -218,3 +218,39 @@ def test_the_embedder_equals_sentence_transformers():
     query = emb.embed(["a dog on a beach"])[0]
     assert (got @ query).argsort().tolist() == (want @ query).argsort().tolist()
     assert emb.embed([]).shape == (0, 384)
+
+
+def test_mapped_safetensors_equal_load_file_and_leave_the_file_alone(tmp_path):
+    """``weights.mapped_safetensors`` (lazy private map) gives load_file's tensors for every dtype and shape the
+    loaders meet, from a read-only file; writing to a tensor does not reach the file; a tensor at an offset its dtype
+    cannot be mapped at (hand-written header) is read by load_file instead, the same values."""
+    import json
+    import os
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    from atomkit.weights import mapped_safetensors
+
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(5, 3), "h": torch.randn(4).half(), "b": torch.randn(2, 2).bfloat16(),
+               "i": torch.arange(7, dtype=torch.int64), "q": torch.randint(-128, 127, (3, 3), dtype=torch.int8),
+               "m": torch.tensor([True, False, True]), "s": torch.tensor(2.5), "e": torch.zeros(0, 4)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    os.chmod(path, 0o444)
+    before = path.read_bytes()
+    got, want = mapped_safetensors(path), load_file(str(path))
+    assert got.keys() == want.keys() == tensors.keys()
+    for k, t in want.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+    got["w"].mul_(0)  # copy on write: the map is private
+    assert path.read_bytes() == before and torch.equal(mapped_safetensors(path)["w"], tensors["w"])
+
+    odd = tmp_path / "odd.safetensors"  # a 3-byte uint8 tensor, then a float32 one at offset 3
+    header = json.dumps({"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+                         "f": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}).encode()
+    header += b" " * (-len(header) % 8)
+    odd.write_bytes(struct.pack("<Q", len(header)) + header + bytes([1, 2, 3]) + struct.pack("<2f", 1.5, -2.0))
+    got = mapped_safetensors(odd)
+    assert got["a"].tolist() == [1, 2, 3] and got["f"].tolist() == [1.5, -2.0]

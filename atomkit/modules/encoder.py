@@ -101,14 +101,12 @@ def efficientnet_lite(variant: str, pretrained: bool, cache: Path | None = None)
     if not pretrained:
         return EfficientNetEncoder(fold_batchnorm(EfficientNet.from_name(f"efficientnet-{variant}").eval()),
                                    imagenet_labels()).eval()
-    from safetensors.torch import load_file
-
-    from ..weights import efficientnet_folded
+    from ..weights import efficientnet_folded, mapped_safetensors
 
     folder = efficientnet_folded(variant, cache)
     with torch.device("meta"):
         net = folded_layout(EfficientNet.from_name(f"efficientnet-{variant}").eval())
-    net.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
+    net.load_state_dict(mapped_safetensors(folder / "model.safetensors"), strict=True, assign=True)
     enc = EfficientNetEncoder(net, imagenet_labels()).eval()
     enc.weight_files = [folder / "model.safetensors"]
     return enc
