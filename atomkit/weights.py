@@ -168,24 +168,32 @@ def mapped_safetensors(path: str | Path) -> dict:
     513 MiB fp32 file that was 0.85 s of a 1.6 s cold decoder load, of which the int4 engine then uses only the
     embedding table and the norms. Here a page is read from storage when a tensor first touches it. The map is
     private (copy-on-write): writing to a tensor never changes the file. A file whose header names a dtype not
-    listed here, or a tensor whose offset does not fit its dtype's alignment, is read by ``load_file``."""
+    listed here, a tensor whose offset does not fit its dtype's alignment, and a file cut short or not safetensors
+    at all go to ``load_file``, which reads them or raises its error naming what is wrong."""
     import struct
 
     import torch
     from safetensors.torch import load_file
 
     path = Path(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+    except (struct.error, ValueError):  # not a safetensors header: load_file says what is wrong
+        header = None
+    if not isinstance(header, dict):
+        return load_file(path)
     header.pop("__metadata__", None)
     start = 8 + n
     specs = []
     for name, spec in header.items():
         dtype = getattr(torch, _SAFETENSORS_DTYPES.get(spec["dtype"], ""), None)
-        if not isinstance(dtype, torch.dtype) or (start + spec["data_offsets"][0]) % dtype.itemsize:
-            return load_file(path)
-        specs.append((name, dtype, start + spec["data_offsets"][0], tuple(spec["shape"])))
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+        first, last = spec["data_offsets"]
+        if not isinstance(dtype, torch.dtype) or (start + first) % dtype.itemsize or start + last > size:
+            return load_file(path)  # an unmappable or cut-short tensor: load_file reads it or says what is wrong
+        specs.append((name, dtype, start + first, tuple(spec["shape"])))
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     return {name: torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
             for name, dtype, offset, shape in specs}

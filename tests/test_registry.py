@@ -254,3 +254,7 @@ def test_mapped_safetensors_equal_load_file_and_leave_the_file_alone(tmp_path):
     odd.write_bytes(struct.pack("<Q", len(header)) + header + bytes([1, 2, 3]) + struct.pack("<2f", 1.5, -2.0))
     got = mapped_safetensors(odd)
     assert got["a"].tolist() == [1, 2, 3] and got["f"].tolist() == [1.5, -2.0]
+    cut = tmp_path / "cut.safetensors"  # cut short: load_file's own error, not a tensor past the end of the map
+    cut.write_bytes(before[:-8])
+    with pytest.raises(Exception, match="(?i)incomplete|invalid|metadata|buffer"):
+        mapped_safetensors(cut)
