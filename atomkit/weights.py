@@ -170,30 +170,41 @@ def mapped_safetensors(path: str | Path) -> dict:
     private (copy-on-write): writing to a tensor never changes the file. A file whose header names a dtype not
     listed here, a tensor whose offset does not fit its dtype's alignment, and a file cut short or not safetensors
     at all go to ``load_file``, which reads them or raises its error naming what is wrong."""
-    import struct
-
     import torch
     from safetensors.torch import load_file
 
     path = Path(path)
+    specs = _mappable_tensors(path)
+    if specs is None:
+        return load_file(path)  # reads what cannot be mapped, or raises its error naming what is wrong
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    return {name: torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
+            for name, dtype, offset, shape in specs}
+
+
+def _mappable_tensors(path: Path) -> list | None:
+    """(name, dtype, byte offset, shape) of every tensor of a safetensors file, or None where one cannot be mapped
+    (a dtype not listed, an offset off its dtype's alignment, data past the end of the file) or the header is not
+    a safetensors header."""
+    import struct
+
+    import torch
+
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n)) if 8 + n <= size else None
-    except (struct.error, ValueError):  # not a safetensors header: load_file says what is wrong
-        header = None
-    if not isinstance(header, dict):
-        return load_file(path)
-    header.pop("__metadata__", None)
-    start = 8 + n
-    specs = []
-    for name, spec in header.items():
-        dtype = getattr(torch, _SAFETENSORS_DTYPES.get(spec["dtype"], ""), None)
-        first, last = spec["data_offsets"]
-        if not isinstance(dtype, torch.dtype) or (start + first) % dtype.itemsize or start + last > size:
-            return load_file(path)  # an unmappable or cut-short tensor: load_file reads it or says what is wrong
-        specs.append((name, dtype, start + first, tuple(spec["shape"])))
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    return {name: torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
-            for name, dtype, offset, shape in specs}
+            if 8 + n > size:
+                return None
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        specs = []
+        for name, spec in header.items():
+            dtype = getattr(torch, _SAFETENSORS_DTYPES.get(spec["dtype"], ""), None)
+            first, last = (8 + n + o for o in spec["data_offsets"])
+            if not isinstance(dtype, torch.dtype) or first % dtype.itemsize or last > size:
+                return None
+            specs.append((name, dtype, first, tuple(spec["shape"])))
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return specs
