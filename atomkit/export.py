@@ -699,12 +699,11 @@ def _lower_methods(methods: dict, *, quantized: bool, skip_passes: tuple[str, ..
 
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)), PREPROCESS_WORKERS)
+    lean = (edge_passes_lean, delegate_outputs_from_metadata, partitioning_lean, make_fx_without_module_patches)
     with torch.no_grad(), warnings.catch_warnings(), xnnpack_passes_without(skip_passes), \
-            edge_passes_without(skip_edge_passes), xnnpack_preprocess_in(workers), \
-            (edge_passes_lean() if lean_edge_passes else contextlib.nullcontext()), \
-            (delegate_outputs_from_metadata() if lean_edge_passes else contextlib.nullcontext()), \
-            (partitioning_lean() if lean_edge_passes else contextlib.nullcontext()), \
-            (make_fx_without_module_patches() if lean_edge_passes else contextlib.nullcontext()):
+            edge_passes_without(skip_edge_passes), xnnpack_preprocess_in(workers), contextlib.ExitStack() as stack:
+        for shortcut in lean if lean_edge_passes else ():
+            stack.enter_context(shortcut())
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(methods, partitioner=[xnnpack_partitioner(whole_ops=whole_ops)],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
