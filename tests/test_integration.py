@@ -106,6 +106,34 @@ def test_the_decoder_loads_what_from_pretrained_loads(real_session):
                            ref.generate(ids, max_new_tokens=6, num_beams=2))
 
 
+def test_the_fast_tokenizer_is_the_one_from_pretrained_gives(real_session):
+    """``fast_tokenizer`` (built from tokenizer.json directly) against ``AutoTokenizer.from_pretrained`` on the
+    converted SmolLM2 folder: the same vocabulary, special tokens and chat template, and the same ids for text
+    with special tokens, non-ASCII text and a padded batch."""
+    from transformers import AutoTokenizer
+
+    from atomkit.registry import fast_tokenizer
+    from atomkit.weights import smollm2_converted
+
+    folder = smollm2_converted(real_session.options.cache)
+    ref, tok = AutoTokenizer.from_pretrained(folder, local_files_only=True), fast_tokenizer(folder)
+    assert tok.get_vocab() == ref.get_vocab() and len(tok) == len(ref) == 49152
+    assert tok.special_tokens_map == ref.special_tokens_map and tok.all_special_ids == ref.all_special_ids
+    assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (ref.eos_token_id, ref.pad_token_id, ref.bos_token_id)
+    assert tok.chat_template == ref.chat_template and tok.model_max_length == ref.model_max_length
+    assert tok.padding_side == ref.padding_side
+    msgs = [{"role": "system", "content": "You write one-line captions."},
+            {"role": "user", "content": "A dog jumps over a log <|im_end|> near a café 😀"}]
+    text = ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == text
+    want = ref.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"] == want and len(want) > 20
+    texts = ["hello world", "a longer text, with  two spaces and <|endoftext|> inside"]
+    assert tok(texts, padding=True)["input_ids"] == ref(texts, padding=True)["input_ids"]
+    assert tok.decode(want) == ref.decode(want) and tok.decode(want, skip_special_tokens=True) == ref.decode(
+        want, skip_special_tokens=True)
+
+
 def test_the_converted_decoder_is_hashed_only_when_its_source_moved(real_session, monkeypatch):
     """While the GGUF's path, size and mtime are the recorded ones, a load reads nothing of it; a stamp without them
     (an older cache, another checkout's path) is checked by content once and then recorded."""
