@@ -1,6 +1,8 @@
 """The engine store: what a decode engine computes from an LM's weights (int4/int8 packed matrices, scales, bf16
-prefill copies, fused matrices) is written once to the cache and read back with mmap on every later load, so
-readying a quantized decoder costs a file read instead of a re-packing (int4: about 10 s on 2 cores).
+prefill copies, fused matrices) is written once to the cache as a safetensors file and mapped on every later load
+(``atomkit.weights.save_mappable``, every tensor 64-byte aligned for the packed kernels;
+``atomkit.weights.mapped_safetensors``: a page is read when a tensor first touches it), so readying a quantized
+decoder costs a file read instead of a re-packing (int4: about 10 s on 2 cores).
 
 Entries are keyed by the LM's weight files (name, size, modification time and the bytes at both ends of each),
 the stepper's settings, the torch version (packed layouts are torch's) and ``STORE_VERSION``; a changed source
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-STORE_VERSION = 2  # 2: fused Linears prefill with the model's tensors, no fp32 concatenation stored
+STORE_VERSION = 3  # 2: fused Linears prefill with the model's tensors; 3: safetensors (was torch.save, ``.pt``)
 _ENDS = 1 << 20  # bytes read at each end of a weight file for its fingerprint
 
 
@@ -42,7 +44,7 @@ def entry(store: Path, lm, settings: dict) -> Path | None:
     if source is None:
         return None
     key = json.dumps({"source": source, **settings, "torch": torch.__version__, "v": STORE_VERSION}, sort_keys=True)
-    return store / f"llama-{settings.get('weights', 'fp32')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    return store / f"llama-{settings.get('weights', 'fp32')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
 def stepper(decoder, *, max_seq_len: int | None = None, **settings):
@@ -50,8 +52,11 @@ def stepper(decoder, *, max_seq_len: int | None = None, **settings):
     engine store (``decoder.store``) when it holds one, else built and written there for next time.
 
     ``stepper.loaded_from`` is the store file it was read from (None when it was built)."""
+    from safetensors import SafetensorError
+
     from .io import atomic_path
     from .llama import LlamaStepper, default_prefill
+    from .weights import mapped_safetensors, save_mappable
 
     lm = decoder.lm
     store = getattr(decoder, "store", None)
@@ -60,16 +65,17 @@ def stepper(decoder, *, max_seq_len: int | None = None, **settings):
     path = entry(Path(store), lm, stored) if store and lm.lm_head.weight.is_cpu else None
     if path is not None and path.is_file():
         try:
-            packed = torch.load(path, mmap=True, weights_only=True)
-            made = LlamaStepper(lm, max_seq_len=max_seq_len, packed=packed, **settings)
+            made = LlamaStepper(lm, max_seq_len=max_seq_len, packed=mapped_safetensors(path), **settings)
             made.loaded_from = path
             return made
-        except (RuntimeError, ValueError, KeyError, EOFError, OSError):
+        except (SafetensorError, RuntimeError, ValueError, KeyError, OSError):
             path.unlink(missing_ok=True)  # unreadable (an older torch, a damaged file): packed again below
     made = LlamaStepper(lm, max_seq_len=max_seq_len, **settings)
     made.loaded_from = None
     state = made.packed_state()
     if path is not None and state:
         with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+            save_mappable(state, tmp)
+        for old in path.parent.glob("llama-*.pt"):  # entries of STORE_VERSION 2 (torch.save): never read again
+            old.unlink(missing_ok=True)
     return made

@@ -169,7 +169,11 @@ def mapped_safetensors(path: str | Path) -> dict:
     embedding table and the norms. Here a page is read from storage when a tensor first touches it. The map is
     private (copy-on-write): writing to a tensor never changes the file. A file whose header names a dtype not
     listed here, a tensor whose offset does not fit its dtype's alignment, and a file cut short or not safetensors
-    at all go to ``load_file``, which reads them or raises its error naming what is wrong."""
+    at all go to ``load_file``, which reads them or raises its error naming what is wrong.
+
+    A view starts where the file puts its tensor: 8-byte aligned in files ``save_file`` wrote, which the float
+    kernels the models run accept; files read by kernels that need more (packed int8/int4 matrices) are written with
+    ``save_mappable``, which aligns every tensor to ``ALIGN`` bytes."""
     import torch
     from safetensors.torch import load_file
 
@@ -180,6 +184,49 @@ def mapped_safetensors(path: str | Path) -> dict:
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
     return {name: torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
             for name, dtype, offset, shape in specs}
+
+
+ALIGN = 64  # bytes: where ``save_mappable`` starts every tensor (what torch's CPU allocator gives)
+_PADDING = "atomkit.padding"  # the __metadata__ key listing the filler entries ``save_mappable`` writes
+
+
+def save_mappable(tensors: dict, path: str | Path) -> None:
+    """Write ``tensors`` as a safetensors file in which every tensor starts at a multiple of ``ALIGN`` bytes from
+    the start of the file, so ``mapped_safetensors`` hands out views as aligned as freshly allocated tensors.
+
+    ``safetensors.torch.save_file`` aligns tensors to 8 bytes only, and some kernels need more:
+    ``torch._weight_int8pack_mm`` (torch 2.10, AVX2) crashes the process on an int8 matrix that starts 8 bytes
+    past a 16-byte boundary. The gaps are filled with uint8 entries listed under ``__metadata__["atomkit.padding"]``
+    (the format allows no holes), which ``mapped_safetensors`` leaves out; the file stays one that
+    ``safetensors.torch.load_file`` reads. Writes ``path`` in place: wrap it in ``atomkit.io.atomic_path``."""
+    import struct
+
+    import torch
+
+    names = {getattr(torch, v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    header, blobs, pads, at = {}, [], [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in names:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be written to a safetensors file here")
+        if at % ALIGN:
+            gap = ALIGN - at % ALIGN
+            pads.append(f"{_PADDING}.{len(pads)}")
+            header[pads[-1]] = {"dtype": "U8", "shape": [gap], "data_offsets": [at, at + gap]}
+            blobs.append(bytes(gap))
+            at += gap
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}
+        blobs.append(t.reshape(-1).view(torch.uint8).numpy().data if n else b"")
+        at += n
+    header["__metadata__"] = {"format": "pt", _PADDING: json.dumps(pads)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)  # the data starts at a multiple of ALIGN too (trailing spaces: allowed)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for b in blobs:
+            f.write(b)
 
 
 def _mappable_tensors(path: Path) -> list | None:
@@ -197,9 +244,12 @@ def _mappable_tensors(path: Path) -> list | None:
             if 8 + n > size:
                 return None
             header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
+        meta = header.pop("__metadata__", None) or {}
+        fillers = set(json.loads(meta.get(_PADDING, "[]")))  # save_mappable's gap fillers: not tensors of the caller
         specs = []
         for name, spec in header.items():
+            if name in fillers:
+                continue
             dtype = getattr(torch, _SAFETENSORS_DTYPES.get(spec["dtype"], ""), None)
             first, last = (8 + n + o for o in spec["data_offsets"])
             if not isinstance(dtype, torch.dtype) or first % dtype.itemsize or last > size:

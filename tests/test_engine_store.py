@@ -41,8 +41,11 @@ def run(st, ids):
 def test_a_stored_stepper_equals_a_packed_one(saved_lm, tmp_path, settings):
     store = tmp_path / "engines"
     ids = torch.tensor([[11, 12, 13, 14, 15, 16], [40, 41, 42, 43, 44, 45]])
+    store.mkdir()
+    (store / "llama-int4-0123456789abcdef.pt").write_bytes(b"an entry of STORE_VERSION 2 (torch.save)")
     first = stepper(decoder(saved_lm, store), **settings)
-    assert first.loaded_from is None and len(list(store.iterdir())) == 1  # packed, then written once
+    assert first.loaded_from is None  # packed, then written once; the old-format entry is gone
+    assert [p.suffix for p in store.iterdir()] == [".safetensors"]
     again = stepper(decoder(saved_lm, store), **settings)
     assert again.loaded_from == next(store.iterdir())
     a, b = run(first, ids), run(again, ids)
