@@ -133,12 +133,12 @@ def llama_from_safetensors(folder: Path):
     ``from_pretrained``'s (tested: same tensors, same generation config, same attention implementation)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from .weights import mapped_safetensors
+    from .weights import mapped_safetensors, skeleton
 
     folder = Path(folder)
     config = LlamaConfig.from_pretrained(folder, local_files_only=True)
     config._name_or_path = str(folder)  # what the engine store keys the LM's files by
-    with torch.device("meta"):
+    with skeleton():
         lm = LlamaForCausalLM(config)
     state: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):

@@ -289,3 +289,56 @@ def test_mapped_safetensors_equal_load_file_and_leave_the_file_alone(tmp_path):
     cut.write_bytes(before[:-8])
     with pytest.raises(Exception, match="(?i)incomplete|invalid|metadata|buffer"):
         mapped_safetensors(cut)
+
+
+def test_skeleton_skips_only_this_threads_meta_initialisers_and_restores_the_layers():
+    """Under ``weights.skeleton`` a model is built on meta with the same tensors (names, shapes, dtypes) as under
+    ``torch.device("meta")``, without calling the layers' initialisers; a real-device layer built inside still
+    initialises, as does one another thread builds meanwhile; afterwards the layer classes have their own methods."""
+    import threading
+
+    from torch import nn
+    from transformers import LlamaForCausalLM
+
+    from atomkit.registry import tiny_llama_config
+    from atomkit.weights import skeleton
+
+    config = tiny_llama_config(1000)
+    originals = {c: c.__dict__["reset_parameters"] for c in (nn.Linear, nn.Embedding, nn.LayerNorm)}
+    calls = []
+    seen = nn.Linear.reset_parameters
+
+    def counting(self):
+        calls.append(type(self).__name__)
+        return seen(self)
+
+    nn.Linear.reset_parameters = counting
+    try:
+        with torch.device("meta"):
+            plain = LlamaForCausalLM(config)
+        assert calls  # the plain meta build runs the initialisers
+        torch.manual_seed(3)
+        want = nn.Linear(8, 8).weight.detach().clone()
+        calls.clear()
+        got, inside = {}, {}
+
+        def other_thread():
+            torch.manual_seed(3)
+            got["w"] = nn.Linear(8, 8).weight.detach().clone()
+
+        with skeleton():
+            built = LlamaForCausalLM(config)
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+            torch.manual_seed(3)
+            inside["w"] = nn.Linear(8, 8, device="cpu").weight.detach().clone()
+        assert calls.count("Linear") == 2  # the other thread's layer and the CPU layer; none of the model's
+        assert torch.equal(got["w"], want) and torch.equal(inside["w"], want)
+        a, b = plain.state_dict(), built.state_dict()
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+        assert all(t.is_meta for t in b.values())
+        assert nn.Linear.reset_parameters is counting  # put back as it was found
+    finally:
+        nn.Linear.reset_parameters = seen
+    assert all(c.__dict__["reset_parameters"] is f for c, f in originals.items())

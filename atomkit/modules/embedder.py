@@ -84,10 +84,10 @@ def minilm(path: Path, device: str = "cpu") -> SentenceEmbedder:
     made from the config."""
     from transformers import BertTokenizerFast
 
-    from ..weights import mapped_safetensors
+    from ..weights import mapped_safetensors, skeleton
 
     path = Path(path)
-    with torch.device("meta"):
+    with skeleton():
         net = mean_pooled_bert(path)
     skip = ("pooler.", "embeddings.position_ids")  # the unused pooler; a buffer older files store, made below
     state = {f"bert.{k}": v for k, v in mapped_safetensors(path / "model.safetensors").items() if not k.startswith(skip)}

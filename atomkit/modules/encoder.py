@@ -101,10 +101,10 @@ def efficientnet_lite(variant: str, pretrained: bool, cache: Path | None = None)
     if not pretrained:
         return EfficientNetEncoder(fold_batchnorm(EfficientNet.from_name(f"efficientnet-{variant}").eval()),
                                    imagenet_labels()).eval()
-    from ..weights import efficientnet_folded, mapped_safetensors
+    from ..weights import efficientnet_folded, mapped_safetensors, skeleton
 
     folder = efficientnet_folded(variant, cache)
-    with torch.device("meta"):
+    with skeleton():
         net = folded_layout(EfficientNet.from_name(f"efficientnet-{variant}").eval())
     net.load_state_dict(mapped_safetensors(folder / "model.safetensors"), strict=True, assign=True)
     enc = EfficientNetEncoder(net, imagenet_labels()).eval()
