@@ -105,7 +105,7 @@ def efficientnet_lite(variant: str, pretrained: bool, cache: Path | None = None)
 
     folder = efficientnet_folded(variant, cache)
     with skeleton():
-        net = folded_layout(EfficientNet.from_name(f"efficientnet-{variant}").eval())
+        net = folded_layout(EfficientNet.from_name(f"efficientnet-{variant}"))  # eval(): once, on the wrapper
     net.load_state_dict(mapped_safetensors(folder / "model.safetensors"), strict=True, assign=True)
     enc = EfficientNetEncoder(net, imagenet_labels()).eval()
     enc.weight_files = [folder / "model.safetensors"]
