@@ -409,13 +409,14 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     gc.freeze()
     runs: dict[str, list[tuple[dict, _Recorder, MemoryMonitor, float]]] = {"no_reuse": [], "reuse": []}
     gc_timers: dict[str, list[GcTimer]] = {"no_reuse": [], "reuse": []}
+    cpu: dict[str, list[tuple[float, float]]] = {"no_reuse": [], "reuse": []}  # (process CPU s, wall s) per run
     try:
         for r in range(repeats):  # ABBA order: drift of the machine over the run falls on both paths alike
             order = ("no_reuse", "reuse") if r % 2 == 0 else ("reuse", "no_reuse")
             for name in order:
                 steps.set_postfix_str(f"{name} {r + 1}/{repeats}")
                 release_memory()
-                steal0 = cpu_steal_s()
+                steal0, cpu0, wall0 = cpu_steal_s(), time.process_time(), time.perf_counter()
                 with MemoryMonitor(device) as mon, GcTimer() as gct:
                     rec = _Recorder(device, mon, cold=cold)
                     if name == "reuse":
@@ -423,6 +424,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
                     else:
                         path = run_no_reuse(spec, videos, prompt_list, k, rec)
                 runs[name].append((path, rec, mon, cpu_steal_s() - steal0))
+                cpu[name].append((time.process_time() - cpu0, time.perf_counter() - wall0))
                 gc_timers[name].append(gct)
                 steps.update()
     finally:
@@ -474,6 +476,9 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
         "load_vs_read_floor": floors,
         # CPU time the hypervisor gave to other guests while each path ran (all repeats): shared-host noise
         "cpu_steal_s": {name: round(sum(st for *_, st in rs), 2) for name, rs in runs.items()},
+        # the process's CPU time (all threads) per run of each path, both tasks: the work each path does, which
+        # the hypervisor's steal does not stretch as it stretches wall time (waiting for storage is not in it)
+        "cpu_s": cpu_summary(cpu),
         # the garbage collector's share of each path (all repeats): seconds and collections
         "gc": {name: {"seconds": round(sum(t.seconds for t in ts), 3), "collections": sum(t.collections for t in ts)}
                for name, ts in gc_timers.items()},
@@ -484,6 +489,18 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
                               for what in ("captions", "scripts")},
         "device": host_info(device),
     }
+
+
+def cpu_summary(cpu: dict[str, list[tuple[float, float]]]) -> dict:
+    """Medians of the per-run CPU and wall seconds of each path, their CPU ratio (reuse / no_reuse) and, with more
+    than one repeat, the paired ratio of each repeat."""
+    out = {name: {"cpu_s": round(statistics.median(c for c, _ in xs), 4), "wall_s": round(statistics.median(w for _, w in xs), 4),
+                  "samples": [round(c, 4) for c, _ in xs]} for name, xs in cpu.items()}
+    out["ratio"] = round(out["reuse"]["cpu_s"] / out["no_reuse"]["cpu_s"], 4) if out["no_reuse"]["cpu_s"] else None
+    if len(cpu["reuse"]) > 1:
+        out["ratio_per_run"] = [round(a / b, 4) if b else None
+                                for (a, _), (b, _) in zip(cpu["reuse"], cpu["no_reuse"])]
+    return out
 
 
 def read_floor(files: Sequence[str], cold: bool, repeats: int = 3) -> dict:
@@ -563,6 +580,10 @@ def table(result: dict) -> str:
         lines.append(f"garbage collection (s, all repeats): w/o reuse {g['no_reuse']['seconds']:.2f} "
                      f"({g['no_reuse']['collections']}), ATOM {g['reuse']['seconds']:.2f} ({g['reuse']['collections']}); "
                      f"CPU steal: {result['cpu_steal_s']['no_reuse']:.2f}, {result['cpu_steal_s']['reuse']:.2f}")
+    if result.get("cpu_s"):  # benchmarks written before it have none
+        c = result["cpu_s"]
+        lines.append(f"process CPU time per run (both tasks): w/o reuse {c['no_reuse']['cpu_s']:.2f} s, "
+                     f"ATOM {c['reuse']['cpu_s']:.2f} s, ratio {c['ratio']}")
     return "\n".join(lines)
 
 

@@ -80,6 +80,17 @@ def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
         assert e["ratio_per_run"] == pytest.approx(
             [a / b for a, b in zip(e["samples"]["reuse"], e["samples"]["no_reuse"])], abs=1e-3)
     assert r["end_to_end"]["assembly"]["reuse"] >= r["end_to_end"]["retrieval"]["reuse"]
+    import os
+
+    c = r["cpu_s"]  # process CPU time per path run: positive, at most all cores for the run's wall time
+    for name in ("reuse", "no_reuse"):
+        assert len(c[name]["samples"]) == 2 and all(x > 0 for x in c[name]["samples"])
+        assert c[name]["wall_s"] >= r["end_to_end"]["assembly"][name] * 0.9  # the run holds the assembly and more
+        assert c[name]["cpu_s"] <= c[name]["wall_s"] * (os.cpu_count() or 1) + 0.05
+    assert c["ratio"] == pytest.approx(c["reuse"]["cpu_s"] / c["no_reuse"]["cpu_s"], abs=1e-3)
+    assert c["ratio_per_run"] == pytest.approx(
+        [a / b for a, b in zip(c["reuse"]["samples"], c["no_reuse"]["samples"])], abs=1e-3)
+    assert "process CPU time per run" in table(r)
     assert r["outputs_identical"] == {"captions": True, "scripts": True}
     o = r["overlap"]
     assert o["caption_batch"] == 1  # overlap is measured per clip, as the paper defines L_E and L_D
