@@ -494,7 +494,8 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
 def cpu_summary(cpu: dict[str, list[tuple[float, float]]]) -> dict:
     """Medians of the per-run CPU and wall seconds of each path, their CPU ratio (reuse / no_reuse) and, with more
     than one repeat, the paired ratio of each repeat."""
-    out = {name: {"cpu_s": round(statistics.median(c for c, _ in xs), 4), "wall_s": round(statistics.median(w for _, w in xs), 4),
+    out = {name: {"cpu_s": round(statistics.median(c for c, _ in xs), 4),
+                  "wall_s": round(statistics.median(w for _, w in xs), 4),
                   "samples": [round(c, 4) for c, _ in xs]} for name, xs in cpu.items()}
     out["ratio"] = round(out["reuse"]["cpu_s"] / out["no_reuse"]["cpu_s"], 4) if out["no_reuse"]["cpu_s"] else None
     if len(cpu["reuse"]) > 1:
