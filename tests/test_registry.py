@@ -148,6 +148,38 @@ def test_batchnorm_folding_keeps_the_encoder_outputs():
     assert [c for c, _ in b.concepts] == [c for c, _ in a.concepts]
 
 
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_litenet_is_the_packages_folded_net_with_fewer_modules(variant):
+    """``LiteNet`` (what the default encoder loads its folded weights into) has the parameter names and shapes of
+    the package's EfficientNet-Lite after ``fold_batchnorm`` and computes the same features and logits, to the bit,
+    on random weights with non-trivial BatchNorm statistics (unit test only). Lite2 checks the width and depth
+    scaling and its 260 px padding; the net builds far fewer modules (no BatchNorm, padding or activation modules)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from atomkit.modules.encoder import fold_batchnorm
+    from atomkit.modules.lite import LiteNet
+
+    torch.manual_seed(0)
+    ref = EfficientNet.from_name(f"efficientnet-{variant}").eval()
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    ref = fold_batchnorm(ref)
+    net = LiteNet(variant).eval()
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    net.load_state_dict(ref.state_dict(), strict=True)
+    size = ref.input_image_size
+    x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)  # as encode() hands it
+    with torch.inference_mode():
+        a, b = ref.extract_features(x), net.extract_features(x)
+        assert torch.equal(a, b)
+        assert torch.equal(ref._fc(a.mean(dim=(2, 3))), net(x))
+    assert len(list(net.modules())) < len(list(ref.modules())) / 2
+
+
 def test_the_encoder_loads_its_folded_copy_from_the_cache(tmp_path, monkeypatch):
     """The default encoder reads the package's weights from a folded safetensors copy in the cache, written once.
     It gives the package's own (unfolded) net's features and concepts on real frames, reads nothing of the

