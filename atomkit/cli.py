@@ -439,7 +439,7 @@ def _run(args) -> int:
         print("\n".join(str(p) for p in sample_videos()))
         return 0
 
-    from .io import json_text, write_json_atomic
+    from .io import count, json_text, write_json_atomic
 
     if args.command in ("caption", "retrieve", "assemble", "eval", "index") and getattr(args, "out", None):
         _check_out_dir(Path(args.out))
@@ -525,7 +525,7 @@ def _run(args) -> int:
                     result.pop("videos", None)
                     n = result["counts"]
                     print(json_text(result) if args.json else
-                          f"{lib.path}: {n['clips']} clips of {n['videos'] - n['unreadable']} videos"
+                          f"{lib.path}: {count(n['clips'], 'clip')} of {count(n['videos'] - n['unreadable'], 'video')}"
                           + (f" ({n['unreadable']} unreadable file(s) recorded)" if n["unreadable"] else ""))
                     return 0 if report.captioned or report.cached or not report.skipped else 1
                 idx = load_index(session, lib, report.videos if report is not None else None)
@@ -592,7 +592,7 @@ def _run(args) -> int:
                          + (f" ({'; '.join(asm.script.problems)})" if asm.script.problems else ""))
             dropped = (f"; dropped {len(asm.dropped)} that could not be read: "
                        + ", ".join(d["clip_id"] for d in asm.dropped)) if asm.dropped else ""
-            lines.append(f"wrote {asm.reel} ({asm.reel_info['duration_s']:.1f} s, {asm.reel_info['n_clips']} clips"
+            lines.append(f"wrote {asm.reel} ({asm.reel_info['duration_s']:.1f} s, {count(asm.reel_info['n_clips'], 'clip')}"
                          f"{dropped}), {asm.outputs['script']}, {asm.outputs['captions']}")
         result["load"] = session.load_report()
         if args.json:
@@ -600,7 +600,7 @@ def _run(args) -> int:
         else:
             print("\n".join(lines))
             loads = ", ".join(f"{m} {s['seconds']:.1f} s" for m, s in session.load_report().items())
-            print(f"{len(caps.clips)} clips from {len({c.clip.video for c in caps.clips})} videos in "
+            print(f"{count(len(caps.clips), 'clip')} from {count(len({c.clip.video for c in caps.clips}), 'video')} in "
                   f"{caps.seconds:.1f} s; skipped {len(caps.skipped)}; model loads: {loads}")
     return 0
 

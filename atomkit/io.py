@@ -102,6 +102,11 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun`` for a message: ``1 clip``, ``4 clips``, ``0 videos`` (nouns whose plural adds an s)."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def json_text(obj) -> str:
     """`obj` as JSON text (indent 2, non-ASCII kept) that always encodes to valid UTF-8, losslessly: a lone
     surrogate (:func:`printable`) becomes the JSON escape ``\\udcXX``, so ``json.loads`` gives back the same

@@ -114,7 +114,7 @@ def app(tiny_session, samples, tmp_path_factory):
 
 def test_open_captions_the_library_and_shows_clips(app, samples):
     st = app.state
-    assert not st.error and "4 clips from 4 video(s)" in st.message, st.message
+    assert not st.error and "4 clips from 4 videos" in st.message, st.message
     assert sorted(c.id for c in st.clips) == sorted(f"{Path(p).stem}#00" for p in samples)
     thumbs = {c.id: app.thumbnail(c.id) for c in st.clips}
     assert all(t[:2] == b"\xff\xd8" for t in thumbs.values())  # JPEG

@@ -198,7 +198,7 @@ def test_the_app_opens_the_corpus_and_renders_without_the_unreadable(corpus, tin
     app.render()
     app.wait(600)
     assert not app.state.error, app.state.message
-    assert "rendered 1 clips" in app.state.message and "dropped live#00: moviepy cannot read it" in app.state.message
+    assert "rendered 1 clip," in app.state.message and "dropped live#00: moviepy cannot read it" in app.state.message
     assert [s["clip_id"] for s in app.state.reel_info["segments"]] == ["rotated#00"]
     script = json.loads(app.state.outputs["script"].read_text(encoding="utf-8"))
     assert [d["clip_id"] for d in script["dropped"]] == ["live#00"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import atomkit.io as io
-from atomkit.io import atomic_dir, atomic_path, current_set, output_set, remove_stale, write_json_atomic
+from atomkit.io import atomic_dir, atomic_path, count, current_set, output_set, remove_stale, write_json_atomic
 
 NAMES = ["reel.mp4", "script.json", "captions.json"]
 
@@ -139,3 +139,8 @@ def test_every_atomic_writer_cleans_up_after_killed_ones(tmp_path):
         (tmp / "model.safetensors").write_bytes(b"model")
     assert not any(p.exists() for p in leftovers)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reel.mp4", "script.json", "smollm2"]
+
+
+def test_count_gives_the_singular_for_one_only():
+    """Messages say "1 clip" and "0 videos", not "1 clips" (the CLI summary and the app said so before)."""
+    assert [count(n, "clip") for n in (0, 1, 2, 11)] == ["0 clips", "1 clip", "2 clips", "11 clips"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import AssemblyError, AtomkitError, InputError, VideoError
+from ..io import count
 from ..tasks import Captions, CaptionedClip, Index, caption, index, render, retrieve, write_script
 from ..video import preview as cut_preview, probe, sample_videos, thumbnail
 from .state import AppState, ReelEdit
@@ -212,7 +213,7 @@ class AssemblyApp:
             for video in {c.clip.video for c in caps.clips}:  # trim bounds, so a search needs no probe
                 self.duration(video)
             videos = len({c.clip.video for c in caps.clips})
-            what = f"{len(caps.clips)} clips from {videos} video(s) captioned in {caps.seconds:.1f} s"
+            what = f"{count(len(caps.clips), 'clip')} from {count(videos, 'video')} captioned in {caps.seconds:.1f} s"
             if caps.cancelled:
                 what = f"cancelled: {what}, the rest left out"
             elif self._cancel.is_set():
@@ -285,7 +286,7 @@ class AssemblyApp:
                 self.k = int(k)
             hits = retrieve(self.session, self.state.index, prompt, k=self.k)
             self.state.edit = ReelEdit(prompt.strip(), hits, self.duration)
-            self.state.say(f"{len(hits)} clips for “{prompt.strip()}”, best first")
+            self.state.say(f"{count(len(hits), 'clip')} for “{prompt.strip()}”, best first")
 
         return self._sync("search", work)
 
@@ -313,7 +314,7 @@ class AssemblyApp:
                 raise InputError("a new search replaced the edit while the script was written; write it again")
             edit.apply_script(script)
             note = "" if script.source == "decoder" else " (the decoder's answer was unusable: rank order)"
-            self.state.say(f"drafted by the decoder{note}: {len(script.entries)} clips; edit the order and the lines")
+            self.state.say(f"drafted by the decoder{note}: {count(len(script.entries), 'clip')}; edit the order and the lines")
 
         return self._start("writing script", work)
 
@@ -370,7 +371,7 @@ class AssemblyApp:
             self.reel_bytes = done.reel.read_bytes()
             self.state.outputs, self.state.reel_info = done.outputs, done.reel_info
             dropped = "".join(f"; dropped {d['clip_id']}: {d['reason']}" for d in done.dropped)
-            self.state.say(f"rendered {done.reel_info['n_clips']} clips, {done.reel_info['duration_s']:.1f} s, "
+            self.state.say(f"rendered {count(done.reel_info['n_clips'], 'clip')}, {done.reel_info['duration_s']:.1f} s, "
                            f"into {out}{dropped}")
 
         return self._start("rendering", work)

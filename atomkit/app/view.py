@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from ..io import printable
+from ..io import count, printable
 
 _CSS = """
 <style>
@@ -173,7 +173,7 @@ class AppView:
             cards.append(card)
         self._swap(self.grid, cards)
         n = len(st.clips)
-        self.page_label.value = (f"page {st.page + 1} of {app.pages()} · {n} clips" if n
+        self.page_label.value = (f"page {st.page + 1} of {app.pages()} · {count(n, 'clip')}" if n
                                  else "<span class='ak-muted'>no library open</span>")
         self.prev_page.disabled = st.page == 0
         self.next_page.disabled = st.page >= app.pages() - 1
