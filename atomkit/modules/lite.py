@@ -5,7 +5,7 @@ The same layers, parameter names and arithmetic as the ``efficientnet_lite_pytor
 where a block keeps its shape), so it loads the folded weights file as it is and gives the same
 outputs (tested). It only leaves out what inference never runs: the 49 BatchNorms (folded), dropout,
 drop-connect and the swish variants. That is what makes loading it cheap: the package's constructor
-builds 185 modules (about 16 ms on 2 cores, more than reading the 18 MiB of weights); this builds 67.
+builds 185 modules (about 16 ms on 2 cores, more than reading the 18 MiB of weights); this builds 68.
 The architecture numbers (widths, depths, kernels, strides) come from the package's own tables.
 """
 from __future__ import annotations
@@ -42,14 +42,15 @@ class Block(nn.Module):
     def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int, size: int):
         super().__init__()
         mid = cin * expand
-        if expand != 1:
+        self.expand = expand != 1
+        if self.expand:
             self._expand_conv = SameConv(cin, mid, 1, 1, size)
         self._depthwise_conv = SameConv(mid, mid, kernel, stride, size, groups=mid)
         self._project_conv = SameConv(mid, cout, 1, 1, math.ceil(size / stride))
         self.skip = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _relu6(self._expand_conv(x)) if hasattr(self, "_expand_conv") else x
+        y = _relu6(self._expand_conv(x)) if self.expand else x
         y = self._project_conv(_relu6(self._depthwise_conv(y)))
         return y + x if self.skip else y
 
