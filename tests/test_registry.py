@@ -122,23 +122,30 @@ def test_random_weights_are_written_in_the_user_layout_and_read_back(tmp_path):
     assert all(torch.equal(proj[k], v) for k, v in dec.projector.state_dict().items())
 
 
-def test_batchnorm_folding_keeps_the_encoder_outputs():
-    """EfficientNet-Lite0 (random weights, unit test only) with non-trivial BatchNorm statistics gives the
-    same features and class probabilities after its BatchNorms are folded into the convolutions."""
-    import copy
-
+def _lite_with_batchnorm_statistics(variant: str):
+    """The package's EfficientNet-Lite ``variant`` in eval mode, random weights (unit tests only), its BatchNorms
+    given non-trivial statistics and affine maps, so that folding them is not the identity."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from atomkit.modules.encoder import EfficientNetEncoder, fold_batchnorm, imagenet_labels
-
     torch.manual_seed(0)
-    net = EfficientNet.from_name("efficientnet-lite0").eval()
+    net = EfficientNet.from_name(f"efficientnet-{variant}").eval()
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
+    return net
+
+
+def test_batchnorm_folding_keeps_the_encoder_outputs():
+    """EfficientNet-Lite0 (random weights, unit test only) with non-trivial BatchNorm statistics gives the
+    same features and class probabilities after its BatchNorms are folded into the convolutions."""
+    import copy
+
+    from atomkit.modules.encoder import EfficientNetEncoder, fold_batchnorm, imagenet_labels
+
+    net = _lite_with_batchnorm_statistics("lite0")
     ref = EfficientNetEncoder(copy.deepcopy(net), imagenet_labels()).eval()
     folded = EfficientNetEncoder(fold_batchnorm(net), imagenet_labels()).eval()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
@@ -154,20 +161,10 @@ def test_litenet_is_the_packages_folded_net_with_fewer_modules(variant):
     the package's EfficientNet-Lite after ``fold_batchnorm`` and computes the same features and logits, to the bit,
     on random weights with non-trivial BatchNorm statistics (unit test only). Lite2 checks the width and depth
     scaling and its 260 px padding; the net builds far fewer modules (no BatchNorm, padding or activation modules)."""
-    from efficientnet_lite_pytorch import EfficientNet
-
     from atomkit.modules.encoder import fold_batchnorm
     from atomkit.modules.lite import LiteNet
 
-    torch.manual_seed(0)
-    ref = EfficientNet.from_name(f"efficientnet-{variant}").eval()
-    for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    ref = fold_batchnorm(ref)
+    ref = fold_batchnorm(_lite_with_batchnorm_statistics(variant))
     net = LiteNet(variant).eval()
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     net.load_state_dict(ref.state_dict(), strict=True)
