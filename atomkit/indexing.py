@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .library import Library, config_of, fingerprint
+from .io import count
+from .library import Library, LibraryError, config_of, fingerprint
 from .tasks import CaptionedClip, Captions, Index, Skipped, caption
 from .video import Clip, probe, scan, unique_ids
 
@@ -49,8 +50,8 @@ class IndexReport:
                 "workers": self.workers}
 
     def summary(self) -> str:
-        parts = [f"captioned {len(self.captioned)} video(s) ({self.clips_new} clips)" if self.captioned
-                 else "nothing to caption", f"{len(self.cached)} video(s) already in the library"]
+        parts = [f"captioned {count(len(self.captioned), 'video')} ({count(self.clips_new, 'clip')})" if self.captioned
+                 else "nothing to caption", f"{count(len(self.cached), 'video')} already in the library"]
         if self.moved:
             parts.append(f"{len(self.moved)} moved or renamed (clips kept)")
         if self.skipped:
@@ -60,7 +61,7 @@ class IndexReport:
         if self.pruned:
             parts.append(f"{len(self.pruned)} gone from disk, removed")
         if self.not_videos:
-            parts.append(f"{self.not_videos} other file(s) were not videos")
+            parts.append(f"{count(self.not_videos, 'other file')} {'was not a video' if self.not_videos == 1 else 'were not videos'}")
         return "; ".join(parts) + f" in {self.seconds:.1f} s" + (" (cancelled)" if self.cancelled else "")
 
 
@@ -78,6 +79,8 @@ def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool
 
     Stored videos under a scanned folder whose files no longer exist are removed when ``prune`` (their
     clips with them); a moved file is found again first. Progress counts videos (done / to do)."""
+    if not lib.writable:
+        raise LibraryError(f"{lib.path} was opened for reading: open it with Library(path) to index into it")
     t0 = time.perf_counter()
     report = IndexReport()
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
@@ -216,7 +219,7 @@ def load_index(session, lib: Library, videos: Iterable[str | Path] | None = None
     decoder is loaded. Clip ids are unique in the index (``unique_ids``)."""
     cfg = lib.config_id(config_of(session))
     wanted = None if videos is None else [Path(v).resolve() for v in videos]
-    rows = lib.clips(cfg, wanted)
+    rows = lib.clips(cfg, wanted) if cfg is not None else []
     ids = unique_ids([p for p, *_ in rows])
     clips = [CaptionedClip(Clip(p, i, a, b, uid=f"{ids[p]}#{i:02d}"), cap, [(str(lbl), float(pr)) for lbl, pr in con])
              for p, i, a, b, cap, con, _ in rows]
