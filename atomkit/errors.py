@@ -68,3 +68,7 @@ class AssemblyError(AtomkitError):
 
 class PipelineError(AtomkitError):
     """A stage of an executor failed; the original exception is the __cause__."""
+
+
+class OutputError(AtomkitError):
+    """An output that could not be written (a full disk); the user's file or folder is left as it was."""

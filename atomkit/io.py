@@ -8,6 +8,7 @@ writer that is still running.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .errors import OutputError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -29,6 +32,31 @@ def _umask() -> int:
 # Temp files are created 0600; the final file gets the permissions a plain open() would give.
 _FILE_MODE = 0o666 & ~_umask()
 _LEGACY_STALE_S = 3600.0  # temporaries without a process id (older atomkit versions): stale after an hour
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a full disk or quota: ENOSPC/EDQUOT, or a tool's message that says
+    so (ffmpeg's "No space left on device" reaches moviepy as a broken pipe)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _disk_full_named(target: Path) -> Iterator[None]:
+    """A full disk while writing ``target`` (the user's file or folder) becomes one :class:`OutputError` that
+    names it, never the temporary path inside it."""
+    try:
+        yield
+    except Exception as e:
+        if no_space(e):
+            raise OutputError(f"the disk holding {target} is full: free some space and run again ({target} was "
+                              f"left as it was)") from e
+        raise
 
 
 def _unlink_quietly(path: str | Path) -> None:
@@ -146,20 +174,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     The suffix is kept so tools that choose a container from the extension (ffmpeg) still work.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path.name), suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"{tmp}: nothing was written for {path}")
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    with _disk_full_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path.name), suffix=path.suffix)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            if not tmp.exists():
+                raise FileNotFoundError(f"{tmp}: nothing was written for {path}")
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
 
 
 @contextlib.contextmanager
@@ -239,60 +268,61 @@ def output_set(folder: str | Path, names: Iterable[str]) -> Iterator[Path]:
     as it was. Names of the previous set that this set does not have are unlinked (the folder holds one run's
     outputs). A regular file at ``folder/<name>`` (written by an older atomkit) is replaced by the link.
     """
-    folder = Path(folder)
-    names = list(dict.fromkeys(names))
-    if not names or any(n != Path(n).name or n.startswith(".") for n in names):
-        raise ValueError(f"output_set takes plain, non-hidden file names, got {names}")
-    sets = folder / SETS / "sets"
-    sets.mkdir(parents=True, exist_ok=True)
-    _sweep_sets(folder)
-    for n in names:
-        remove_stale(folder / n)
-    stage = sets / f"{os.getpid()}-{secrets.token_hex(4)}"
-    stage.mkdir()
-    with _STAGING_LOCK:
-        _STAGING.add(stage)
-    try:
-        yield stage
-        missing = [n for n in names if not (stage / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{stage}: {', '.join(missing)} not written; nothing was published")
+    with _disk_full_named(Path(folder)):
+        folder = Path(folder)
+        names = list(dict.fromkeys(names))
+        if not names or any(n != Path(n).name or n.startswith(".") for n in names):
+            raise ValueError(f"output_set takes plain, non-hidden file names, got {names}")
+        sets = folder / SETS / "sets"
+        sets.mkdir(parents=True, exist_ok=True)
+        _sweep_sets(folder)
         for n in names:
-            with open(stage / n, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(stage)
-    except BaseException:
+            remove_stale(folder / n)
+        stage = sets / f"{os.getpid()}-{secrets.token_hex(4)}"
+        stage.mkdir()
+        with _STAGING_LOCK:
+            _STAGING.add(stage)
+        try:
+            yield stage
+            missing = [n for n in names if not (stage / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{stage}: {', '.join(missing)} not written; nothing was published")
+            for n in names:
+                with open(stage / n, "rb") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(stage)
+        except BaseException:
+            with _STAGING_LOCK:
+                _STAGING.discard(stage)
+            shutil.rmtree(stage, ignore_errors=True)
+            for empty in (sets, sets.parent):  # nothing was ever published here: leave no trace
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
+            raise
+        if not _symlinks_work(folder):
+            _publish_by_rename(stage, folder, names)
+            return
+        previous = current_set(folder)
+        old_names = {p.name for p in previous.iterdir()} if previous else set()
+        target = lambda n: f"{SETS}/current/{n}"  # noqa: E731
+        for n in names:  # before the switch: only where it changes nothing a reader can see
+            at = folder / n
+            if at.is_symlink() and os.readlink(at) == target(n):
+                continue
+            if at.is_symlink() or not at.exists():  # nothing there, or a link elsewhere (dangling or not)
+                _link(target(n), at)
+        _link(f"sets/{stage.name}", folder / SETS / "current")  # the switch: one rename
+        _fsync_dir(folder / SETS)
+        for n in names:  # a regular file written by an older atomkit: replaced now, one by one
+            if not (folder / n).is_symlink():
+                _link(target(n), folder / n)
+        for n in old_names - set(names):
+            at = folder / n
+            if at.is_symlink() and os.readlink(at) == target(n):
+                _unlink_quietly(at)
         with _STAGING_LOCK:
             _STAGING.discard(stage)
-        shutil.rmtree(stage, ignore_errors=True)
-        for empty in (sets, sets.parent):  # nothing was ever published here: leave no trace
-            with contextlib.suppress(OSError):
-                empty.rmdir()
-        raise
-    if not _symlinks_work(folder):
-        _publish_by_rename(stage, folder, names)
-        return
-    previous = current_set(folder)
-    old_names = {p.name for p in previous.iterdir()} if previous else set()
-    target = lambda n: f"{SETS}/current/{n}"  # noqa: E731
-    for n in names:  # before the switch: only where it changes nothing a reader can see
-        at = folder / n
-        if at.is_symlink() and os.readlink(at) == target(n):
-            continue
-        if at.is_symlink() or not at.exists():  # nothing there, or a link elsewhere (dangling or not)
-            _link(target(n), at)
-    _link(f"sets/{stage.name}", folder / SETS / "current")  # the switch: one rename
-    _fsync_dir(folder / SETS)
-    for n in names:  # a regular file written by an older atomkit: replaced now, one by one
-        if not (folder / n).is_symlink():
-            _link(target(n), folder / n)
-    for n in old_names - set(names):
-        at = folder / n
-        if at.is_symlink() and os.readlink(at) == target(n):
-            _unlink_quietly(at)
-    with _STAGING_LOCK:
-        _STAGING.discard(stage)
-    _sweep_sets(folder)
+        _sweep_sets(folder)
 
 
 def _symlinks_work(folder: Path) -> bool:
