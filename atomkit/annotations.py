@@ -25,6 +25,7 @@ from pathlib import Path
 from .errors import InputError
 
 FORMATS = ("msrvtt", "msvd", "didemo", "atomkit")
+_FORMAT_NAMES = {"msrvtt": "an MSR-VTT", "msvd": "an MSVD", "didemo": "a DiDeMo", "atomkit": "an atomkit"}
 
 
 @dataclass
@@ -68,28 +69,51 @@ def _from_pairs(pairs: list[tuple[str, str]], fmt: str, source: str) -> Annotati
     return ann
 
 
-def _csv_rows(path: Path) -> list[dict]:
+def _items(path: Path, items, where: str, vid: str, text: str) -> list[tuple[str, str]]:
+    """(video, sentence) of each entry of a JSON list; an entry without both as text is an error that names
+    its position (1-based)."""
+    if not isinstance(items, list):
+        raise InputError(f"{path}: {where} must be a JSON list of {{{vid}, {text}}}, got {type(items).__name__}")
+    pairs = []
+    for n, item in enumerate(items, start=1):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), (str, int)) for k in (vid, text)):
+            raise InputError(f"{path}: entry {n} of {where} needs {vid!r} and {text!r} as text, got {item!r:.120}")
+        pairs.append((str(item[vid]), str(item[text])))
+    return pairs
+
+
+def _csv_rows(path: Path, columns: set[str], fmt: str) -> list[dict]:
+    """The rows of a CSV whose header has ``columns``; a row with a cell missing or one too many is an error
+    that names its line."""
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if not columns <= set(header):
+            raise InputError(f"{path}: {_FORMAT_NAMES[fmt]} CSV needs the columns {', '.join(sorted(columns))}; its "
+                             f"header has {', '.join(header) or 'nothing'}")
+        rows = []
+        for row in reader:
+            if None in row.values() or None in row:
+                fewer = None in row.values()
+                raise InputError(f"{path}:{reader.line_num}: this row has {'fewer' if fewer else 'more'} cells than "
+                                 f"the header ({', '.join(header)}); fix or remove it")
+            rows.append(row)
+        return rows
 
 
 def load_msrvtt(path: Path) -> Annotations:
     if path.suffix.lower() == ".csv":
-        rows = _csv_rows(path)
-        if rows and not {"video_id", "sentence"} <= set(rows[0]):
-            raise InputError(f"{path}: an MSR-VTT CSV needs 'video_id' and 'sentence' columns, found {sorted(rows[0])}")
+        rows = _csv_rows(path, {"video_id", "sentence"}, "msrvtt")
         return _from_pairs([(r["video_id"], r["sentence"]) for r in rows], "msrvtt", str(path))
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or "sentences" not in data:
         raise InputError(f"{path}: an MSR-VTT JSON needs a 'sentences' list of {{video_id, caption}}")
-    return _from_pairs([(s["video_id"], s["caption"]) for s in data["sentences"]], "msrvtt", str(path))
+    return _from_pairs(_items(path, data["sentences"], "sentences", "video_id", "caption"), "msrvtt", str(path))
 
 
 def load_msvd(path: Path) -> Annotations:
     if path.suffix.lower() == ".csv":
-        rows = _csv_rows(path)
-        if rows and not {"VideoID", "Description"} <= set(rows[0]):
-            raise InputError(f"{path}: an MSVD CSV needs 'VideoID' and 'Description' columns, found {sorted(rows[0])}")
+        rows = _csv_rows(path, {"VideoID", "Description"}, "msvd")
         pairs = []
         for r in rows:
             if r.get("Language", "English") != "English":
@@ -110,9 +134,9 @@ def load_msvd(path: Path) -> Annotations:
 
 def load_didemo(path: Path) -> Annotations:
     data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, list) or (data and not {"video", "description"} <= set(data[0])):
+    if not isinstance(data, list):
         raise InputError(f"{path}: a DiDeMo file is a JSON list of {{video, description, times}}")
-    return _from_pairs([(d["video"], d["description"]) for d in data], "didemo", str(path))
+    return _from_pairs(_items(path, data, "the list", "video", "description"), "didemo", str(path))
 
 
 def load_atomkit(path: Path) -> Annotations:
@@ -120,10 +144,14 @@ def load_atomkit(path: Path) -> Annotations:
     if not isinstance(data, dict) or not isinstance(data.get("queries"), list):
         raise InputError(f'{path}: an atomkit annotation file is {{"queries": [{{"q": ..., "relevant": [video stems]}}]}}')
     ann = Annotations(format="atomkit", source=str(path))
-    for n, q in enumerate(data["queries"]):
-        text, rel = (q.get("q") or "").strip(), q.get("relevant") or []
-        if not text or not rel:
-            raise InputError(f"{path}: query {n} needs a non-empty 'q' and 'relevant' list, got {q!r}")
+    for n, q in enumerate(data["queries"], start=1):
+        text = q.get("q") if isinstance(q, dict) else None
+        rel = q.get("relevant") if isinstance(q, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{path}: query {n} needs a non-empty text 'q', got {q!r}")
+        if not isinstance(rel, list) or not rel or not all(isinstance(v, str) and v.strip() for v in rel):
+            raise InputError(f"{path}: query {n} ({text.strip()[:40]!r}) needs 'relevant' as a non-empty list of "
+                             f"video names, e.g. [\"bikes\"], got {rel!r}")
         ann.queries.append(Query(" ".join(text.split()), {_stem(v) for v in rel}))
     for vid, refs in (data.get("captions") or {}).items():
         ann.references[_stem(vid)] = [refs] if isinstance(refs, str) else list(refs)
@@ -158,8 +186,12 @@ def load(path: str | Path, fmt: str = "auto") -> Annotations:
     try:
         fmt = sniff(path) if fmt == "auto" else fmt
         ann = loaders[fmt](path)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{path}: cannot read it as {fmt}: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        what = "annotation file" if fmt == "auto" else f"{fmt} annotation file"
+        raise InputError(f"{path}: cannot read it as an {what} ({type(e).__name__}: {e})") from e
+    except (KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path}: not laid out as {_FORMAT_NAMES[fmt]} annotation file ({type(e).__name__}: "
+                         f"{e}); pass --format to choose another of {', '.join(FORMATS)}") from e
     if not ann.queries:
         raise InputError(f"{path}: no queries in it")
     return ann

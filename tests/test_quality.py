@@ -68,10 +68,10 @@ def test_bad_annotation_files_say_what_is_wrong(tmp_path):
     with pytest.raises(InputError, match="x.json"):
         load(tmp_path / "x.json")
     (tmp_path / "q.json").write_text(json.dumps({"queries": [{"q": " ", "relevant": ["a"]}]}))
-    with pytest.raises(InputError, match="query 0 needs a non-empty 'q'"):
+    with pytest.raises(InputError, match="query 1 needs a non-empty text 'q'"):
         load(tmp_path / "q.json")
     (tmp_path / "w.csv").write_text("id,text\n1,hello\n")
-    with pytest.raises(InputError, match="'video_id' and 'sentence' columns"):
+    with pytest.raises(InputError, match="needs the columns sentence, video_id; its header has id, text"):
         load(tmp_path / "w.csv")
 
 
