@@ -15,8 +15,10 @@ results travel.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,13 +35,59 @@ _WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_P
 READY_TIMEOUT_S = 900  # actors that have not loaded their models by then are not coming
 
 
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray gives its node the loopback address (read at import)
+_AUTH_ENV = "RAY_AUTH_MODE"
+
+
 def init_local(cpus: int | None = None) -> None:
     """Start a local Ray cluster of ``cpus`` CPUs (default: this machine's) in this process, quietly, without
-    the dashboard; ``ray.shutdown()`` stops it."""
-    import ray
+    the dashboard; ``ray.shutdown()`` stops it.
 
-    ray.init(num_cpus=cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", object_store_memory=256 * 2**20)
+    The cluster exists only to use this machine's cores, so nothing of it is reachable from the network: its
+    node takes the loopback address (every Ray server binds to it) and Ray's token authentication stays on,
+    also when the environment says ``RAY_AUTH_MODE=disabled`` (a warning says it was overridden). A cluster
+    that cannot be kept on loopback is stopped at once (:class:`ClusterError`)."""
+    import ray
+    from ray._private import ray_constants
+
+    if os.environ.get(_AUTH_ENV, "").lower() == "disabled":
+        print(f"atomkit: {_AUTH_ENV}=disabled ignored: the local Ray cluster keeps its token authentication on "
+              f"(start a cluster yourself with `ray start --head` and pass --ray ADDRESS to choose otherwise)",
+              file=sys.stderr)
+    saved = {k: os.environ.get(k) for k in (_LOOPBACK_ENV, _AUTH_ENV)}
+    was = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update({_LOOPBACK_ENV: "0", _AUTH_ENV: "token"})  # the cluster's processes start with these
+    ray_constants.ENABLE_RAY_CLUSTER = False  # ray read _LOOPBACK_ENV when it was imported, maybe before now
+    _reload_auth_mode()
+    try:
+        ray.init(num_cpus=cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", object_store_memory=256 * 2**20)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = was
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    where = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(where).is_loopback or not token_auth_on():
+        ray.shutdown()
+        raise ClusterError(f"the local Ray cluster came up on {where} with token authentication "
+                           f"{'on' if token_auth_on() else 'off'}; atomkit stopped it (it must stay on this machine)")
+
+
+def _reload_auth_mode() -> None:
+    """Ray caches its configuration (the authentication mode among it) per process: read the environment again."""
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def token_auth_on() -> bool:
+    """Whether this process's Ray uses token authentication."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return is_token_auth_enabled()
 
 
 class ClusterError(AtomkitError):

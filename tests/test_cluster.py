@@ -12,11 +12,14 @@ import signal
 from pathlib import Path
 
 import av
+import ipaddress
+
 import numpy as np
+import psutil
 import pytest
 
 import atomkit
-from atomkit.cluster import ClusterError, RayCaptioner, init_local
+from atomkit.cluster import ClusterError, RayCaptioner, init_local, token_auth_on
 from atomkit.indexing import load_index, update
 from atomkit.library import Library
 
@@ -103,6 +106,31 @@ def test_two_actors_index_what_one_process_does_and_a_killed_worker_is_retried(c
         again = update(driver, lib, [four], captioner=pool)
         assert again.captioned == [] and len(again.cached) == 4
     assert driver.loaded() == []  # the actors captioned; the driver only wrote the library
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    return addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
+
+
+def test_the_local_cluster_listens_on_loopback_only_with_token_auth(cluster, session):
+    """Every listening socket of the cluster's processes (GCS, raylet, agents, the driver, the actors) is on
+    loopback, and its servers run with Ray's token authentication."""
+    driver = atomkit.Session("tiny-default", device="cpu", decode=session.decode, window=session.window)
+    with RayCaptioner(driver, actors=2):
+        procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        sockets = set()
+        for p in procs:
+            try:
+                sockets |= {(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                            if c.status == psutil.CONN_LISTEN}
+            except psutil.NoSuchProcess:
+                continue
+        names = {name for name, _, _ in sockets}
+        assert {"gcs_server", "raylet"} <= names and sum(n.startswith("ray::") for n in names) >= 1, sockets
+        assert [s for s in sockets if not _loopback(s[1])] == []
+        gcs = next(p for p in procs if p.name() == "gcs_server")
+        assert gcs.environ().get("RAY_AUTH_MODE") == "token" and token_auth_on()
 
 
 def test_workers_that_cannot_load_the_model_say_why(cluster, tmp_path):
