@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default file: $ATOMKIT_LIBRARY or ~/.local/share/atomkit/library.db)")
     p.add_argument("--out", metavar="DIR", default="out/app", help="where renders go (default: %(default)s)")
     p.add_argument("-k", type=int, default=5, help="clips a search returns (default: 5)")
+    p.add_argument("--max-pages", type=int, default=2, metavar="N",
+                   help="app pages (kernels, each holding the models) served at once (default: %(default)s)")
     p.add_argument("--models", "--model", dest="models", default="default", metavar="NAME")
     p.add_argument("--weights", metavar="DIR", help="weights folder for atom-paper")
     p.add_argument("--random-weights", action="store_true", help="random weights (text is noise)")
@@ -511,7 +513,8 @@ def _run(args) -> int:
             from .indexing import load_index
             from .library import Library
 
-            with Library(args.db or None) as lib:
+            # queries never create or write a library; indexing (index, or paths given) opens it for writing
+            with Library(args.db or None, writable=args.command == "index" or bool(args.paths)) as lib:
                 report = _update_library(args, session, lib, progress) if args.paths else None
                 if report is not None:
                     for s in report.skipped:
@@ -526,7 +529,7 @@ def _run(args) -> int:
                     n = result["counts"]
                     print(json_text(result) if args.json else
                           f"{lib.path}: {count(n['clips'], 'clip')} of {count(n['videos'] - n['unreadable'], 'video')}"
-                          + (f" ({n['unreadable']} unreadable file(s) recorded)" if n["unreadable"] else ""))
+                          + (f" ({count(n['unreadable'], 'unreadable file')} recorded)" if n["unreadable"] else ""))
                     return 0 if report.captioned or report.cached or not report.skipped else 1
                 idx = load_index(session, lib, report.videos if report is not None else None)
                 if report is not None:  # what the library could not read goes into the result's "skipped" too
@@ -538,7 +541,9 @@ def _run(args) -> int:
             _print_skipped(caps)
             source = caps
         if not caps.clips:
-            print("atomkit: no input could be captioned", file=sys.stderr)
+            print("atomkit: no input could be captioned" if args.paths else
+                  f"atomkit: the library holds no clips made with these settings (model {session.model!r}, its "
+                  "quantization, decoding and windows): index into it with the same options first", file=sys.stderr)
             return 1
         if args.command == "caption":
             result = caps.to_dict()
@@ -680,12 +685,13 @@ def _app(args) -> int:
     decode = {"num_beams": args.beams, "caption_batch": args.caption_batch, "backend": args.backend}
     window = {"length_s": args.window, "stride_s": args.stride}
     DecodeConfig(**decode), WindowConfig(**window)  # bad values fail here too
-    if args.k < 1:
-        raise InputError(f"-k must be >= 1, got {args.k}")
+    for flag, value in (("-k", args.k), ("--max-pages", args.max_pages)):
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
     settings = page_settings(args.paths, model=args.models, out_dir=args.out, k=args.k, device=args.device,
                              weights=args.weights, random_weights=args.random_weights, programs=args.programs,
                              decode=decode, window=window, db=args.db)
-    return serve(settings, port=args.port)
+    return serve(settings, port=args.port, max_pages=args.max_pages)
 
 
 def _export(args) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,7 +55,7 @@ def app_server(tmp_path, samples):
                                 start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         assert _listening(port, proc, 120), f"atomkit app did not start:\n{log.read_text()[-3000:]}"
-        yield f"http://127.0.0.1:{port}/", out
+        yield _printed_url(log, proc), out
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the CLI stops Voila (its own process group) and the kernels
         try:
@@ -62,6 +63,17 @@ def app_server(tmp_path, samples):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def _printed_url(log: Path, proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The URL `atomkit app` prints, with its token (the page refuses requests without it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        m = re.search(r"atomkit app: (http://127\.0\.0\.1:\d+/\?token=[\w-]+)", log.read_text(errors="replace"))
+        if m:
+            return m.group(1)
+        time.sleep(0.2)
+    raise AssertionError(f"atomkit app printed no URL:\n{log.read_text()[-3000:]}")
 
 
 def _ids(page) -> list[str]:

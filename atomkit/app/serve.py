@@ -1,14 +1,16 @@
-"""`atomkit app`: the assembly app served as a standalone page by Voila on 127.0.0.1.
+"""`atomkit app`: the assembly app served as a standalone page by Voila on 127.0.0.1, for its user only.
 
-``serve`` writes a one-cell page notebook into a scratch folder and runs Voila on it; the settings (paths,
-model, decoding, output folder) reach the page's kernel as JSON in ``$ATOMKIT_APP``, and ``show_page``
-builds the Session and the app there. Stopping the server (Ctrl-C, or SIGTERM to its process group)
-ends its kernels too.
+``serve`` writes a one-cell page notebook into a scratch folder (owner-only) and runs Voila on it; the settings
+(paths, model, decoding, output folder) reach the page's kernel as JSON in ``$ATOMKIT_APP``, and ``show_page``
+builds the Session and the app there. The page needs the token in the URL that ``serve`` prints (as Jupyter
+does), answers only to loopback Host names, and holds a capped number of kernels (``atomkit.app.pages``).
+Stopping the server (Ctrl-C, or SIGTERM to its process group) ends its kernels too.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +21,8 @@ import time
 from pathlib import Path
 
 import nbformat
+
+from .pages import CULL_S, MAX_PAGES, voila_config
 
 ENV = "ATOMKIT_APP"
 _PAGE = """# atomkit interactive assembly: the settings come from $ATOMKIT_APP (written by `atomkit app`)
@@ -94,15 +98,16 @@ def show_page(settings: dict | None = None):
 
 
 def voila_command(notebook: Path, port: int) -> list[str]:
+    """Voila on ``notebook``; the rest of its settings (the token among them) are in ``voila.json`` beside it."""
     return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
             "--show_tracebacks=True", "--VoilaConfiguration.file_allowlist=.*\\.(png|jpg|gif|svg|mp4)"]
 
 
-def start(settings: dict, *, port: int | None = None, folder: Path | None = None,
-          log_path: Path | None = None) -> tuple[subprocess.Popen, int, Path]:
-    """Start Voila on the app page in its own process group; returns (process, port, page folder).
+def start(settings: dict, *, port: int | None = None, folder: Path | None = None, log_path: Path | None = None,
+          max_pages: int = MAX_PAGES, cull_s: int = CULL_S) -> tuple[subprocess.Popen, str, Path]:
+    """Start Voila on the app page in its own process group; returns (process, URL with the token, page folder).
     Stop it with ``stop(process)``."""
-    folder = Path(folder or tempfile.mkdtemp(prefix="atomkit-app-page-"))
+    folder = Path(folder or tempfile.mkdtemp(prefix="atomkit-app-page-"))  # mkdtemp: owner-only
     folder.mkdir(parents=True, exist_ok=True)
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -110,6 +115,11 @@ def start(settings: dict, *, port: int | None = None, folder: Path | None = None
     nb.cells[0].id = "atomkit-app"
     notebook = folder / "atomkit_app.ipynb"
     nbformat.write(nb, notebook)
+    token = secrets.token_urlsafe(24)
+    config = folder / "voila.json"  # Voila reads voila.json from its working folder
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(voila_config(token, max_pages=max_pages, cull_s=cull_s), f)
     port = port or free_port()
     env = {**os.environ, ENV: json.dumps(settings), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE", "1"),
@@ -118,7 +128,7 @@ def start(settings: dict, *, port: int | None = None, folder: Path | None = None
     proc = subprocess.Popen(voila_command(notebook, port), cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
-    return proc, port, folder
+    return proc, f"http://127.0.0.1:{port}/?token={token}", folder
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -134,9 +144,10 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
             proc.wait(timeout)
 
 
-def serve(settings: dict, *, port: int | None = None, startup_timeout: float = 120) -> int:
-    """Serve the page until Ctrl-C; prints the URL. Returns a process exit status."""
-    proc, port, folder = start(settings, port=port)
+def serve(settings: dict, *, port: int | None = None, startup_timeout: float = 120, max_pages: int = MAX_PAGES) -> int:
+    """Serve the page until Ctrl-C; prints the URL (with its token). Returns a process exit status."""
+    proc, url, folder = start(settings, port=port, max_pages=max_pages)
+    port = int(url.split(":")[2].split("/")[0])
     log = folder / "voila.log"
     # SIGTERM (a service manager, a test's teardown) stops Voila too: it runs in its own process group
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -145,7 +156,8 @@ def serve(settings: dict, *, port: int | None = None, startup_timeout: float = 1
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
             print(f"atomkit: error: Voila did not start on 127.0.0.1:{port}; its log ({log}):\n{tail}", file=sys.stderr)
             return 1
-        print(f"atomkit app: http://127.0.0.1:{port}/  (Voila log: {log}; Ctrl-C stops it)", flush=True)
+        print(f"atomkit app: {url}\n  (this machine only; the token lets only you in; at most "
+              f"{max_pages} pages at once; Voila log: {log}; Ctrl-C stops it)", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         print("atomkit app: stopped", file=sys.stderr)
