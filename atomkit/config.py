@@ -6,7 +6,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from atomkit.errors import InputError, UnknownBackend
+
+# The decode engine's backends (atomkit.decode.engine.BACKENDS says what each is; it checks it has these, in order)
+BACKEND_NAMES = ("hf", "torch", "fused", "compiled", "bf16", "int8", "int4", "int4-compiled")
+
+
+def available_backends() -> list[str]:
+    """Backend names, plus ``auto`` (``CPU_DEFAULT`` on a CPU, the exact ``torch`` engine on CUDA, ``hf`` for an LM the
+    steppers cannot run)."""
+    return ["auto", *BACKEND_NAMES]
+
+
+def check_backend(name: str) -> str:
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise UnknownBackend(name, available_backends())
+    return name
 
 
 @dataclass(frozen=True)
@@ -41,9 +56,9 @@ class DecodeConfig:
     caption_batch: int = 4  # clips whose captions decode as one batch (4 clips x 4 beams: 16 rows, ~30 % faster than one by one)
     script_max_new_tokens: int = 160  # the assembly script is longer than a caption
     script_num_beams: int = 1  # greedy for the script: JSON is long and beam search is slow
-    backend: str = "auto"  # decode engine (atomkit.engine.BACKENDS): auto = engine.CPU_DEFAULT (int4) on a CPU, the
+    backend: str = "auto"  # decode engine (atomkit.decode.engine.BACKENDS): auto = engine.CPU_DEFAULT (int4) on a CPU, the
     # exact fp32 `torch` on CUDA, `hf` where no stepper runs; "torch" is the exact reference (--exact)
-    captions: str = "grounded"  # concept-bridge captions: "grounded" (atomkit.grounded) or "free" (the paper's beam search)
+    captions: str = "grounded"  # concept-bridge captions: "grounded" (atomkit.decode.grounded) or "free" (the paper's beam search)
 
     def __post_init__(self):
         for name in ("max_new_tokens", "num_beams", "caption_batch", "script_max_new_tokens", "script_num_beams"):
@@ -51,8 +66,6 @@ class DecodeConfig:
                 raise InputError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.captions not in ("grounded", "free"):
             raise InputError(f"DecodeConfig.captions must be 'grounded' or 'free', got {self.captions!r}")
-        from .engine import check_backend
-
         check_backend(self.backend)
 
 
@@ -67,3 +80,17 @@ def cache_dir() -> Path:
     """Where converted weights are cached: $ATOMKIT_CACHE, else ~/.cache/atomkit."""
     env = os.environ.get("ATOMKIT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "atomkit"
+
+
+def quiet_libraries() -> None:
+    """Offline, and no progress bars or warnings from the libraries (atomkit shows its own progress): for the CLI
+    and for worker processes it starts."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-load "Loading weights" bars; atomkit shows its own progress

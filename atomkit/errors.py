@@ -27,7 +27,7 @@ class UnknownModel(AtomkitError):
 
 
 class UnknownBackend(AtomkitError):
-    """A decode backend name that is not in ``atomkit.engine.BACKENDS``."""
+    """A decode backend name that is not in ``atomkit.decode.engine.BACKENDS``."""
 
     def __init__(self, name: str, valid: list[str]):
         self.name = name

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from atomkit.errors import OutputError
 
 
 def _umask() -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-BOX = (640, 360)  # the reel's frame size (atomkit.assemble.stitch's default)
+BOX = (640, 360)  # the reel's frame size (atomkit.media.stitch.stitch's default)
 
 
 def duration(path: Path) -> float:

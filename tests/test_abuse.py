@@ -18,7 +18,7 @@ import pytest
 
 from atomkit.cli import main
 from atomkit.io import sha256_file
-from atomkit.library import APPLICATION_ID, Library, LibraryError
+from atomkit.retrieval.library import APPLICATION_ID, Library, LibraryError
 
 from conftest import run_threads
 
@@ -201,7 +201,7 @@ def test_a_read_only_library_answers_queries_and_refuses_indexing_up_front(index
 
 # -- full disks --------------------------------------------------------------------------------------------------
 def test_a_full_disk_while_indexing_says_so_and_keeps_what_was_stored(tmp_path, two, samples, tiny_session, capsys):
-    from atomkit.indexing import update
+    from atomkit.retrieval.indexing import update
 
     more = tmp_path / "more"
     more.mkdir()

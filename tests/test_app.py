@@ -3,7 +3,6 @@ random-weight model (its captions are noise; these tests check ids, order, trims
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +11,8 @@ from media import check_reel, duration
 
 import atomkit
 from atomkit.app import AssemblyApp, ReelEdit
-from atomkit.script import Script, ScriptEntry
-from atomkit.tasks import CaptionedClip, Hit
+from atomkit.decode.script import Script, ScriptEntry
+from atomkit.pipeline.tasks import CaptionedClip, Hit
 
 
 # -- ReelEdit on hand-made clips -------------------------------------------------------------------------
@@ -284,7 +283,7 @@ def test_page_shows_a_bad_setting_as_a_message(monkeypatch):
 
 
 def test_render_checks_the_script_against_the_library(app, tmp_path):
-    from atomkit.tasks import render
+    from atomkit.pipeline.tasks import render
 
     caps = app.state.captions
     with pytest.raises(atomkit.InputError, match="not in the library: ghost#00"):

@@ -118,7 +118,7 @@ def test_app_in_browser(app_server, samples, tmp_path):
             order = list(ranked)
             last = order.pop()
             order.insert(2, last)
-            page.click(f".ak-cut-3 button.ak-up")
+            page.click(".ak-cut-3 button.ak-up")
             expect(page.locator(".ak-rows .ak-cut-2 .ak-clip-id")).to_have_text(last)
             assert _ids(page) == order
             # trim bikes to 2-7 s of its source (the in point first: out stays valid throughout)

@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from atomkit.assemble import stitch
+from atomkit.media.stitch import stitch
 from atomkit.errors import AssemblyError, InputError
 from atomkit.io import atomic_dir, atomic_path, write_json_atomic
 
@@ -20,7 +20,7 @@ RED, BLUE = (255, 0, 0), (0, 0, 255)
 
 @dataclass(frozen=True)
 class FakeClip:
-    """Stand-in for atomkit.video.Clip: the attributes stitch() reads."""
+    """Stand-in for atomkit.media.video.Clip: the attributes stitch() reads."""
 
     video: Path
     index: int
@@ -178,7 +178,7 @@ def test_a_source_moviepy_cannot_read_is_dropped(sources, tmp_path):
     moviepy 2.1.2 cannot open it. Its clip is dropped with moviepy's reason and the fix, the rest is stitched."""
     from corpus import write_video as write_any
 
-    from atomkit.video import probe as av_probe
+    from atomkit.media.video import probe as av_probe
 
     red, _ = sources
     live = write_any(tmp_path / "live.mkv", container_options={"live": "1"})

@@ -7,8 +7,8 @@ import time
 import pytest
 
 import atomkit
-from atomkit.bench import benchmark, plot_timeline, stage_times, table
-from atomkit.memory import MemoryMonitor
+from atomkit.bench.reuse import benchmark, plot_timeline, stage_times, table
+from atomkit.bench.memory import MemoryMonitor
 
 
 def test_stage_times_from_trace():
@@ -67,7 +67,7 @@ def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
     assert len(comps["caption_generation"]["reuse"]["samples"]) == 1 * 2 * 2
     assert r["decode"]["caption_batch"] == 4
     # what ``auto`` ran is recorded, with the CPU kind that decides how int4 prefills (bf16 copies or fp32 matrices)
-    from atomkit.llama import native_bf16
+    from atomkit.decode.llama import native_bf16
 
     assert r["device"]["cpu_native_bf16"] is native_bf16()
     assert r["decode"]["engine"] == ["int4"]
@@ -114,7 +114,7 @@ def test_cold_bench_drops_the_page_cache_before_every_load_untimed(monkeypatch):
     """--cold: one drop per load of either path; the drops (here a 0.3 s stand-in) are not in any time."""
     import time
 
-    import atomkit.bench as bench
+    import atomkit.bench.reuse as bench
 
     drops = []
     monkeypatch.setattr(bench, "drop_page_cache", lambda: drops.append(time.sleep(0.3)))
@@ -133,7 +133,7 @@ def test_cold_bench_drops_the_page_cache_before_every_load_untimed(monkeypatch):
 
 
 def test_cold_bench_without_root_says_how(monkeypatch):
-    import atomkit.bench as bench
+    import atomkit.bench.reuse as bench
     from atomkit.errors import AtomkitError
 
     monkeypatch.setattr(bench, "drop_page_cache", lambda: "cannot drop the page cache (Permission denied)")
@@ -144,7 +144,7 @@ def test_cold_bench_without_root_says_how(monkeypatch):
 
 
 def test_measured_choice_needs_a_clear_win_to_pipeline():
-    from atomkit.bench import PIPELINE_MARGIN, measured_choice
+    from atomkit.bench.reuse import PIPELINE_MARGIN, measured_choice
 
     seq = 4.0
     base = {"sequential_s": seq, "sequential_samples": [seq, seq * 1.2], "pipelined_s": seq * 1.1,

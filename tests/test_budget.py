@@ -1,12 +1,12 @@
-"""A module's size before it loads (atomkit.budget.footprint) and the session's memory budget."""
+"""A module's size before it loads (atomkit.pipeline.budget.footprint) and the session's memory budget."""
 from __future__ import annotations
 
 import pytest
 
 import atomkit
-from atomkit.budget import MIB, MemoryBudgetError, footprint
+from atomkit.pipeline.budget import MIB, MemoryBudgetError, footprint
 from atomkit.cli import main
-from atomkit.session import module_bytes
+from atomkit.pipeline.session import module_bytes
 
 
 @pytest.mark.parametrize("quant, backend", [("none", "torch"), ("none", "int8"), ("none", "int4"), ("none", "fused"),
@@ -23,7 +23,7 @@ def test_footprint_is_what_the_loaded_module_holds(quant, backend):
 
 @pytest.mark.integration
 def test_footprint_of_the_default_models(monkeypatch):
-    monkeypatch.setattr("atomkit.llama.native_bf16", lambda: True)  # bf16 prefill copies, as on an AVX512-BF16 CPU
+    monkeypatch.setattr("atomkit.decode.llama.native_bf16", lambda: True)  # bf16 prefill copies, as on an AVX512-BF16 CPU
     with atomkit.Session("default", device="cpu", decode=atomkit.DecodeConfig(backend="int4")) as s:
         sizes = {m: footprint(s.spec, m, s.options, backend="int4") for m in ("encoder", "decoder", "embedder")}
         for m, f in sizes.items():
@@ -37,8 +37,8 @@ def test_footprint_of_the_default_models(monkeypatch):
 def test_footprint_on_first_use_converts_outside_the_meta_device(tmp_path):
     """The first use of SmolLM2 converts its GGUF file; sizing the decoder before any load does it too (it once
     raised transformers' "from_pretrained with a meta device context" error on a fresh cache)."""
-    opts = atomkit.registry.LoadOptions(cache=tmp_path)
-    f = footprint(atomkit.registry.get_spec("default"), "decoder", opts, backend="torch")
+    opts = atomkit.models.registry.LoadOptions(cache=tmp_path)
+    f = footprint(atomkit.models.registry.get_spec("default"), "decoder", opts, backend="torch")
     assert 500 < f.total / MIB < 520  # 134.5 M fp32 parameters, tied head
     from safetensors import safe_open
 
@@ -48,7 +48,7 @@ def test_footprint_on_first_use_converts_outside_the_meta_device(tmp_path):
 
 
 def test_a_module_that_would_not_fit_is_refused_before_it_loads(samples):
-    need = {m: footprint(atomkit.registry.get_spec("tiny-default"), m, atomkit.registry.LoadOptions()).total
+    need = {m: footprint(atomkit.models.registry.get_spec("tiny-default"), m, atomkit.models.registry.LoadOptions()).total
             for m in ("encoder", "decoder", "embedder")}
     budget = (need["encoder"] + need["decoder"] // 2) / MIB  # the encoder fits, the decoder does not
     with atomkit.Session("tiny-default", device="cpu", memory_budget_mib=budget) as s:
@@ -77,17 +77,17 @@ def test_memory_budget_from_the_command_line(samples, capsys):
 def test_a_packed_engine_releases_the_float_matrices_and_decodes_the_same(monkeypatch):
     import torch
 
-    monkeypatch.setattr("atomkit.llama.native_bf16", lambda: True)  # bf16 prefill copies: the engine needs no matrix
+    monkeypatch.setattr("atomkit.decode.llama.native_bf16", lambda: True)  # bf16 prefill copies: the engine needs no matrix
 
     from atomkit.errors import AtomkitError
-    from atomkit.registry import LoadOptions, get_spec
+    from atomkit.models.registry import LoadOptions, get_spec
 
     kept = get_spec("tiny-default").load("decoder", LoadOptions())  # loaded outside a session: nothing released
     with atomkit.Session("tiny-default", device="cpu", decode=atomkit.DecodeConfig(backend="int4")) as s:
         lean = s.get("decoder")
         layer_matrices = sum(m.weight.numel() * 4 for m in kept.lm.model.layers.modules()
                              if isinstance(m, torch.nn.Linear))
-        from atomkit.quant import weight_bytes
+        from atomkit.deploy.quant import weight_bytes
 
         assert weight_bytes(kept)["total"] - weight_bytes(lean)["total"] == layer_matrices
         assert all(m.weight.device.type == "meta" for m in lean.lm.model.layers.modules()
@@ -104,7 +104,7 @@ def test_a_packed_engine_that_prefills_in_fp32_keeps_the_float_matrices(monkeypa
     the footprint counts them, and the other backends still decode."""
     import torch
 
-    monkeypatch.setattr("atomkit.llama.native_bf16", lambda: False)
+    monkeypatch.setattr("atomkit.decode.llama.native_bf16", lambda: False)
     with atomkit.Session("tiny-default", device="cpu", decode=atomkit.DecodeConfig(backend="int4")) as s:
         dec = s.get("decoder")
         assert not any(m.weight.device.type == "meta" for m in dec.lm.modules() if isinstance(m, torch.nn.Linear))

@@ -130,9 +130,9 @@ def test_app_page_settings_are_absolute(tmp_path, monkeypatch):
 ])
 def test_bad_arguments_fail_before_any_model_loads(argv, says, tmp_path, samples, capsys, monkeypatch):
     import atomkit.app.serve
-    import atomkit.session
+    import atomkit.pipeline.session
 
-    monkeypatch.setattr(atomkit.session.Session, "get", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(atomkit.pipeline.session.Session, "get", lambda *a, **k: pytest.fail("a model loaded"))
     monkeypatch.setattr(atomkit.app.serve, "serve", lambda *a, **k: pytest.fail("the app was served"))
     (tmp_path / "taken").write_text("not a folder")
     (tmp_path / "empty").mkdir()
@@ -144,12 +144,12 @@ def test_bad_arguments_fail_before_any_model_loads(argv, says, tmp_path, samples
 
 
 def test_os_and_value_errors_are_one_line_errors(samples, tmp_path, capsys, monkeypatch):
-    import atomkit.tasks
+    import atomkit.pipeline.tasks
 
     def full(*a, **k):
         raise OSError(5, "Input/output error")  # a full disk has its own message (tests/test_abuse.py)
 
-    monkeypatch.setattr(atomkit.tasks, "stitch", full)
+    monkeypatch.setattr(atomkit.pipeline.tasks, "stitch", full)
     argv = ["assemble", str(samples["carphone_pristine.mp4"]), "--prompt", "a reel", "--out", str(tmp_path / "o"), *TINY]
     assert main(argv) == 2
     err = capsys.readouterr().err

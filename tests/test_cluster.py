@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 import atomkit
-from atomkit.cluster import ClusterError, RayCaptioner, init_local, token_auth_on
-from atomkit.indexing import load_index, update
-from atomkit.library import Library
+from atomkit.retrieval.cluster import ClusterError, RayCaptioner, init_local, token_auth_on
+from atomkit.retrieval.indexing import load_index, update
+from atomkit.retrieval.library import Library
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -162,7 +162,7 @@ def test_cli_index_on_ray(cluster, tmp_path, samples, capsys):
 
 
 def test_bench_throughput_on_the_running_cluster(cluster, session, samples):
-    from atomkit.bench_library import throughput
+    from atomkit.bench.library import throughput
 
     video = samples["carphone_pristine.mp4"]
     t = throughput(session, [video], actors=(1,), copies=2)

@@ -7,11 +7,11 @@ import pytest
 
 from atomkit import Session
 from atomkit.config import DecodeConfig, exact
-from atomkit.deploy import export_model, pipeline_check
+from atomkit.deploy.report import export_model, pipeline_check
 from atomkit.errors import AtomkitError
-from atomkit.runtime import PteDecoder, PteEmbedder, PteEncoder, bench_programs, open_program
-from atomkit.tasks import caption
-from atomkit.video import sample_videos
+from atomkit.deploy.runtime import PteDecoder, PteEmbedder, PteEncoder, bench_programs, open_program
+from atomkit.pipeline.tasks import caption
+from atomkit.media.video import sample_videos
 
 MODEL = "tiny-default"
 

@@ -1,4 +1,4 @@
-"""atomkit.device against tests/fake_adb/adb: one fake Pixel 8a whose programs run on the host."""
+"""atomkit.deploy.adb against tests/fake_adb/adb: one fake Pixel 8a whose programs run on the host."""
 from __future__ import annotations
 
 import logging
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from atomkit import device
-from atomkit.device import DeviceError, parse_runner_output
+from atomkit.deploy import adb as device
+from atomkit.deploy.adb import DeviceError, parse_runner_output
 from atomkit.errors import AtomkitError
 
 from conftest import FAKE_ADB_DIR  # the fake phone and runner fixtures live there too
@@ -60,7 +60,7 @@ def test_no_device(phone, monkeypatch):
 
 def test_unauthorized_is_reported_not_listed(phone, monkeypatch, caplog):
     monkeypatch.setenv("FAKE_ADB_UNAUTHORIZED", "R5CT0000XYZ")
-    with caplog.at_level(logging.WARNING, logger="atomkit.device"):
+    with caplog.at_level(logging.WARNING, logger="atomkit.deploy.adb"):
         assert device.list_devices() == [SERIAL]
     assert device.device_states() == {SERIAL: "device", "R5CT0000XYZ": "unauthorized"}
     assert "R5CT0000XYZ is unauthorized" in caplog.text and "USB debugging" in caplog.text

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import atomkit
-from atomkit.engine import Engine, HFEngine, available_backends, get_engine
+from atomkit.decode.engine import Engine, HFEngine, available_backends, get_engine
 from atomkit.errors import InputError, UnknownBackend
-from atomkit.llama import LlamaStepper
-from atomkit.registry import LoadOptions, get_spec
+from atomkit.decode.llama import LlamaStepper
+from atomkit.models.registry import LoadOptions, get_spec
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_generations_from_threads_equal_sequential(tiny, beams):
 
 
 def test_until_stop():
-    from atomkit.modules.decoder import until_stop
+    from atomkit.models.decoder import until_stop
 
     ids = torch.tensor([5, 7, 2, 9, 2])
     assert until_stop(ids, [2]).tolist() == [5, 7, 2]
@@ -149,7 +149,7 @@ FAST = {"fused": (80, None), "bf16": (25, 60), "int8": (20, 60), "int4": (4, 20)
 
 @pytest.mark.parametrize("backend", sorted(FAST))
 def test_fast_backends_near_the_exact_engine(tiny, backend):
-    from atomkit.quant import sqnr_db
+    from atomkit.deploy.quant import sqnr_db
 
     ids = _prompt(tiny)
     exact = get_engine("torch", tiny).generate(ids, max_new_tokens=11, num_beams=2)
@@ -180,7 +180,7 @@ def padded(tiny):
 def _logits_along(stepper, prompts, tokens):
     """A stepper's logits (B, T, V) for the left-padded prefill of ``prompts`` (each twice: the batch shape beam 2
     gave the step) and then each of ``tokens`` (B, T) fed in: the compiled step sees the shape it was compiled for."""
-    from atomkit.engine import _as_batch
+    from atomkit.decode.engine import _as_batch
 
     ids, pad = _as_batch([p for p in prompts for _ in range(2)], 0)
     tokens = tokens.repeat_interleave(2, 0)
@@ -196,7 +196,7 @@ def test_compiled_equals_the_exact_engine(tiny, padded):
     the exact fp32 engine's beam tokens for a padded batch (cache rows reordered in place under the compiled
     graph), and its logits along the way to fp32 rounding (measured 124 dB; a wrong mask, position or reorder
     gives other tokens). One batch shape: one compilation (about 30 s cold on 2 cores, most of it warm-up)."""
-    from atomkit.quant import sqnr_db
+    from atomkit.deploy.quant import sqnr_db
 
     prompts, exact = padded
     eng = get_engine("compiled", tiny)
@@ -210,7 +210,7 @@ def test_compiled_equals_the_exact_engine(tiny, padded):
 def test_int4_compiled_equals_int4(tiny, padded):
     """``int4-compiled`` is ``int4``'s arithmetic under torch.compile: its tokens and logits (measured: bit-equal),
     not the fp32 engine's (int4 on the tiny LM agrees with fp32 on few tokens)."""
-    from atomkit.quant import sqnr_db
+    from atomkit.deploy.quant import sqnr_db
 
     prompts, exact = padded
     int4, comp = get_engine("int4", tiny), get_engine("int4-compiled", tiny)
@@ -232,7 +232,7 @@ def _shared_batch(tiny):
 def test_a_shared_prefix_is_prefilled_once_with_the_same_result(tiny, backend):
     """Rows that share their first tokens: the prefix runs once and is copied to every row, the padding moves
     behind it. Tokens (greedy and beam 2) and logits equal the same stepper prefilling every row in full."""
-    from atomkit.quant import sqnr_db
+    from atomkit.deploy.quant import sqnr_db
 
     prompts = _shared_batch(tiny)
     eng = get_engine(backend, tiny)
@@ -252,8 +252,8 @@ def test_a_shared_prefix_is_prefilled_once_with_the_same_result(tiny, backend):
 def test_extend_equals_steps(tiny, padded):
     """``extend`` (several tokens per row in one pass, after a padded prefill) gives the logits of feeding them one
     ``step`` at a time."""
-    from atomkit.engine import _as_batch
-    from atomkit.quant import sqnr_db
+    from atomkit.decode.engine import _as_batch
+    from atomkit.deploy.quant import sqnr_db
 
     prompts, exact = padded
     ids, pad = _as_batch(prompts, 0)
@@ -274,7 +274,7 @@ def test_extend_equals_steps(tiny, padded):
 def test_exact_engine_on_cuda_equals_cpu(tiny, padded):
     """The exact engine on a CUDA GPU: the CPU's beam tokens for a padded batch, and its logits to fp32 rounding
     (cuBLAS and the CPU add in other orders; matmuls stay fp32, TF32 is off for them by default)."""
-    from atomkit.quant import sqnr_db
+    from atomkit.deploy.quant import sqnr_db
 
     prompts, exact = padded
     gpu = get_spec("tiny-default").load("decoder", LoadOptions(device="cuda"))
@@ -320,7 +320,7 @@ def test_single_row_stepper_embeddings(tiny_paper):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_decoder_routes_through_backend(tiny, monkeypatch, native_bf16):
-    monkeypatch.setattr("atomkit.llama.native_bf16", lambda: native_bf16)
+    monkeypatch.setattr("atomkit.decode.llama.native_bf16", lambda: native_bf16)
     ids = _prompt(tiny)
     # the measured CPU default: int4 on either kind of CPU (prefilling with bf16 copies or with the fp32 matrices)
     default = "int4"
@@ -337,7 +337,7 @@ def test_prefill_weights_follow_the_cpu(tiny, monkeypatch):
     """A quantized stepper prefills (more than PACKED_MAX_ROWS rows) with bf16 copies of its matrices only where the
     CPU multiplies bf16 natively; elsewhere (AVX2: bf16 emulated, slower) with the model's fp32 matrices, which
     it then keeps (nothing may be released) and whose logits are nearer the exact engine's."""
-    from atomkit.llama import PACKED_MAX_ROWS
+    from atomkit.decode.llama import PACKED_MAX_ROWS
 
     ids = _prompt(tiny, "a dog jumps over the fence in a sunny park while two children on bicycles ride past the "
                         "old red barn at noon")
@@ -347,7 +347,7 @@ def test_prefill_weights_follow_the_cpu(tiny, monkeypatch):
     ref = exact.prefill(ids)
     err = {}
     for native in (True, False):
-        monkeypatch.setattr("atomkit.llama.native_bf16", lambda: native)
+        monkeypatch.setattr("atomkit.decode.llama.native_bf16", lambda: native)
         st = LlamaStepper(tiny.lm, weights="int4", fuse=True)
         kind = "bf16" if native else "fp32"
         assert st.prefill_weights == kind
@@ -373,8 +373,8 @@ def test_prefill_weights_follow_the_cpu(tiny, monkeypatch):
 @pytest.fixture(scope="module")
 def real_prompts(samples):
     """The caption prompt the pipeline builds for the first clip of each sample video, and the script prompt."""
-    from atomkit.bench_decode import script_ids
-    from atomkit.video import clips, sample_frames
+    from atomkit.bench.decode import script_ids
+    from atomkit.media.video import clips, sample_frames
 
     with atomkit.Session("default", decode=atomkit.config.exact()) as s:  # hf and torch need the float matrices
         dec = s.decoder

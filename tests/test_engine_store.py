@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from atomkit.engine_store import stepper
-from atomkit.registry import _stand_in_tokenizer, tiny_llama_config
-from atomkit.modules.decoder import TextDecoder
+from atomkit.decode.store import stepper
+from atomkit.models.registry import _stand_in_tokenizer, tiny_llama_config
+from atomkit.models.decoder import TextDecoder
 
 
 @pytest.fixture

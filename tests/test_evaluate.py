@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import atomkit
-from atomkit.evaluate import quant_report
+from atomkit.evaluation.parity import quant_report
 
 
 def test_int8_quant_report_tiny(samples):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from atomkit.errors import PipelineError
-from atomkit.executor import PipelinedExecutor, SequentialExecutor
+from atomkit.pipeline.executor import PipelinedExecutor, SequentialExecutor
 
 
 def _stage_threads() -> list[threading.Thread]:
@@ -267,7 +267,7 @@ def test_caller_stages_keep_order_errors_and_budgets(bad_stage):
 
 
 def test_executor_by_name():
-    from atomkit.executor import EXECUTORS, executor_by_name
+    from atomkit.pipeline.executor import EXECUTORS, executor_by_name
 
     made = {name: executor_by_name(name, "cpu", trace=True) for name in EXECUTORS}
     assert isinstance(made["sequential"], SequentialExecutor) and made["pipelined"].stage_threads is None

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from atomkit.export import (SQNR_MIN_DB, export_decoder, export_embedder, export_encoder, load_times,
+from atomkit.deploy.export import (SQNR_MIN_DB, export_decoder, export_embedder, export_encoder, load_times,
                             trace_encoder_torchscript)
-from atomkit.quant import sqnr_db
-from atomkit.registry import LoadOptions, get_spec
-from atomkit.runtime import PteDecoder, PteEmbedder, PteEncoder
+from atomkit.deploy.quant import sqnr_db
+from atomkit.models.registry import LoadOptions, get_spec
+from atomkit.deploy.runtime import PteDecoder, PteEmbedder, PteEncoder
 
 FP32 = SQNR_MIN_DB["fp32"]
 
@@ -160,8 +160,8 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, m
     from executorch.exir.program._program import _get_aten_to_edge_passes, edge_to_executorch_passes
     from torch._export.passes import ReplaceViewOpsWithViewCopyOpsPass
 
-    from atomkit.decoder_program import LlamaDecodeProgram
-    from atomkit.export import (LLAMA_PROGRAM_SKIPPED_EDGE_PASSES, LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods,
+    from atomkit.deploy.decoder_program import LlamaDecodeProgram
+    from atomkit.deploy.export import (LLAMA_PROGRAM_SKIPPED_EDGE_PASSES, LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods,
                                 _pass_name, _quantized, xnnpack_partitioner)
 
     every = {p.__name__ for p in XNNPACKPassManager(None).passes}
@@ -214,8 +214,8 @@ def test_lean_edge_passes_run_a_needed_pass_and_change_nothing(monkeypatch, tmp_
     from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsPass
     from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
 
-    from atomkit.export import _lower_methods
-    from atomkit.program import load_method
+    from atomkit.deploy.export import _lower_methods
+    from atomkit.deploy.program import load_method
 
     class Scaled(torch.nn.Module):
         def __init__(self):
@@ -254,7 +254,7 @@ def test_make_fx_without_module_patches_traces_the_same_graph():
     module stays a ``call_module`` node."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from atomkit.export import make_fx_without_module_patches
+    from atomkit.deploy.export import make_fx_without_module_patches
 
     torch.manual_seed(0)
     lin, stock_call, seen = torch.nn.Linear(4, 3), torch.nn.Module.__call__, []
@@ -338,7 +338,7 @@ def test_program_reorder_moves_cache_rows(dec_export, decoder):
         direct = pte._forward(b, n + 1)
     assert torch.allclose(moved, direct, atol=1e-5)
     assert not torch.allclose(moved[0], moved[3], atol=1e-3)
-    from atomkit.runtime import PteStepper
+    from atomkit.deploy.runtime import PteStepper
 
     stepper = PteStepper(pte)  # the engine's view: one prompt, rows after prefill are equal until a step
     stepper.reset(4, n + 4)
@@ -403,7 +403,7 @@ def test_bench_decode_times_a_program_beside_the_engines(decoder, out_dir):
     """`bench_decode(programs=...)` runs the decoder program as contender pte-<quant> on the same prompts: its greedy
     and beam-4 tokens equal generate's (the tiny program is fp32), it runs the pipeline's decoder work, and it has no
     several-prompt batch (one prompt at a time); a folder without a decoder program is refused by name."""
-    from atomkit.bench_decode import bench_decode
+    from atomkit.bench.decode import bench_decode
     from atomkit.errors import InputError
 
     folder = out_dir / "long"  # the bench's script prompt needs a longer cache than dec_export's
@@ -425,7 +425,7 @@ def test_bench_decode_times_a_program_beside_the_engines(decoder, out_dir):
 
 
 def test_export_and_runtime_do_not_import_each_other():
-    """Both build on atomkit.program; a program runs without the export stack imported."""
+    """Both build on atomkit.deploy.program; a program runs without the export stack imported."""
     import ast
     import subprocess
     import sys
@@ -436,7 +436,7 @@ def test_export_and_runtime_do_not_import_each_other():
         tree = ast.parse((root / f"{mod}.py").read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not {other, f"atomkit.{other}"} & imported, f"atomkit.{mod} imports atomkit.{other}"
-    code = "import sys, atomkit.runtime; print('atomkit.export' in sys.modules)"
+    code = "import sys, atomkit.deploy.runtime; print('atomkit.deploy.export' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
@@ -451,7 +451,7 @@ def test_torchscript_trace_matches_eager(encoder, tmp_path):
 
 
 def test_int8_dynamic_length_embedder(embedder, tmp_path):
-    pytest.importorskip("atomkit.quant")
+    pytest.importorskip("atomkit.deploy.quant")
     res = export_embedder(embedder, tmp_path, name="embedder_int8", quant="int8", seq_len=32, dynamic_seq=True)
     side = json.loads(res.sidecar.read_text())
     assert side["quant"] == "int8" and side["parity"]["sqnr_min_db"] == SQNR_MIN_DB["quantized"]

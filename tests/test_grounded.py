@@ -1,5 +1,5 @@
-"""Grounded captions (atomkit.grounded), the grounding measure (atomkit.concepts) and the fused ranking
-(atomkit.ranking). Expected sentences and words are written by hand; the tiny model has random weights
+"""Grounded captions (atomkit.decode.grounded), the grounding measure (atomkit.models.concepts) and the fused ranking
+(atomkit.retrieval.ranking). Expected sentences and words are written by hand; the tiny model has random weights
 (its decoder's preferences are noise), its embedder is the real MiniLM."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from atomkit import grounded
-from atomkit.concepts import broader, grounding, grounding_table, has_number, named_objects
-from atomkit.tasks import CaptionedClip
-from atomkit.video import Clip
+from atomkit.decode import grounded
+from atomkit.models.concepts import broader, grounding, grounding_table, has_number, named_objects
+from atomkit.pipeline.tasks import CaptionedClip
+from atomkit.media.video import Clip
 
 CAT = [("Egyptian cat", 0.63), ("tiger cat", 0.20), ("tabby", 0.12), ("lynx", 0.02), ("plastic bag", 0.001)]
 
@@ -84,7 +84,7 @@ def test_captions_fit_the_token_budget(tiny_session):
 
 
 def test_fused_vectors_rank_on_what_the_encoder_saw(tiny_session):
-    from atomkit.ranking import clip_vectors, concept_vectors
+    from atomkit.retrieval.ranking import clip_vectors, concept_vectors
 
     emb = tiny_session.embedder
     clip = lambda i, cap, con: CaptionedClip(Clip(Path("/v/x.mp4"), i, 0, 1), cap, con)  # noqa: E731
@@ -106,8 +106,8 @@ def test_fused_vectors_rank_on_what_the_encoder_saw(tiny_session):
 
 
 def test_narration_that_names_what_the_clip_does_not_show_is_replaced_by_its_caption():
-    from atomkit.script import Script, ScriptEntry
-    from atomkit.tasks import Hit, grounded_narration
+    from atomkit.decode.script import Script, ScriptEntry
+    from atomkit.pipeline.tasks import Hit, grounded_narration
 
     tie = CaptionedClip(Clip(Path("/v/car.mp4"), 0, 0, 10), "A bow tie, or perhaps a Windsor tie.",
                         [("bow tie", 0.7), ("Windsor tie", 0.1)])

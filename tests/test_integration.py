@@ -11,7 +11,7 @@ import av
 import pytest
 
 import atomkit
-from atomkit.concepts import grounding
+from atomkit.models.concepts import grounding
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_cli_assemble_folder_with_corrupt_file(mixed_folder, tmp_path):
 
 
 def test_converted_decoder_cache_is_reused(real_session):
-    from atomkit.weights import smollm2_converted
+    from atomkit.models.weights import smollm2_converted
 
     folder = smollm2_converted(real_session.options.cache)
     assert (folder / "model.safetensors").is_file() and (folder / "atomkit.json").is_file()
@@ -87,8 +87,8 @@ def test_the_decoder_loads_what_from_pretrained_loads(real_session):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from atomkit.registry import llama_from_safetensors
-    from atomkit.weights import smollm2_converted
+    from atomkit.models.registry import llama_from_safetensors
+    from atomkit.models.weights import smollm2_converted
 
     folder = smollm2_converted(real_session.options.cache)
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
@@ -112,8 +112,8 @@ def test_the_fast_tokenizer_is_the_one_from_pretrained_gives(real_session):
     with special tokens, non-ASCII text and a padded batch."""
     from transformers import AutoTokenizer
 
-    from atomkit.registry import fast_tokenizer
-    from atomkit.weights import smollm2_converted
+    from atomkit.models.registry import fast_tokenizer
+    from atomkit.models.weights import smollm2_converted
 
     folder = smollm2_converted(real_session.options.cache)
     ref, tok = AutoTokenizer.from_pretrained(folder, local_files_only=True), fast_tokenizer(folder)
@@ -137,7 +137,7 @@ def test_the_fast_tokenizer_is_the_one_from_pretrained_gives(real_session):
 def test_the_converted_decoder_is_hashed_only_when_its_source_moved(real_session, monkeypatch):
     """While the GGUF's path, size and mtime are the recorded ones, a load reads nothing of it; a stamp without them
     (an older cache, another checkout's path) is checked by content once and then recorded."""
-    import atomkit.weights as W
+    import atomkit.models.weights as W
 
     folder = W.smollm2_converted(real_session.options.cache)
     meta = folder / "atomkit.json"
@@ -159,7 +159,7 @@ def test_the_converted_decoder_is_hashed_only_when_its_source_moved(real_session
 def test_int4_captions_identical_on_any_executor():
     """The int4 decoder (int4 steps, the CPU's prefill weights) on one thread (disjoint cores) writes the captions it writes
     on two: the thread count must not change the arithmetic the reuse path's executor choice depends on."""
-    from atomkit.executor import PipelinedExecutor, SequentialExecutor
+    from atomkit.pipeline.executor import PipelinedExecutor, SequentialExecutor
 
     with atomkit.Session("default", decode=atomkit.DecodeConfig(backend="int4")) as s:
         seq = s.caption(atomkit.sample_videos(), executor=SequentialExecutor())

@@ -21,7 +21,7 @@ FIRST, SECOND = "a first reel", "a second reel"
 # Runs the CLI with a SIGKILL of its own process at one point of the output code (test code, not atomkit's).
 KILLER = r"""
 import os, signal, sys
-import atomkit.io as io, atomkit.tasks as tasks
+import atomkit.io as io, atomkit.pipeline.tasks as tasks
 point = sys.argv[1]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import atomkit
-from atomkit.indexing import load_index, update
-from atomkit.library import Library, LibraryError
-from atomkit.video import unique_ids
+from atomkit.retrieval.indexing import load_index, update
+from atomkit.retrieval.library import Library, LibraryError
+from atomkit.media.video import unique_ids
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_stored_clips_are_what_captioning_gave(tiny_session, lib, folder):
         d = direct[c.id]
         assert (c.caption, c.clip.start_s, c.clip.end_s) == (d.caption, d.clip.start_s, d.clip.end_s)
         assert [lbl for lbl, _ in c.concepts] == [lbl for lbl, _ in d.concepts]
-    from atomkit.ranking import clip_vectors
+    from atomkit.retrieval.ranking import clip_vectors
 
     embedded = clip_vectors(tiny_session.embedder, stored.captions.clips)  # what indexing embeds
     assert (stored.vectors - embedded).abs().max() < 1e-5
@@ -121,7 +121,7 @@ def test_unreadable_file_is_recorded_and_retried_only_when_it_changes(tiny_sessi
     bad.write_bytes(samples["bikes.mp4"].read_bytes()[:3000])
     first = update(tiny_session, lib, [folder])
     assert [Path(s.path).name for s in first.skipped] == ["broken.mp4"] and lib.counts()["unreadable"] == 1
-    import atomkit.indexing as indexing
+    import atomkit.retrieval.indexing as indexing
 
     def no_captioning(*a, **k):
         raise AssertionError("an unchanged unreadable file was opened again")
@@ -225,7 +225,7 @@ def test_app_opens_folders_through_the_library(tiny_session, lib, folder, tmp_pa
 
 
 def test_bench_library_json(tiny_session, folder):
-    from atomkit.bench_library import run
+    from atomkit.bench.library import run
 
     result = run(tiny_session, [folder], sizes=(500, 2000), repeats=12)
     assert result["videos"] == 2 and result["library"]["clips"] == 2

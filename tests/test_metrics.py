@@ -1,4 +1,4 @@
-"""Caption and ranking agreement (atomkit.metrics)."""
+"""Caption and ranking agreement (atomkit.evaluation.metrics)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from atomkit.errors import InputError
-from atomkit.metrics import _simple_tokenize, caption_agreement, rank_agreement
+from atomkit.evaluation.metrics import _simple_tokenize, caption_agreement, rank_agreement
 
 REFS = {
     "bikes": "A man rides a bicycle down a steep mountain trail.",
@@ -60,7 +60,7 @@ def test_mismatched_keys_raise():
 
 
 def test_simple_tokenizer_fallback(monkeypatch):
-    import atomkit.metrics as M
+    import atomkit.evaluation.metrics as M
 
     monkeypatch.setattr(M, "_ptb_tokenize", lambda texts: None)
     r = caption_agreement(REFS, dict(REFS))

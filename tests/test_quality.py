@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import atomkit
-from atomkit.annotations import load, sniff
+from atomkit.evaluation.annotations import load, sniff
 from atomkit.errors import InputError
-from atomkit.quality import evaluate, rank_of_first_relevant, recall_table
-from atomkit.tasks import CaptionedClip, Captions, Index
-from atomkit.video import Clip
+from atomkit.evaluation.quality import evaluate, rank_of_first_relevant, recall_table
+from atomkit.pipeline.tasks import CaptionedClip, Captions, Index
+from atomkit.media.video import Clip
 
 
 # -- loaders ---------------------------------------------------------------------------------------------
@@ -154,14 +154,14 @@ def test_eval_on_the_samples_with_the_default_models(real_session, samples, tmp_
         {"q": "a cartoon animal in the grass", "relevant": ["bigbuckbunny"]},
         {"q": "a man wearing a tie", "relevant": ["bikes", "carphone_pristine", "carphone_distorted"]},
         {"q": "a man talking in a car", "relevant": ["carphone_pristine", "carphone_distorted"]}]})
-    idx = atomkit.tasks.index(real_session, real_session.caption(list(samples.values())))
+    idx = atomkit.pipeline.tasks.index(real_session, real_session.caption(list(samples.values())))
     r = evaluate(real_session, idx, ann, meteor=False)
     assert r["queries"] == 3 and r["videos"] == 4
     assert r["video"]["r1"] >= 2 / 3 and r["video"]["r5"] == 1.0, r["per_query"]
 
 
 def test_delta_and_the_paper_bound():
-    from atomkit.quality import delta
+    from atomkit.evaluation.quality import delta
 
     ref = {"video": {"r1": 0.50, "r5": 0.9}, "clip": {"r1": 0.40}, "captions": {"cider": 0.300}}
     close = {"video": {"r1": 0.48, "r5": 0.9}, "clip": {"r1": 0.40}, "captions": {"cider": 0.290}}
@@ -177,7 +177,7 @@ def test_delta_and_the_paper_bound():
 def test_devset_is_built_from_packaged_media_and_every_query_has_its_video(tmp_path):
     from media import duration
 
-    from atomkit.devset import PHOTOS, build
+    from atomkit.evaluation.devset import PHOTOS, build
 
     videos, ann_file = build(tmp_path / "dev")
     assert len(videos) == 20 and all(v.is_file() for v in videos)
@@ -202,7 +202,7 @@ def _frame_stats(path: Path) -> tuple[float, float]:
 
 
 def test_views_are_the_texts_each_clip_is_ranked_on():
-    from atomkit.quality import VIEWS
+    from atomkit.evaluation.quality import VIEWS
 
     c = CaptionedClip(Clip(Path("/v/cat.mp4"), 0, 0, 6), "a cat looks at the camera",
                       [("tabby, tabby cat", 0.6), ("Egyptian cat", 0.2)])
@@ -216,14 +216,14 @@ def test_eval_on_the_devset_with_the_default_models(real_session, tmp_path):
     """The development set in the suite: the default pipeline stays in the range measured for
     bench/quality-default.json (R@1 0.65, R@5 0.85 on 40 queries) and ahead of the whole-frame tags baseline
     (0.55), its captions are grounded, and captions and concepts moved to the wrong clips are caught."""
-    from atomkit.devset import build
-    from atomkit.quality import baseline
+    from atomkit.evaluation.devset import build
+    from atomkit.evaluation.quality import baseline
 
     videos, ann_file = build(tmp_path / "dev")
     ann = load(ann_file)
     caps = real_session.caption(videos)
     assert len(caps.clips) == 20 and not caps.skipped
-    r = evaluate(real_session, atomkit.tasks.index(real_session, caps), ann, captions=False)
+    r = evaluate(real_session, atomkit.pipeline.tasks.index(real_session, caps), ann, captions=False)
     assert r["queries"] == 40 and r["videos"] == 20
     assert 0.55 <= r["video"]["r1"] <= 0.85 and r["video"]["r5"] >= 0.75, r["per_query"]
     base = baseline(real_session, caps, ann)
@@ -234,12 +234,12 @@ def test_eval_on_the_devset_with_the_default_models(real_session, tmp_path):
     # each clip given the previous clip's caption and concepts: the harness must see that retrieval broke
     rolled = Captions(caps.model, [CaptionedClip(c.clip, caps.clips[i - 1].caption, caps.clips[i - 1].concepts)
                                    for i, c in enumerate(caps.clips)], [])
-    broken = evaluate(real_session, atomkit.tasks.index(real_session, rolled), ann, captions=False)
+    broken = evaluate(real_session, atomkit.pipeline.tasks.index(real_session, rolled), ann, captions=False)
     assert broken["video"]["r1"] <= 0.2, broken["per_query"]
 
 
 def test_whole_frame_sampling_keeps_the_edges_that_the_crop_drops(samples):
-    from atomkit.video import clips, sample_frames
+    from atomkit.media.video import clips, sample_frames
 
     clip = clips(samples["bikes.mp4"], atomkit.WindowConfig())[0]  # a 4:3 video (wider than tall)
     crop, whole = sample_frames(clip, fit="crop"), sample_frames(clip)  # whole is the default

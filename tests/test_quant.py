@@ -1,4 +1,4 @@
-"""torchao int8 / int4 quantization of modules (atomkit.quant), checked by bytes, SQNR and export."""
+"""torchao int8 / int4 quantization of modules (atomkit.deploy.quant), checked by bytes, SQNR and export."""
 from __future__ import annotations
 
 import copy
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from atomkit.errors import InputError
-from atomkit.quant import SCHEMES, is_quantized, quant_config, quantize_module, sqnr_db, weight_bytes
-from atomkit.registry import LoadOptions, get_spec
+from atomkit.deploy.quant import SCHEMES, is_quantized, quant_config, quantize_module, sqnr_db, weight_bytes
+from atomkit.models.registry import LoadOptions, get_spec
 
 
 def toy() -> nn.Module:
@@ -169,7 +169,7 @@ def test_sqnr_db_basic():
 
 
 def test_finite_sqnr_db_for_json():
-    from atomkit.quant import finite_sqnr_db
+    from atomkit.deploy.quant import finite_sqnr_db
 
     x = torch.randn(1000, generator=torch.Generator().manual_seed(4))
     assert finite_sqnr_db(x, x.clone()) == 300.0 and finite_sqnr_db(torch.zeros(3), torch.ones(3)) == -300.0

@@ -6,8 +6,8 @@ import torch
 
 import atomkit
 from atomkit.errors import ModelNotFound, UnknownModel
-from atomkit.registry import LoadOptions, get_spec, llama32_1b_config
-from atomkit.weights import PAPER_WEIGHTS_ENV, paper_weights
+from atomkit.models.registry import LoadOptions, get_spec, llama32_1b_config
+from atomkit.models.weights import PAPER_WEIGHTS_ENV, paper_weights
 
 
 def test_available_models_lists_real_and_tiny_specs():
@@ -86,7 +86,7 @@ def test_tiny_paper_visual_prefix_caption():
 def test_tiny_default_encoder_concepts_are_imagenet_labels(tiny_session):
     frames = torch.randint(0, 255, (1, 3, 6, 224, 224), dtype=torch.uint8)
     enc = tiny_session.encoder.encode(frames)
-    labels = set(atomkit.modules.encoder.imagenet_labels())
+    labels = set(atomkit.models.encoder.imagenet_labels())
     assert enc.features.shape == (6, 1280)
     assert len(enc.concepts) == 10 and all(c in labels for c, _ in enc.concepts)
     probs = [p for _, p in enc.concepts]
@@ -104,8 +104,8 @@ def test_random_weights_are_written_in_the_user_layout_and_read_back(tmp_path):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    from atomkit.modules.encoder import clip_vision
-    from atomkit.registry import write_paper_layout
+    from atomkit.models.encoder import clip_vision
+    from atomkit.models.registry import write_paper_layout
 
     spec = get_spec("tiny-paper")
     enc, dec = spec.load("encoder", LoadOptions()), spec.load("decoder", LoadOptions())
@@ -143,7 +143,7 @@ def test_batchnorm_folding_keeps_the_encoder_outputs():
     same features and class probabilities after its BatchNorms are folded into the convolutions."""
     import copy
 
-    from atomkit.modules.encoder import EfficientNetEncoder, fold_batchnorm, imagenet_labels
+    from atomkit.models.encoder import EfficientNetEncoder, fold_batchnorm, imagenet_labels
 
     net = _lite_with_batchnorm_statistics("lite0")
     ref = EfficientNetEncoder(copy.deepcopy(net), imagenet_labels()).eval()
@@ -161,8 +161,8 @@ def test_litenet_is_the_packages_folded_net_with_fewer_modules(variant):
     the package's EfficientNet-Lite after ``fold_batchnorm`` and computes the same features and logits, to the bit,
     on random weights with non-trivial BatchNorm statistics (unit test only). Lite2 checks the width and depth
     scaling and its 260 px padding; the net builds far fewer modules (no BatchNorm, padding or activation modules)."""
-    from atomkit.modules.encoder import fold_batchnorm
-    from atomkit.modules.lite import LiteNet
+    from atomkit.models.encoder import fold_batchnorm
+    from atomkit.models.lite import LiteNet
 
     ref = fold_batchnorm(_lite_with_batchnorm_statistics(variant))
     net = LiteNet(variant).eval()
@@ -187,9 +187,9 @@ def test_the_encoder_loads_its_folded_copy_from_the_cache(tmp_path, monkeypatch)
 
     from efficientnet_lite_pytorch import EfficientNet
 
-    import atomkit.weights as W
-    from atomkit.modules.encoder import EfficientNetEncoder, efficientnet_lite, imagenet_labels
-    from atomkit.video import clips, sample_frames, sample_videos
+    import atomkit.models.weights as W
+    from atomkit.models.encoder import EfficientNetEncoder, efficientnet_lite, imagenet_labels
+    from atomkit.media.video import clips, sample_frames, sample_videos
 
     source = W.efficientnet_lite_file("lite0")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -229,8 +229,8 @@ def test_the_embedder_equals_sentence_transformers():
     texts in the same order."""
     from sentence_transformers import SentenceTransformer
 
-    import atomkit.weights as W
-    from atomkit.modules.embedder import minilm
+    import atomkit.models.weights as W
+    from atomkit.models.embedder import minilm
 
     texts = ["dog", "A golden retriever (a kind of dog) runs along the seashore.", "",
              "A streetcar, or perhaps a parking meter or a jinrikisha.", "a red car " * 120,
@@ -256,7 +256,7 @@ def test_save_mappable_aligns_every_tensor_and_stays_a_safetensors_file(tmp_path
     gives on the original (it crashes the process on an int8 matrix 8 bytes off a 16-byte boundary)."""
     from safetensors.torch import load_file
 
-    from atomkit.weights import ALIGN, mapped_safetensors, save_mappable
+    from atomkit.models.weights import ALIGN, mapped_safetensors, save_mappable
 
     torch.manual_seed(0)
     tensors = {"a.byte": torch.tensor([7], dtype=torch.uint8), "b.scale": torch.randn(61).bfloat16(),
@@ -290,7 +290,7 @@ def test_mapped_safetensors_equal_load_file_and_leave_the_file_alone(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from atomkit.weights import mapped_safetensors
+    from atomkit.models.weights import mapped_safetensors
 
     torch.manual_seed(0)
     tensors = {"w": torch.randn(5, 3), "h": torch.randn(4).half(), "b": torch.randn(2, 2).bfloat16(),
@@ -329,8 +329,8 @@ def test_skeleton_skips_only_this_threads_meta_initialisers_and_restores_the_lay
     from torch import nn
     from transformers import LlamaForCausalLM
 
-    from atomkit.registry import tiny_llama_config
-    from atomkit.weights import skeleton
+    from atomkit.models.registry import tiny_llama_config
+    from atomkit.models.weights import skeleton
 
     config = tiny_llama_config(1000)
     originals = {c: c.__dict__["reset_parameters"] for c in (nn.Linear, nn.Embedding, nn.LayerNorm)}

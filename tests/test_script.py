@@ -6,7 +6,7 @@ import json
 import pytest
 
 from atomkit.errors import InputError, ScriptError
-from atomkit.script import Script, ScriptEntry, handles, parse_script, script_messages
+from atomkit.decode.script import Script, ScriptEntry, handles, parse_script, script_messages
 
 CLIPS = [
     ("beach#00", "a dog runs on the beach"),

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import atomkit
-from atomkit.registry import LoadOptions, get_spec
-from atomkit.script import parse_script
-from atomkit.structured import NEXT, one_sentence, script_json, subject
+from atomkit.models.registry import LoadOptions, get_spec
+from atomkit.decode.script import parse_script
+from atomkit.decode.structured import NEXT, one_sentence, script_json, subject
 
 CLIPS = [("dog#00", "A dog jumps over a fence."), ("car#01", "A red car (a kind of vehicle), or perhaps a cab."),
          ("cat#02", "A cat sleeps")]
@@ -165,7 +165,7 @@ def test_scripts_of_many_clips_use_multi_token_handles(tiny, n):
 
 
 def test_write_script_uses_structured_decoding_on_a_stepper_backend():
-    from atomkit.tasks import write_script
+    from atomkit.pipeline.tasks import write_script
 
     with atomkit.Session("tiny-default", device="cpu") as s:
         idx = s.retrieve([atomkit.sample_videos()[0]], "a reel", k=2)

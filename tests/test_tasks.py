@@ -10,16 +10,16 @@ import torch
 
 import atomkit
 from atomkit.errors import InputError
-from atomkit.tasks import Captions, CaptionedClip, Index
-from atomkit.video import Clip
+from atomkit.pipeline.tasks import Captions, CaptionedClip, Index
+from atomkit.media.video import Clip
 
 
 def test_caption_all_sample_clips(tiny_captions, samples):
     assert tiny_captions.skipped == []
     ids = [c.id for c in tiny_captions.clips]
     assert sorted(ids) == sorted(f"{p.stem}#00" for p in samples.values())  # every sample is <= one window
-    from atomkit.concepts import with_article
-    from atomkit.grounded import candidates
+    from atomkit.models.concepts import with_article
+    from atomkit.decode.grounded import candidates
 
     for c in tiny_captions.clips:
         assert len(c.concepts) == 10
@@ -119,7 +119,7 @@ def test_assemble_with_nothing_captioned(tiny_session, tmp_path):
 @pytest.mark.parametrize("threads", [None, [1, 1, 1]])
 def test_captions_identical_whichever_executor_runs(tiny_session, tiny_captions, threads):
     """Pipelined captioning (shared or disjoint thread budgets) writes the sequential path's captions, in order."""
-    from atomkit.executor import PipelinedExecutor
+    from atomkit.pipeline.executor import PipelinedExecutor
 
     caps = tiny_session.caption(atomkit.sample_videos(), executor=PipelinedExecutor(depth=1, threads=threads))
     assert [(c.id, c.caption) for c in caps.clips] == [(c.id, c.caption) for c in tiny_captions.clips]
@@ -130,7 +130,7 @@ def test_caption_batches_keep_order_and_match_one_by_one(tiny_session, tmp_path)
     order, with the caption it gets alone (the tiny fp32 decoder is exact, so batching changes nothing)."""
     from dataclasses import replace
 
-    from atomkit.executor import PipelinedExecutor
+    from atomkit.pipeline.executor import PipelinedExecutor
 
     import shutil
 
@@ -152,7 +152,7 @@ def test_caption_batches_keep_order_and_match_one_by_one(tiny_session, tmp_path)
 def test_clip_that_fails_to_decode_leaves_its_group_captioned(tiny_session, tiny_captions, monkeypatch):
     """A clip whose frames do not decode is reported; the other clips of its caption batch are captioned, each with
     the caption it gets when no clip fails."""
-    import atomkit.tasks as tasks
+    import atomkit.pipeline.tasks as tasks
     from atomkit.errors import VideoError
 
     real = tasks.sample_frames

@@ -1,4 +1,4 @@
-"""Tests of atomkit.video on real sample videos and small synthetic ones made with PyAV."""
+"""Tests of atomkit.media.video on real sample videos and small synthetic ones made with PyAV."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import torch
 
 from atomkit.config import WindowConfig
 from atomkit.errors import VideoError
-from atomkit.video import (
+from atomkit.media.video import (
     VIDEO_SUFFIXES,
     Clip,
     clips,
@@ -357,7 +357,7 @@ def test_find_videos(tmp_path):
 
 
 def test_scan_walks_nested_folders_safely(tmp_path):
-    from atomkit.video import scan
+    from atomkit.media.video import scan
 
     root = tmp_path / "DCIM"
     (root / "100APPLE").mkdir(parents=True)
@@ -380,7 +380,7 @@ def test_thumbnail_is_the_frame_at_the_time(samples, tmp_path):
 
     from PIL import Image
 
-    from atomkit.video import thumbnail
+    from atomkit.media.video import thumbnail
 
     def shown_at(t: float) -> np.ndarray:  # the frame at t, decoded here, at the thumbnail's size
         with av.open(str(samples["bikes.mp4"])) as c:
@@ -407,7 +407,7 @@ def test_thumbnail_is_the_frame_at_the_time(samples, tmp_path):
 
 
 def test_preview_is_the_span_small_and_in_real_time(samples, tmp_path):
-    from atomkit.video import preview
+    from atomkit.media.video import preview
 
     out = preview(samples["bikes.mp4"], 2.0, 5.0, tmp_path / "p.mp4", width=160)
     with av.open(str(out)) as c:
@@ -456,7 +456,7 @@ def test_rotation_tag_turns_frames_thumbnails_and_previews_upright(rotation, tmp
     from PIL import Image
     from corpus import write_video as write_tagged
 
-    from atomkit.video import preview, thumbnail
+    from atomkit.media.video import preview, thumbnail
 
     path = write_tagged(tmp_path / "phone.mp4", rotation=rotation, colour=(40, 40, 160))
     shown = (48, 64) if rotation % 180 else (64, 48)

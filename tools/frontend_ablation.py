@@ -23,14 +23,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/frontend.json")
     args = ap.parse_args()
-    from atomkit import devset
-    from atomkit.annotations import load
+    from atomkit.evaluation import devset
+    from atomkit.evaluation.annotations import load
     from atomkit.config import cache_dir
-    from atomkit.modules.encoder import efficientnet_lite
-    from atomkit.quality import _concept_text, _text_index, evaluate
-    from atomkit.session import Session
-    from atomkit.tasks import CaptionedClip, Captions
-    from atomkit.video import clips, sample_frames
+    from atomkit.models.encoder import efficientnet_lite
+    from atomkit.evaluation.quality import _concept_text, _text_index, evaluate
+    from atomkit.pipeline.session import Session
+    from atomkit.pipeline.tasks import CaptionedClip, Captions
+    from atomkit.media.video import clips, sample_frames
 
     videos, ann_file = devset.build(cache_dir() / "devset")
     ann = load(ann_file)

@@ -76,7 +76,7 @@ print(decode)"""),
 Each video is cut into 10 s windows with a 5 s stride (a video shorter than a window is one clip; a tail
 that the windows miss gets one more window aligned to the end). Each clip is sampled to 6 frames of 224×224."""),
     ("code", """
-from atomkit.video import probe, clips, sample_frames
+from atomkit.media.video import probe, clips, sample_frames
 for p in paths:
     info = probe(p)
     cs = clips(p)
@@ -97,7 +97,7 @@ captions = session.caption(paths, progress=True)
 for c in captions.clips:
     print(f"{c.id:24s} {c.caption}\\n{'':24s} concepts: {', '.join(f'{l} {p:.2f}' for l, p in c.concepts[:3])}")
 print("skipped:", captions.skipped)"""),
-    ("md", "## 3 · Retrieval\nThe embedder ranks clips against a query by cosine similarity. A clip's vector fuses its caption, its concept names and a probability-weighted concept vector (`atomkit.ranking`); the index is built once and reused."),
+    ("md", "## 3 · Retrieval\nThe embedder ranks clips against a query by cosine similarity. A clip's vector fuses its caption, its concept names and a probability-weighted concept vector (`atomkit.retrieval.ranking`); the index is built once and reused."),
     ("code", """
 idx = atomkit.index(session, captions)
 hits = session.retrieve(idx, query, k=k)
@@ -158,7 +158,7 @@ out_dir = "out/04_latency"
 smoke = False          # True for tiny random-weight models, two short videos, one prompt (CI)"""),
     ("code", SETUP + """
 import json
-from atomkit.bench import benchmark, plot_timeline, table
+from atomkit.bench.reuse import benchmark, plot_timeline, table
 
 videos = atomkit.sample_videos()
 decode = atomkit.DecodeConfig(backend=backend)
@@ -223,12 +223,12 @@ print("wrote", out / "bench.json")"""),
 
     ("md", """
 ## Decoding speed by backend
-Caption generation is where the time goes, so the decoder has its own engine (`atomkit.engine`): one prefill,
+Caption generation is where the time goes, so the decoder has its own engine (`atomkit.decode.engine`): one prefill,
 then one step per token on a static KV cache, greedy and beam search with `generate`'s semantics. The `torch`
 backend is exact (the pipeline's default); the others trade exactness for speed (bf16, int8, int4 weights,
 `torch.compile`). llama.cpp runs on the model's own GGUF when `llama-cpp-python` is installed (`make peer`)."""),
     ("code", """
-from atomkit.bench_decode import bench_decode, plot as plot_decode
+from atomkit.bench.decode import bench_decode, plot as plot_decode
 if smoke:
     dec = bench_decode(model, backends=["torch", "int8"], new_tokens=(3, 6), repeats=1, batch=2, caption_tokens=4,
                        script_tokens=4, profile_steps=0, llama_cpp=False, progress=False)
@@ -249,11 +249,11 @@ Android version, RAM and thermal state are recorded. Without a phone this sectio
 programs on this host with the ExecuTorch runtime."""),
     ("code", """
 import os
-from atomkit import device
-from atomkit.runtime import bench_programs
+from atomkit.deploy import adb as device
+from atomkit.deploy.runtime import bench_programs
 
 if programs is None:  # int8 programs of this model, exported here
-    from atomkit.export import export_decoder, export_embedder, export_encoder
+    from atomkit.deploy.export import export_decoder, export_embedder, export_encoder
     exporters = {"encoder": export_encoder, "decoder": export_decoder, "embedder": export_embedder}
     with atomkit.Session(model) as s:
         progs = {m: exporters[m](s.get(m), out / "programs", name=m, quant="int8", model=model).path
@@ -302,7 +302,7 @@ out_dir = "out/02_quantization"
 smoke = False          # True: two short videos, greedy 8-token captions (CI)"""),
     ("code", SETUP + """
 import copy
-from atomkit.quant import quantize_module, weight_bytes
+from atomkit.deploy.quant import quantize_module, weight_bytes
 
 videos = atomkit.sample_videos()
 decode = atomkit.DecodeConfig()
@@ -339,7 +339,7 @@ ax.set_xticks(range(3), list(sizes)); ax.set_ylabel("MiB of weights"); ax.legend
 (encoder on real frames, decoder logits on a caption prompt, embedder on real captions), then the quantized
 captions scored against the fp32 captions (BLEU-4, CIDEr, share identical) and retrieval rank agreement."""),
     ("code", """
-from atomkit.evaluate import quant_report
+from atomkit.evaluation.parity import quant_report
 session.close()
 report = quant_report(model, scheme, videos, decode=decode, progress=True)
 for m, r in report["modules"].items():
@@ -385,7 +385,7 @@ out_dir = "out/03_serialization"
 smoke = False          # True: tiny random-weight models and two short videos (CI)"""),
     ("code", SETUP + """
 import json
-from atomkit.deploy import export_model
+from atomkit.deploy.report import export_model
 
 videos = atomkit.sample_videos()
 modules = ("encoder", "decoder", "embedder")
@@ -549,8 +549,8 @@ LIBRARY = [
 
 A phone library is thousands of videos; captioning costs seconds per clip. `atomkit.Library` keeps every
 clip's caption, concepts and embedding in one SQLite file, per configuration (model, quantization, decoding,
-windows), so each clip is captioned once and every later query embeds only the query. `atomkit.indexing.update`
-captions only files that are new or changed, one transaction per video; `atomkit.cluster.RayCaptioner` spreads
+windows), so each clip is captioned once and every later query embeds only the query. `atomkit.retrieval.indexing.update`
+captions only files that are new or changed, one transaction per video; `atomkit.retrieval.cluster.RayCaptioner` spreads
 that work over Ray actors, each holding one resident session.
 
 CLI: `atomkit index ~/Videos --db lib.db [--ray [ADDRESS]]`, then `atomkit retrieve --db lib.db --query ...`."""),
@@ -564,8 +564,8 @@ out_dir = "out/06_library"
 smoke = False          # True: three short videos, greedy captions, one Ray actor (CI)"""),
     ("code", SETUP + """
 import shutil, time
-from atomkit.library import Library
-from atomkit.indexing import load_index, update
+from atomkit.retrieval.library import Library
+from atomkit.retrieval.indexing import load_index, update
 
 paths = [Path(v) for v in (atomkit.sample_videos() if videos is None else videos)]
 if smoke:
@@ -606,7 +606,7 @@ shutil.copy(paths[-1], folder / paths[-1].name)
 ray_report = None
 with Library(db) as lib:
     if ray_actors:
-        from atomkit.cluster import RayCaptioner
+        from atomkit.retrieval.cluster import RayCaptioner
 
         driver = atomkit.Session(model, decode=decode)   # same configuration, nothing loaded
         with RayCaptioner(driver, actors=ray_actors) as pool:
@@ -652,8 +652,8 @@ Queries written by hand for the sample videos (checked by watching them), in ato
 `atomkit eval --db FILE --annotations FILE` does the same from the shell, and reads MSR-VTT, MSVD and DiDeMo
 files too. Ties count against the relevant video."""),
     ("code", """
-from atomkit.annotations import load as load_annotations
-from atomkit.quality import evaluate, table
+from atomkit.evaluation.annotations import load as load_annotations
+from atomkit.evaluation.quality import evaluate, table
 hand = {"queries": [{"q": "a cartoon animal in the grass", "relevant": ["bigbuckbunny"]},
                     {"q": "a man wearing a tie", "relevant": ["bikes", "carphone_pristine", "carphone_distorted"]},
                     {"q": "a man talking in a car", "relevant": ["carphone_pristine", "carphone_distorted"]},

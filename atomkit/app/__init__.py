@@ -2,7 +2,7 @@
 
 ``AssemblyApp(session, paths)`` opens a library, and its ``widget`` is the whole page; ``atomkit app``
 serves it with Voila (``atomkit.app.serve``). The state lives in plain objects (``atomkit.app.state``)."""
-from .assembly import AssemblyApp, Cancelled
-from .state import AppState, Cut, ReelEdit
+from atomkit.app.assembly import AssemblyApp, Cancelled
+from atomkit.app.state import AppState, Cut, ReelEdit
 
 __all__ = ["AppState", "AssemblyApp", "Cancelled", "Cut", "ReelEdit"]

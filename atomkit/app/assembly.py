@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import AssemblyError, AtomkitError, InputError, VideoError
-from ..io import count
-from ..tasks import Captions, CaptionedClip, Index, caption, index, render, retrieve, write_script
-from ..video import preview as cut_preview, probe, sample_videos, thumbnail
-from .state import AppState, ReelEdit
+from atomkit.errors import AssemblyError, AtomkitError, InputError, VideoError
+from atomkit.io import count
+from atomkit.pipeline.tasks import Captions, CaptionedClip, Index, caption, index, render, retrieve, write_script
+from atomkit.media.video import preview as cut_preview, probe, sample_videos, thumbnail
+from atomkit.app.state import AppState, ReelEdit
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class AssemblyApp:
 
     def __init__(self, session, source=None, *, out_dir: str | Path = "out/app", k: int = 5, library=None):
         self.session = session
-        self.library = library  # an atomkit.library.Library: open() captions only what it does not hold
+        self.library = library  # an atomkit.retrieval.library.Library: open() captions only what it does not hold
         self.state = AppState()
         self.out_dir = Path(out_dir)
         self.k = int(k)
@@ -88,7 +88,7 @@ class AssemblyApp:
     def widget(self):
         """The whole UI (built on first use)."""
         if self._view is None:
-            from .view import AppView
+            from atomkit.app.view import AppView
 
             self._view = AppView(self)
             self._listeners.append(self._view.refresh)
@@ -224,7 +224,7 @@ class AssemblyApp:
 
     def _from_library(self, paths: list[Path]) -> Index:
         """Index what the library lacks, then read the clips of ``paths`` from it (progress counts videos)."""
-        from ..indexing import load_index, update
+        from atomkit.retrieval.indexing import load_index, update
 
         t0 = time.perf_counter()
         report = update(self.session, self.library, paths, on_progress=self._progress, cancel=self._cancel)

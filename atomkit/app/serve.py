@@ -22,7 +22,7 @@ from pathlib import Path
 
 import nbformat
 
-from .pages import CULL_S, MAX_PAGES, voila_config
+from atomkit.app.pages import CULL_S, MAX_PAGES, voila_config
 
 ENV = "ATOMKIT_APP"
 _PAGE = """# atomkit interactive assembly: the settings come from $ATOMKIT_APP (written by `atomkit app`)
@@ -69,10 +69,10 @@ def show_page(settings: dict | None = None):
     A bad setting (an unknown model, missing weights) is shown as a message, not a traceback."""
     from IPython.display import HTML, display
 
-    from ..config import DecodeConfig, WindowConfig
-    from ..errors import AtomkitError
-    from ..session import Session
-    from .assembly import AssemblyApp
+    from atomkit.config import DecodeConfig, WindowConfig
+    from atomkit.errors import AtomkitError
+    from atomkit.pipeline.session import Session
+    from atomkit.app.assembly import AssemblyApp
 
     cfg = settings if settings is not None else json.loads(os.environ.get(ENV) or "{}")
     try:
@@ -84,7 +84,7 @@ def show_page(settings: dict | None = None):
         return None
     library = None
     if cfg.get("db") is not None:
-        from ..library import Library
+        from atomkit.retrieval.library import Library
 
         try:
             library = Library(cfg["db"] or None)

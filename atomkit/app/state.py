@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import InputError
-from ..script import Script, ScriptEntry
-from ..tasks import Captions, CaptionedClip, Hit, Index, Skipped
+from atomkit.errors import InputError
+from atomkit.decode.script import Script, ScriptEntry
+from atomkit.pipeline.tasks import Captions, CaptionedClip, Hit, Index, Skipped
 
 _MIN_CUT_S = 0.1  # the shortest trimmed clip the editor allows
 

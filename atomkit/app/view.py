@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from ..io import count, printable
+from atomkit.io import count, printable
 
 _CSS = """
 <style>

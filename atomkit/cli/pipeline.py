@@ -1,0 +1,283 @@
+"""The pipeline commands: caption, retrieve, assemble, index, eval. They share one path: check the arguments
+(before any model loads), open the session, get the clips (captioned now, or from the library with --db), then
+do the command's own part and print lines (or --json)."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+from atomkit.cli.options import add, add_session, check_out_dir, check_positive, command, session_from
+from atomkit.io import count, json_text, write_json_atomic
+
+_LIBRARY_PATHS = " (with --db: optional, default the whole library)"
+
+
+def register(sub) -> None:
+    p = command(sub, "caption", "caption every clip of the videos", run, examples="""
+        atomkit caption $(atomkit samples) --json
+        atomkit caption ~/Videos/trip --out out/ --window 6 --stride 3""")
+    add(p, "videos", videos=dict(nargs="+", help="video files or folders of videos"))
+    add_session(p)
+    p = command(sub, "retrieve", "rank clips against a query", run, examples="""
+        atomkit retrieve clip1.mp4 clip2.mp4 --query "the dog jumps" -k 3
+        atomkit retrieve --db lib.db --query "a man wearing a tie\"""")
+    add(p, "videos", "db", "k", videos=dict(help="video files or folders of videos" + _LIBRARY_PATHS),
+        k=dict(help="how many clips to return (default: %(default)s)"))
+    p.add_argument("--query", required=True, help='what to find, e.g. "the dog jumps"')
+    add_session(p)
+    p = command(sub, "assemble", "make a video from the clips that best fit a prompt", run, examples="""
+        atomkit assemble ~/Videos/trip --prompt "make a highlight reel" --out out/
+        atomkit assemble --db lib.db --prompt "the bikes" --out out/bikes""")
+    add(p, "videos", "db", "k", videos=dict(help="video files or folders of videos" + _LIBRARY_PATHS),
+        k=dict(help="how many retrieved clips the script may use (default: %(default)s)"))
+    p.add_argument("--prompt", required=True, help='what to make, e.g. "make a highlight reel"')
+    add_session(p)
+    p = command(sub, "index", "caption new or changed videos into the library (--db); unchanged ones are skipped",
+                run, examples="""
+        atomkit index ~/Videos --db lib.db
+        atomkit index ~/Videos --db lib.db --ray              # a local Ray cluster (loopback only) for this run
+        atomkit index /mnt/videos --db lib.db --ray HEAD:6379  # a cluster you started (docs/library.md)""")
+    add(p, "videos", "db", videos=dict(nargs="+", help="video files or folders of videos"))
+    p.add_argument("--no-prune", action="store_true", help="keep stored videos whose files are gone (default: remove them)")
+    r = p.add_argument_group("scale-out on Ray (each actor keeps one resident session)")
+    r.add_argument("--ray", metavar="ADDRESS", nargs="?", const="local", default=None, help=(
+        "caption on a Ray cluster: a local one for this run when no ADDRESS is given (loopback only, token "
+        "authentication on), or one you started (`ray start --head` prints HOST:6379; 'auto' finds it; it listens "
+        "where you told Ray to). Every node must see the videos under the same paths"))
+    r.add_argument("--actors", type=int, default=None, metavar="N",
+                   help="Ray actors (default: the cluster's CPUs / --cpus-per-actor)")
+    r.add_argument("--cpus-per-actor", type=float, default=1, metavar="N",
+                   help="CPUs reserved per actor; its torch threads follow (default: 1)")
+    r.add_argument("--gpus-per-actor", type=float, default=0, metavar="N", help="GPUs per actor (default: 0, CPU workers)")
+    add_session(p)
+    p = command(sub, "eval", "score retrieval (R@1/5/10, median/mean rank) and captions (BLEU-4, METEOR, ROUGE-L, "
+                "CIDEr) against an annotation file", run, examples="""
+        atomkit eval --devset --views --out out/eval
+        atomkit eval ~/msrvtt/videos --annotations MSRVTT_JSFUSION_test.csv --compare-backend int8""")
+    add(p, "videos", "db", videos=dict(help="video files or folders of videos" + _LIBRARY_PATHS))
+    p.add_argument("--annotations", metavar="FILE", help=(
+        "MSR-VTT json/csv, MSVD txt/csv, DiDeMo json or atomkit json (see atomkit.evaluation.annotations)"))
+    p.add_argument("--format", default="auto", choices=["auto", "msrvtt", "msvd", "didemo", "atomkit"],
+                   help="annotation format (default: from the file)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
+    p.add_argument("--devset", action="store_true", help=(
+        "evaluate on atomkit's development set (16 photos from scikit-image as pan/zoom clips + the 4 sample "
+        "videos, 40 hand-written queries; built into the cache on first use)"))
+    p.add_argument("--views", action="store_true", help=(
+        "also rank the same clips on their concepts alone, on caption + concepts, and on the baseline: top-5 "
+        "labels of a whole-frame encoder pass (needs the video files)"))
+    p.add_argument("--compare-backend", metavar="NAME", help=(
+        "also evaluate with this decode backend (e.g. int8, int4) and report what it loses against --backend, "
+        "with the paper's bound (at most 2.3 R@1 and 1.5 CIDEr points)"))
+    p.add_argument("--compare-quant", metavar="SCHEME",
+                   help="the same for a torchao quantization of every module (int8, int4)")
+    p.add_argument("--compare-captions", choices=["grounded", "free"],
+                   help="the same with the other caption mode (e.g. free: the paper's beam search)")
+    add_session(p)
+
+
+# -- before anything loads ------------------------------------------------------------------------------------
+def _check(args):
+    """Every argument that can be wrong, checked before a model loads or a video is read; returns the
+    annotations of ``eval``."""
+    from atomkit.errors import InputError
+
+    if args.out:
+        check_out_dir(Path(args.out))
+    if args.command in ("retrieve", "assemble"):
+        from atomkit.pipeline.tasks import check_text
+
+        check_text(args.query if args.command == "retrieve" else args.prompt,
+                   "query" if args.command == "retrieve" else "prompt")
+        check_positive(k=args.k)
+    if args.command == "index":
+        args.db = args.db or ""
+    annotations = _annotations(args) if args.command == "eval" else None
+    if getattr(args, "db", None) is None and not args.paths:
+        raise InputError(f"atomkit {args.command}: give video files or folders, or --db to use the library")
+    return annotations
+
+
+def _annotations(args):
+    from atomkit.config import cache_dir, check_backend
+    from atomkit.deploy.quant import _check_scheme
+    from atomkit.errors import InputError
+    from atomkit.evaluation.annotations import load
+
+    if args.devset:
+        from atomkit.evaluation.devset import build
+
+        videos, ann_file = build(cache_dir() / "devset")
+        args.paths, args.annotations = args.paths or [str(v) for v in videos], args.annotations or str(ann_file)
+    if not args.annotations:
+        raise InputError("atomkit eval: give --annotations FILE (or --devset)")
+    if args.compare_backend:  # a wrong name fails now, not after the first evaluation
+        check_backend(args.compare_backend)
+    if args.compare_quant:
+        _check_scheme(args.compare_quant)
+    return load(args.annotations, args.format)
+
+
+# -- the clips -------------------------------------------------------------------------------------------------
+def _update_library(args, session, lib, progress: bool):
+    from atomkit.retrieval.indexing import update
+
+    prune = not getattr(args, "no_prune", False)
+    if getattr(args, "ray", None) is None:
+        return update(session, lib, args.paths, progress=progress, prune=prune)
+    from atomkit.retrieval.cluster import RayCaptioner
+
+    with RayCaptioner(session, address=None if args.ray == "local" else args.ray, actors=args.actors,
+                      cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor) as ray_pool:
+        if progress:
+            print(f"Ray: {count(len(ray_pool.actors), 'actor')} ready in {ray_pool.startup_s:.1f} s "
+                  f"({', '.join(w['worker'] for w in ray_pool.workers)})", file=sys.stderr)
+        return update(session, lib, args.paths, progress=progress, prune=prune, captioner=ray_pool)
+
+
+def _from_library(args, session, progress: bool):
+    """(captions, index) of the library (indexing the given paths first), or the exit status of ``index``."""
+    from atomkit.retrieval.indexing import load_index
+    from atomkit.retrieval.library import Library
+
+    # queries never create or write a library; indexing (index, or paths given) opens it for writing
+    with Library(args.db or None, writable=args.command == "index" or bool(args.paths)) as lib:
+        report = _update_library(args, session, lib, progress) if args.paths else None
+        if report is not None:
+            for s in report.skipped:
+                print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+            for s in report.failed:
+                print(f"failed {s.path}: {s.reason}", file=sys.stderr)
+            print(f"library {lib.path}: {report.summary()}", file=sys.stderr)
+        if args.command == "index":
+            result = {"library": str(lib.path), **report.to_dict(), "counts": lib.counts(), "load": session.load_report()}
+            result.pop("videos", None)
+            n = result["counts"]
+            print(json_text(result) if args.json else
+                  f"{lib.path}: {count(n['clips'], 'clip')} of {count(n['videos'] - n['unreadable'], 'video')}"
+                  + (f" ({count(n['unreadable'], 'unreadable file')} recorded)" if n["unreadable"] else ""))
+            return 0 if report.captioned or report.cached or not report.skipped else 1
+        idx = load_index(session, lib, report.videos if report is not None else None)
+        if report is not None:  # what the library could not read goes into the result's "skipped" too
+            idx.captions.skipped += report.skipped
+    return idx.captions, idx
+
+
+def run(args) -> int:
+    annotations = _check(args)
+    progress = not args.quiet and not args.json
+    with session_from(args) as session:
+        if getattr(args, "db", None) is not None:
+            got = _from_library(args, session, progress)
+            if isinstance(got, int):
+                return got
+            caps, source = got
+        else:
+            caps = source = session.caption(args.paths, progress=progress)
+            for s in caps.skipped:
+                print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+        if not caps.clips:
+            print("atomkit: no input could be captioned" if args.paths else
+                  f"atomkit: the library holds no clips made with these settings (model {session.model!r}, its "
+                  "quantization, decoding and windows): index into it with the same options first", file=sys.stderr)
+            return 1
+        result, lines = _OUTPUT[args.command](args, session, caps, source, annotations, progress)
+        result["load"] = session.load_report()
+        if args.json:
+            print(json_text(result))
+        else:
+            print("\n".join(lines))
+            loads = ", ".join(f"{m} {s['seconds']:.1f} s" for m, s in session.load_report().items())
+            print(f"{count(len(caps.clips), 'clip')} from {count(len({c.clip.video for c in caps.clips}), 'video')} in "
+                  f"{caps.seconds:.1f} s; skipped {len(caps.skipped)}; model loads: {loads}")
+    return 0
+
+
+# -- each command's own part: (result, lines) -------------------------------------------------------------------
+def _caption(args, session, caps, source, annotations, progress):
+    result = caps.to_dict()
+    if args.out:
+        write_json_atomic(Path(args.out) / "captions.json", result)
+    return result, [f"{c.id:24s} {c.caption}" for c in caps.clips]
+
+
+def _retrieve(args, session, caps, source, annotations, progress):
+    hits = session.retrieve(source, args.query, k=args.k)
+    result = {"query": args.query, "model": session.model, "hits": [h.to_dict() for h in hits],
+              "skipped": [s.to_dict() for s in caps.skipped]}
+    if args.out:
+        write_json_atomic(Path(args.out) / "retrieval.json", result)
+    return result, [f"{h.rank}. {h.score:.3f}  {h.clip.id:24s} {h.clip.caption}" for h in hits]
+
+
+def _eval(args, session, caps, source, annotations, progress):
+    from atomkit.evaluation.quality import ablation, baseline, evaluate, table
+    from atomkit.pipeline.tasks import Index, index as build_index
+
+    idx = source if isinstance(source, Index) else build_index(session, source)
+    result = {"model": session.model, "annotations": annotations.source, "format": annotations.format,
+              **evaluate(session, idx, annotations, meteor=not args.no_meteor),
+              "caption_seconds": caps.seconds, "skipped": [s.to_dict() for s in caps.skipped]}
+    lines = [table(result)]
+    if args.views:
+        result["views"] = ablation(session, idx.captions, annotations)
+        result["views"]["whole-frame tags (baseline)"] = baseline(session, idx.captions, annotations)
+        lines += [f"ranked on {v:37s} R@1 {r['video']['r1']:.3f} R@5 {r['video']['r5']:.3f} "
+                  f"MdR {r['video']['median_rank']:.1f}" for v, r in result["views"].items()]
+    if args.compare_backend or args.compare_quant or args.compare_captions:
+        c = result["compared"] = _compared(args, annotations, result)
+        lines += [f"-- {c['setting']}", table(c["result"]),
+                  f"vs {args.backend}: video R@1 {c['delta']['video_r1_points']:+.1f} points"
+                  + (f", CIDEr {c['delta']['cider_points']:+.1f} points" if c["delta"]["cider_points"] is not None else "")
+                  + f" ({'within' if c['delta']['within_paper_bound'] else 'outside'} the paper's bound)"]
+    if args.out:
+        write_json_atomic(Path(args.out) / "eval.json", result)
+    return result, lines
+
+
+def _compared(args, annotations, reference: dict) -> dict:
+    """``eval --compare-backend/--compare-quant/--compare-captions``: the same videos and queries on a second session."""
+    from atomkit.evaluation.quality import delta, evaluate
+    from atomkit.pipeline.tasks import index as build_index
+
+    other = copy.copy(args)
+    other.backend = args.compare_backend or args.backend
+    other.captions = args.compare_captions or args.captions
+    setting = (f"backend {other.backend}" + (f", quant {args.compare_quant}" if args.compare_quant else "")
+               + f", {other.captions} captions")
+    with session_from(other, quant=args.compare_quant or "none") as session:
+        if getattr(args, "db", None) is not None:
+            from atomkit.retrieval.indexing import load_index, update
+            from atomkit.retrieval.library import Library
+
+            with Library(args.db or None, writable=bool(args.paths)) as lib:
+                rep = update(session, lib, args.paths) if args.paths else None
+                idx = load_index(session, lib, rep.videos if rep is not None else None)
+            seconds = None
+        else:
+            caps = session.caption(args.paths)
+            idx, seconds = build_index(session, caps), caps.seconds
+        result = evaluate(session, idx, annotations, meteor=not args.no_meteor) | {"caption_seconds": seconds}
+        return {"setting": setting, "result": result, "delta": delta(reference, result), "load": session.load_report()}
+
+
+def _assemble(args, session, caps, source, annotations, progress):
+    asm = session.assemble(source, args.prompt, args.out or "out", k=args.k, progress=progress)
+    result = {"reel": str(asm.reel), "duration_s": asm.reel_info["duration_s"], "script_source": asm.script.source,
+              "problems": asm.script.problems, "order": asm.script.order,
+              "outputs": {k: str(v) for k, v in asm.outputs.items()},
+              "skipped": [s.to_dict() for s in caps.skipped], "dropped": asm.dropped}
+    for d in asm.dropped:
+        print(f"dropped {d['clip_id']} ({d['video']}) from the reel: {d['reason']}", file=sys.stderr)
+    lines = [f"{i + 1}. {e.clip_id:24s} {e.narration}" for i, e in enumerate(asm.script.entries)]
+    lines.append(f"script from the {asm.script.source}"
+                 + (f" ({'; '.join(asm.script.problems)})" if asm.script.problems else ""))
+    dropped = (f"; dropped {len(asm.dropped)} that could not be read: "
+               + ", ".join(d["clip_id"] for d in asm.dropped)) if asm.dropped else ""
+    lines.append(f"wrote {asm.reel} ({asm.reel_info['duration_s']:.1f} s, {count(asm.reel_info['n_clips'], 'clip')}"
+                 f"{dropped}), {asm.outputs['script']}, {asm.outputs['captions']}")
+    return result, lines
+
+
+_OUTPUT = {"caption": _caption, "retrieve": _retrieve, "eval": _eval, "assemble": _assemble}
