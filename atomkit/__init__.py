@@ -8,7 +8,8 @@ from atomkit import io
 from atomkit.config import DecodeConfig, WindowConfig
 from atomkit.errors import (AssemblyError, AtomkitError, InputError, ModelNotFound, OutputError, PipelineError,
                             ScriptError, SessionClosed, UnknownBackend, UnknownModel, VideoError)
-from atomkit.media.video import Clip, VideoInfo, clips, probe, sample_frames, sample_videos
+from atomkit.media.video import Clip, VideoInfo, clips, probe, sample_frames
+from atomkit.media.scan import sample_videos
 from atomkit.models.registry import available_models, get_spec
 from atomkit.pipeline.executor import PipelinedExecutor, SequentialExecutor
 from atomkit.pipeline.session import Session

@@ -7,7 +7,8 @@ import time
 import pytest
 
 import atomkit
-from atomkit.bench.reuse import benchmark, plot_timeline, stage_times, table
+from atomkit.bench.reuse import benchmark, stage_times
+from atomkit.bench.figures import plot_timeline, table
 from atomkit.bench.memory import MemoryMonitor
 
 

@@ -20,7 +20,8 @@ from media import duration, frames_at
 from atomkit.cli import main
 from atomkit.errors import VideoError
 from atomkit.io import printable
-from atomkit.media.video import probe, scan
+from atomkit.media.video import probe
+from atomkit.media.scan import scan
 
 TINY = ["--models", "tiny-default", "--device", "cpu", "--max-new-tokens", "4", "--beams", "1", "-q"]
 REEL = (640, 360)  # stitch's default frame size
@@ -217,7 +218,8 @@ def test_a_4k_source_never_reaches_python_at_full_size(corpus, tmp_path):
     arrays, pipe buffers) never holds a 3840x2160 RGB frame while sampling, thumbnailing, previewing or
     stitching the 4K clip."""
     from atomkit.media.stitch import stitch
-    from atomkit.media.video import clips, preview, sample_frames, thumbnail
+    from atomkit.media.video import clips, sample_frames
+    from atomkit.media.preview import preview, thumbnail
 
     folder, _ = corpus
     video = folder / "4k.mp4"

@@ -11,7 +11,7 @@ from atomkit.deploy.report import export_model, pipeline_check
 from atomkit.errors import AtomkitError
 from atomkit.deploy.runtime import PteDecoder, PteEmbedder, PteEncoder, bench_programs, open_program
 from atomkit.pipeline.tasks import caption
-from atomkit.media.video import sample_videos
+from atomkit.media.scan import sample_videos
 
 MODEL = "tiny-default"
 

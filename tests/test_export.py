@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from atomkit.deploy.export import (SQNR_MIN_DB, export_decoder, export_embedder, export_encoder, load_times,
-                            trace_encoder_torchscript)
+from atomkit.deploy.export import SQNR_MIN_DB, export_decoder, export_embedder, export_encoder
+from atomkit.deploy.loads import load_times, trace_encoder_torchscript
 from atomkit.deploy.quant import sqnr_db
 from atomkit.models.registry import LoadOptions, get_spec
 from atomkit.deploy.runtime import PteDecoder, PteEmbedder, PteEncoder
@@ -161,8 +161,9 @@ def test_the_lowering_shortcuts_change_nothing_in_the_decoder_program(decoder, m
     from torch._export.passes import ReplaceViewOpsWithViewCopyOpsPass
 
     from atomkit.deploy.decoder_program import LlamaDecodeProgram
-    from atomkit.deploy.export import (LLAMA_PROGRAM_SKIPPED_EDGE_PASSES, LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods,
-                                _pass_name, _quantized, xnnpack_partitioner)
+    from atomkit.deploy.lowering import (LLAMA_PROGRAM_SKIPPED_EDGE_PASSES, LLAMA_PROGRAM_SKIPPED_PASSES, _lower_methods,
+                                         _quantized, xnnpack_partitioner)
+    from atomkit.deploy.patches import _pass_name
 
     every = {p.__name__ for p in XNNPACKPassManager(None).passes}
     assert set(LLAMA_PROGRAM_SKIPPED_PASSES) <= every  # a renamed pass would silently be run again
@@ -214,7 +215,7 @@ def test_lean_edge_passes_run_a_needed_pass_and_change_nothing(monkeypatch, tmp_
     from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsPass
     from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
 
-    from atomkit.deploy.export import _lower_methods
+    from atomkit.deploy.lowering import _lower_methods
     from atomkit.deploy.program import load_method
 
     class Scaled(torch.nn.Module):
@@ -254,7 +255,7 @@ def test_make_fx_without_module_patches_traces_the_same_graph():
     module stays a ``call_module`` node."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from atomkit.deploy.export import make_fx_without_module_patches
+    from atomkit.deploy.patches import make_fx_without_module_patches
 
     torch.manual_seed(0)
     lin, stock_call, seen = torch.nn.Linear(4, 3), torch.nn.Module.__call__, []
@@ -431,11 +432,11 @@ def test_export_and_runtime_do_not_import_each_other():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "atomkit"
-    for mod, other in (("export", "runtime"), ("runtime", "export")):
+    root = Path(__file__).resolve().parent.parent / "atomkit" / "deploy"
+    for mod, other in (("export", "runtime"), ("runtime", "export"), ("runtime", "lowering"), ("runtime", "patches")):
         tree = ast.parse((root / f"{mod}.py").read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert not {other, f"atomkit.{other}"} & imported, f"atomkit.{mod} imports atomkit.{other}"
+        assert f"atomkit.deploy.{other}" not in imported, f"atomkit.deploy.{mod} imports atomkit.deploy.{other}"
     code = "import sys, atomkit.deploy.runtime; print('atomkit.deploy.export' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
@@ -460,3 +461,26 @@ def test_int8_dynamic_length_embedder(embedder, tmp_path):
     assert not hasattr(embedder.net, "atomkit_quant"), "the caller's embedder must stay fp32"
     texts = ["a dog runs on the beach at sunset with its owner", "two cars", ""]  # 3 lengths, one program
     assert sqnr_db(embedder.embed(texts), PteEmbedder(res.path, embedder.tokenizer).embed(texts)) >= 20
+
+
+def test_private_api_patches_are_registered_and_skip_on_other_versions(monkeypatch):
+    """Every patch of a private function is named in one table with what it replaces; on versions other than those
+    it was written for, entering it changes nothing (the stock path) and one warning says why."""
+    from torch.fx import _symbolic_trace as st
+
+    from atomkit.deploy import patches
+
+    assert set(patches.PATCHES) == {"xnnpack_passes_without", "edge_passes_without", "edge_passes_lean",
+                                    "delegate_outputs_from_metadata", "partitioning_lean",
+                                    "make_fx_without_module_patches", "xnnpack_preprocess_in"}
+    assert all(":" in why and len(why) > 40 for why in patches.PATCHES.values())
+    stock = st.Tracer.trace
+    assert patches.version_mismatch() is None  # the pinned versions: the patches apply
+    with patches.make_fx_without_module_patches():
+        assert st.Tracer.trace is not stock
+    assert st.Tracer.trace is stock
+    monkeypatch.setitem(patches.WRITTEN_FOR, "executorch", "0.0.1")
+    monkeypatch.setattr(patches, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="written for executorch 0.0.1.*stock path"):
+        with patches.make_fx_without_module_patches():
+            assert st.Tracer.trace is stock

@@ -17,7 +17,7 @@ import pytest
 import atomkit
 from atomkit.retrieval.indexing import load_index, update
 from atomkit.retrieval.library import Library, LibraryError
-from atomkit.media.video import unique_ids
+from atomkit.media.scan import unique_ids
 
 
 @pytest.fixture

@@ -189,7 +189,8 @@ def test_the_encoder_loads_its_folded_copy_from_the_cache(tmp_path, monkeypatch)
 
     import atomkit.models.weights as W
     from atomkit.models.encoder import EfficientNetEncoder, efficientnet_lite, imagenet_labels
-    from atomkit.media.video import clips, sample_frames, sample_videos
+    from atomkit.media.video import clips, sample_frames
+    from atomkit.media.scan import sample_videos
 
     source = W.efficientnet_lite_file("lite0")
     with contextlib.redirect_stdout(io.StringIO()):

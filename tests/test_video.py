@@ -10,17 +10,8 @@ import torch
 
 from atomkit.config import WindowConfig
 from atomkit.errors import VideoError
-from atomkit.media.video import (
-    VIDEO_SUFFIXES,
-    Clip,
-    clips,
-    find_videos,
-    frame_times,
-    probe,
-    sample_frames,
-    sample_videos,
-    window_bounds,
-)
+from atomkit.media.scan import VIDEO_SUFFIXES, find_videos, sample_videos
+from atomkit.media.video import Clip, clips, frame_times, probe, sample_frames, window_bounds
 
 SAMPLES = {p.name: p for p in sample_videos()}
 BIKES = SAMPLES["bikes.mp4"]
@@ -357,7 +348,7 @@ def test_find_videos(tmp_path):
 
 
 def test_scan_walks_nested_folders_safely(tmp_path):
-    from atomkit.media.video import scan
+    from atomkit.media.scan import scan
 
     root = tmp_path / "DCIM"
     (root / "100APPLE").mkdir(parents=True)
@@ -380,7 +371,7 @@ def test_thumbnail_is_the_frame_at_the_time(samples, tmp_path):
 
     from PIL import Image
 
-    from atomkit.media.video import thumbnail
+    from atomkit.media.preview import thumbnail
 
     def shown_at(t: float) -> np.ndarray:  # the frame at t, decoded here, at the thumbnail's size
         with av.open(str(samples["bikes.mp4"])) as c:
@@ -407,7 +398,7 @@ def test_thumbnail_is_the_frame_at_the_time(samples, tmp_path):
 
 
 def test_preview_is_the_span_small_and_in_real_time(samples, tmp_path):
-    from atomkit.media.video import preview
+    from atomkit.media.preview import preview
 
     out = preview(samples["bikes.mp4"], 2.0, 5.0, tmp_path / "p.mp4", width=160)
     with av.open(str(out)) as c:
@@ -456,7 +447,7 @@ def test_rotation_tag_turns_frames_thumbnails_and_previews_upright(rotation, tmp
     from PIL import Image
     from corpus import write_video as write_tagged
 
-    from atomkit.media.video import preview, thumbnail
+    from atomkit.media.preview import preview, thumbnail
 
     path = write_tagged(tmp_path / "phone.mp4", rotation=rotation, colour=(40, 40, 160))
     shown = (48, 64) if rotation % 180 else (64, 48)

@@ -158,7 +158,8 @@ out_dir = "out/04_latency"
 smoke = False          # True for tiny random-weight models, two short videos, one prompt (CI)"""),
     ("code", SETUP + """
 import json
-from atomkit.bench.reuse import benchmark, plot_timeline, table
+from atomkit.bench.reuse import benchmark
+from atomkit.bench.figures import plot_timeline, table
 
 videos = atomkit.sample_videos()
 decode = atomkit.DecodeConfig(backend=backend)

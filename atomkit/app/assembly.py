@@ -22,7 +22,9 @@ from typing import Callable, Sequence
 from atomkit.errors import AssemblyError, AtomkitError, InputError, VideoError
 from atomkit.io import count
 from atomkit.pipeline.tasks import Captions, CaptionedClip, Index, caption, index, render, retrieve, write_script
-from atomkit.media.video import preview as cut_preview, probe, sample_videos, thumbnail
+from atomkit.media.preview import preview as cut_preview, thumbnail
+from atomkit.media.video import probe
+from atomkit.media.scan import sample_videos
 from atomkit.app.state import AppState, ReelEdit
 
 log = logging.getLogger(__name__)

@@ -75,7 +75,8 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float], object]:
 def _sample_concepts(spec) -> list:
     """The encoder's concepts of the first clip of each sample video (the input of grounded captions)."""
     from atomkit.models.registry import LoadOptions
-    from atomkit.media.video import clips, sample_frames, sample_videos
+    from atomkit.media.video import clips, sample_frames
+    from atomkit.media.scan import sample_videos
 
     encoder = spec.load("encoder", LoadOptions(device="cpu"))
     with torch.inference_mode():

@@ -55,7 +55,7 @@ def synthetic_search(n: int, dim: int, *, repeats: int = 200, k: int = 5, seed: 
 
 def _copies(paths, folder: Path, copies: int) -> int:
     """``copies`` copies of every video under ``paths`` in ``folder`` (distinct paths, so each is indexed)."""
-    from atomkit.media.video import scan
+    from atomkit.media.scan import scan
 
     videos = scan([Path(p) for p in paths]).videos
     for c in range(copies):

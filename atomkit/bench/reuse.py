@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -22,8 +19,8 @@ import torch
 from atomkit.config import DecodeConfig
 from atomkit.errors import AtomkitError
 from atomkit.pipeline.executor import EXECUTORS, PipelinedExecutor, SequentialExecutor, disjoint_threads, executor_by_name
-from atomkit.deploy.export import drop_page_cache
-from atomkit.decode.llama import native_bf16
+from atomkit.deploy.loads import drop_page_cache
+from atomkit.bench.host import GcTimer, cpu_steal_s, cpu_summary, host_info, load_floors
 from atomkit.bench.memory import MemoryMonitor, release_memory, trim_heap
 from atomkit.pipeline.session import Session
 from atomkit.pipeline.tasks import caption, index, retrieve, write_script
@@ -52,37 +49,6 @@ def _per_run(samples: Sequence[float], runs: int = 1) -> dict:
     """Raw samples, their median, and the total of one run (the mean over ``runs`` repeats)."""
     xs = [round(x, 4) for x in samples]
     return {"samples": xs, "median": round(statistics.median(xs), 4) if xs else None, "total": round(sum(xs) / runs, 4)}
-
-
-def cpu_steal_s() -> float:
-    """Seconds of steal time on this machine so far (Linux /proc/stat; 0 where unavailable)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-class GcTimer:
-    """Seconds the garbage collector ran, and how many collections, while the ``with`` block ran."""
-
-    def __init__(self):
-        self.seconds, self.collections, self._t0 = 0.0, 0, 0.0
-
-    def _callback(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter()
-        else:
-            self.seconds += time.perf_counter() - self._t0
-            self.collections += 1
-
-    def __enter__(self) -> "GcTimer":
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        gc.callbacks.remove(self._callback)
 
 
 def stage_times(trace: list[tuple[int, int, float, float]]) -> tuple[list[float], list[float]]:
@@ -344,24 +310,6 @@ def _disjoint_run(session: Session, videos, depth: int) -> dict:
             "bound_s": round(n * max(L_E, L_D), 4)}
 
 
-def host_info(device: str) -> dict:
-    """The machine the benchmark ran on: CPU, cores, torch threads, versions, device (CUDA name if any)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": device, "cuda": None,
-            "cpu_native_bf16": native_bf16()}  # how int4 (``auto`` on a CPU) prefills: bf16 copies or fp32
-    if torch.cuda.is_available():
-        info["cuda"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int = 3, device: str | None = None,
               weights=None, random_weights: bool = False, decode=None, warmup: bool = True,
               overlap_repeats: int = 2, executor: str = "measured", repeats: int = 1, cold: bool = False,
@@ -384,7 +332,7 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
     from tqdm.auto import tqdm
 
     from atomkit.pipeline.session import default_device
-    from atomkit.media.video import sample_videos
+    from atomkit.media.scan import sample_videos
 
     device = device or default_device()
     videos = list(videos) if videos else sample_videos()
@@ -489,136 +437,3 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
                               for what in ("captions", "scripts")},
         "device": host_info(device),
     }
-
-
-def cpu_summary(cpu: dict[str, list[tuple[float, float]]]) -> dict:
-    """Medians of the per-run CPU and wall seconds of each path, their CPU ratio (reuse / no_reuse) and, with more
-    than one repeat, the paired ratio of each repeat."""
-    out = {name: {"cpu_s": round(statistics.median(c for c, _ in xs), 4),
-                  "wall_s": round(statistics.median(w for _, w in xs), 4),
-                  "samples": [round(c, 4) for c, _ in xs]} for name, xs in cpu.items()}
-    out["ratio"] = round(out["reuse"]["cpu_s"] / out["no_reuse"]["cpu_s"], 4) if out["no_reuse"]["cpu_s"] else None
-    if len(cpu["reuse"]) > 1:
-        out["ratio_per_run"] = [round(a / b, 4) if b else None
-                                for (a, _), (b, _) in zip(cpu["reuse"], cpu["no_reuse"])]
-    return out
-
-
-def read_floor(files: Sequence[str], cold: bool, repeats: int = 3) -> dict:
-    """Seconds to read ``files`` once, sequentially (16 MiB reads), median of ``repeats``: from the page cache, or
-    from storage with ``cold`` (the cache dropped before each read)."""
-    samples, size = [], 0
-    for _ in range(repeats):
-        if cold:
-            drop_page_cache()
-        else:
-            _read(files)  # in the page cache, as the warm loads find it
-        t0 = time.perf_counter()
-        size = _read(files)
-        samples.append(time.perf_counter() - t0)
-    t = statistics.median(samples)
-    return {"mib": round(size / 2**20, 1), "read_s": round(t, 4), "mib_per_s": round(size / 2**20 / t, 1) if t else None,
-            "samples_s": [round(x, 4) for x in samples]}
-
-
-def _read(files: Sequence[str]) -> int:
-    n = 0
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while chunk := fh.read(16 << 20):
-                n += len(chunk)
-    return n
-
-
-def load_floors(recs: dict, cold: bool) -> dict:
-    """Per module: its weight files, their read floor, the median load of each path and load / floor."""
-    out = {}
-    modules = {m: files for rs in recs.values() for rec in rs for m, files in rec.files.items()}
-    for m, files in modules.items():
-        if not files:
-            continue
-        floor = read_floor(files, cold)
-        loads = {name: statistics.median([x for rec in rs for x in rec.loads_by_module.get(m, [])])
-                 for name, rs in recs.items() if any(rec.loads_by_module.get(m) for rec in rs)}
-        out[m] = {"files": list(files), **floor, "load_s": {k: round(v, 4) for k, v in loads.items()},
-                  "load_vs_floor": {k: round(v / floor["read_s"], 2) for k, v in loads.items()}}
-    return out
-
-
-def table(result: dict) -> str:
-    """The comparison in the layout of the paper's Table 3 (seconds; totals over all prompts)."""
-    c, e = result["components"], result["end_to_end"]
-    rows = [("Model loading", c["model_loading"]), ("Model unloading", c["model_unloading"]),
-            ("Video encoding", c["video_encoding"]),
-            ("Caption generation", c["caption_generation"]), ("Indexing", c["indexing"]),
-            ("Script generation", c["script_generation"])]
-    runs = result.get("repeats", 1)
-    head = "Component (s, total)" if runs == 1 else f"Component (s/run, {runs} runs)"
-    lines = [f"{head:28s} {'w/o reuse':>10s} {'ATOM':>10s} {'change':>8s}", "-" * 60]
-    for label, d in rows:
-        a, b = d["no_reuse"]["total"], d["reuse"]["total"]
-        lines.append(f"{label:28s} {a:10.2f} {b:10.2f} {_pct(a, b):>8s}")
-    lines.append("-" * 60)
-    for task in ("retrieval", "assembly"):
-        a, b = e[task]["no_reuse"], e[task]["reuse"]
-        per_run = e[task].get("ratio_per_run")
-        spread = f"  ratio per repeat {', '.join(f'{x:.3f}' for x in per_run)}" if per_run else ""
-        lines.append(f"{'End-to-end ' + task:28s} {a:10.2f} {b:10.2f} {_pct(a, b):>8s}{spread}")
-    o = result["overlap"]
-    lines.append(f"overlap: N={o['N']} L_E={o['L_E']:.3f}s L_D={o['L_D']:.3f}s seq={o['sequential_s']:.2f}s "
-                 f"par={o['pipelined_s']:.2f}s ideal={o['ideal_s']:.2f}s eta={o['eta']}")
-    d = o.get("disjoint")
-    if d:
-        lines.append(f"stages on disjoint cores (threads {d['threads']}): L_E={d['L_E']:.3f}s L_D={d['L_D']:.3f}s "
-                     f"par={d['pipelined_s']:.2f}s, no schedule of the two beats N*max={d['bound_s']:.2f}s")
-    if o.get("prefetch"):
-        lines.append(f"frames decoded ahead (prefetch): {o['prefetch']['pipelined_s']:.2f}s")
-    lines.append(f"best captioning here {o['best_s']:.2f}s (eta {o['best_eta']}); reuse path ran {result['reuse_executor']}")
-    m = result["memory"]
-    lines.append(f"peak memory (MiB): w/o reuse {m['no_reuse']['peak_mib']}, ATOM {m['reuse']['peak_mib']}")
-    if "gc" in result:  # all repeats together
-        g = result["gc"]
-        lines.append(f"garbage collection (s, all repeats): w/o reuse {g['no_reuse']['seconds']:.2f} "
-                     f"({g['no_reuse']['collections']}), ATOM {g['reuse']['seconds']:.2f} ({g['reuse']['collections']}); "
-                     f"CPU steal: {result['cpu_steal_s']['no_reuse']:.2f}, {result['cpu_steal_s']['reuse']:.2f}")
-    if result.get("cpu_s"):  # benchmarks written before it have none
-        c = result["cpu_s"]
-        lines.append(f"process CPU time per run (both tasks): w/o reuse {c['no_reuse']['cpu_s']:.2f} s, "
-                     f"ATOM {c['reuse']['cpu_s']:.2f} s, ratio {c['ratio']}")
-    return "\n".join(lines)
-
-
-def _pct(a: float, b: float) -> str:
-    return f"{(b - a) / a * 100:+.1f}%" if a else "n/a"
-
-
-def plot_timeline(result: dict, path: str | Path) -> Path:
-    """PNG of encoder/decoder busy intervals over time, sequential above pipelined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from atomkit.io import atomic_path
-
-    o = result["overlap"]
-    colors = {0: "#9ecae1", 1: "#3182bd", 2: "#e6550d"}
-    fig, axes = plt.subplots(2, 1, figsize=(11, 4.2), sharex=True)
-    for ax, name in zip(axes, ("sequential", "pipelined")):
-        trace = o["timeline"][name] or []
-        for s in range(3):
-            spans = [(a, b - a) for st, _, a, b in trace if st == s]
-            ax.broken_barh(spans, (2 - s - 0.4, 0.8), facecolors=colors[s], edgecolor="white", linewidth=0.5)
-        ax.set_yticks([2, 1, 0], list(STAGES))
-        wall = o[f"{name}_s"]
-        ax.set_title(f"{name}: {wall:.2f} s for {o['N']} clips", fontsize=10, loc="left")
-    axes[-1].set_xlabel("seconds")
-    fig.suptitle(f"{result['model']}: L_E={o['L_E']:.2f}s  L_D={o['L_D']:.2f}s  ideal N·max={o['ideal_s']:.2f}s  "
-                 f"eta={o['eta']}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path

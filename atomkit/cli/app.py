@@ -55,7 +55,7 @@ def app(args) -> int:
 
 
 def samples(args) -> int:
-    from atomkit.media.video import sample_videos
+    from atomkit.media.scan import sample_videos
 
     print("\n".join(str(p) for p in sample_videos()))
     return 0

@@ -85,7 +85,8 @@ def register(sub) -> None:
 
 def bench(args) -> int:
     from atomkit.bench.record import with_record
-    from atomkit.bench.reuse import benchmark, plot_timeline, table
+    from atomkit.bench.reuse import benchmark
+    from atomkit.bench.figures import plot_timeline, table
 
     check_positive(repeats=args.repeats, prompts=args.prompts, k=args.k)
     result = benchmark(args.models, prompts=args.prompts, videos=args.paths or None, k=args.k, device=args.device,
@@ -143,7 +144,7 @@ def bench_decode(args) -> int:
 def bench_library(args) -> int:
     from atomkit.bench.library import run
     from atomkit.bench.record import with_record
-    from atomkit.media.video import sample_videos
+    from atomkit.media.scan import sample_videos
     from atomkit.pipeline.session import Session
 
     check_positive(repeats=args.repeats, copies=args.copies, sizes=min(args.sizes), ray_actors=min(args.ray_actors))

@@ -64,7 +64,7 @@ def register(sub) -> None:
 def quantize(args) -> int:
     from atomkit.config import DecodeConfig
     from atomkit.evaluation.parity import quant_report
-    from atomkit.media.video import sample_videos
+    from atomkit.media.scan import sample_videos
 
     report = quant_report(args.models, args.quant, args.paths or sample_videos(),
                           decode=DecodeConfig(num_beams=args.beams), progress=not args.quiet)

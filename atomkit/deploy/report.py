@@ -71,11 +71,12 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
 
     ``decoder_batch``: rows of the decoder program's KV cache, the most beams it searches with (a Llama LM)."""
     from atomkit.deploy import export as X
+    from atomkit.deploy.loads import load_times, trace_encoder_torchscript
     from atomkit.evaluation.parity import compare_modules
     from atomkit.deploy.program import read_sidecar
     from atomkit.deploy.quant import _check_scheme, finite_sqnr_db
     from atomkit.pipeline.session import Session
-    from atomkit.media.video import sample_videos
+    from atomkit.media.scan import sample_videos
 
     _check_scheme(quant)
     out = Path(out_dir)
@@ -123,10 +124,10 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
             report["modules"][m]["pte_sqnr_db_vs_fp32"] = round(finite_sqnr_db(a, b), 2)
         if load_times and "encoder" in programs:
             bar.step("load times: eager / TorchScript / .pte")
-            ts = X.trace_encoder_torchscript(ref.get("encoder"), out / "encoder.torchscript.pt")
+            ts = trace_encoder_torchscript(ref.get("encoder"), out / "encoder.torchscript.pt")
             report["load_times"] = {"module": "encoder", "torchscript_note": "torch.jit.trace, the paper's PyTorch "
                                     "Mobile path: deprecated, fp32 only here",
-                                    **X.load_times(pte=programs["encoder"], torchscript=ts,
+                                    **load_times(pte=programs["encoder"], torchscript=ts,
                                                    eager=model if not ref.random_weights else None, cold=cold)}
     report["checks"] = checks(report)
     if pipeline:

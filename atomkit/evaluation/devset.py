@@ -88,7 +88,7 @@ def ken_burns(image: np.ndarray, path: Path, *, seconds: float = SECONDS, fps: i
 
 def build(folder: str | Path) -> tuple[list[Path], Path]:
     """Write the development set into ``folder`` (reused when already there); (video paths, queries.json)."""
-    from atomkit.media.video import sample_videos
+    from atomkit.media.scan import sample_videos
 
     folder = Path(folder)
     stamp = folder / ".atomkit-devset"

@@ -19,7 +19,8 @@ from atomkit.pipeline.executor import auto_executor
 from atomkit.io import output_set, sha256_file, write_json_atomic
 from atomkit.decode.script import SCRIPT_ANSWER_PREFIX, Script, parse_script, script_messages
 from atomkit.decode.structured import script_json
-from atomkit.media.video import Clip, clips as cut_clips, find_videos, sample_frames, unique_ids
+from atomkit.media.video import Clip, clips as cut_clips, sample_frames
+from atomkit.media.scan import find_videos, unique_ids
 
 
 @dataclass

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from atomkit.io import count
 from atomkit.retrieval.library import Library, LibraryError, config_of, fingerprint
 from atomkit.pipeline.tasks import CaptionedClip, Captions, Index, Skipped, caption
-from atomkit.media.video import Clip, probe, scan, unique_ids
+from atomkit.media.video import Clip, probe
+from atomkit.media.scan import scan, unique_ids
 
 
 @dataclass
