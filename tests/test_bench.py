@@ -115,10 +115,12 @@ def test_cold_bench_drops_the_page_cache_before_every_load_untimed(monkeypatch):
     """--cold: one drop per load of either path; the drops (here a 0.3 s stand-in) are not in any time."""
     import time
 
+    import atomkit.bench.host as host
     import atomkit.bench.reuse as bench
 
     drops = []
-    monkeypatch.setattr(bench, "drop_page_cache", lambda: drops.append(time.sleep(0.3)))
+    for module in (bench, host):  # before each load (reuse) and before each read of the floor (host)
+        monkeypatch.setattr(module, "drop_page_cache", lambda: drops.append(time.sleep(0.3)))
     samples = {p.name: p for p in atomkit.sample_videos()}
     decode = atomkit.DecodeConfig(max_new_tokens=3, num_beams=1, script_max_new_tokens=4)
     r = benchmark("tiny-default", prompts=1, videos=[samples["carphone_pristine.mp4"]], k=1, device="cpu",

@@ -71,7 +71,7 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
 
     ``decoder_batch``: rows of the decoder program's KV cache, the most beams it searches with (a Llama LM)."""
     from atomkit.deploy import export as X
-    from atomkit.deploy.loads import load_times, trace_encoder_torchscript
+    from atomkit.deploy.loads import load_times as probe_load_times, trace_encoder_torchscript
     from atomkit.evaluation.parity import compare_modules
     from atomkit.deploy.program import read_sidecar
     from atomkit.deploy.quant import _check_scheme, finite_sqnr_db
@@ -127,7 +127,7 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
             ts = trace_encoder_torchscript(ref.get("encoder"), out / "encoder.torchscript.pt")
             report["load_times"] = {"module": "encoder", "torchscript_note": "torch.jit.trace, the paper's PyTorch "
                                     "Mobile path: deprecated, fp32 only here",
-                                    **load_times(pte=programs["encoder"], torchscript=ts,
+                                    **probe_load_times(pte=programs["encoder"], torchscript=ts,
                                                    eager=model if not ref.random_weights else None, cold=cold)}
     report["checks"] = checks(report)
     if pipeline:
