@@ -10,11 +10,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast notebooks clean help peer browser app
+.PHONY: setup demo test test-fast lab clean help peer browser app
 help:
 	@echo "make demo   - assemble a highlight reel from the sample videos into $(OUT)/ (real models)"
 	@echo "make test   - the whole test suite: unit, integration (real models) and notebooks"
-	@echo "make test-fast - unit tests only (tiny random-weight models)"
+	@echo "make test-fast - unit tests on tiny random-weight models, nothing slow (a few minutes)"
+	@echo "make lab    - JupyterLab on notebooks/ (127.0.0.1, this environment): step through notebooks 01-06"
 	@echo "make app    - serve the interactive assembly app on the sample videos (Voila, 127.0.0.1)"
 	@echo "make peer   - build llama-cpp-python into .venv (the llama.cpp peer of atomkit bench-decode; 5-15 min)"
 
@@ -52,8 +53,16 @@ browser:
 app: setup
 	$(PY) -m atomkit.cli app $$($(PY) -m atomkit.cli samples) --out $(OUT)/app
 
+# Unit tests only: no real-model runs, notebooks, browser, Ray cluster or other test marked slow (pyproject.toml).
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not integration and not notebook"
+	$(PY) -m pytest -q -ra -m "not slow and not integration and not notebook and not browser and not ray"
+
+# JupyterLab on the notebooks, with this project's environment as the kernel, on 127.0.0.1 only (it prints a URL
+# with a token). The notebooks run offline like everything else.
+LAB_PORT ?= 8888
+lab: setup
+	$(PY) -m jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir=notebooks \
+		$$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # The llama.cpp peer for `atomkit bench-decode`: llama-cpp-python compiled from its sdist (gcc, cmake from
 # the build dependencies, -march=native). Not in uv.lock: pyproject's override-dependencies keeps it out
