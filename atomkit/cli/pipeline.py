@@ -232,7 +232,9 @@ def _eval(args, session, caps, source, annotations, progress):
                   + (f", CIDEr {c['delta']['cider_points']:+.1f} points" if c["delta"]["cider_points"] is not None else "")
                   + f" ({'within' if c['delta']['within_paper_bound'] else 'outside'} the paper's bound)"]
     if args.out:
-        write_json_atomic(Path(args.out) / "eval.json", result)
+        from atomkit.bench.record import with_record
+
+        write_json_atomic(Path(args.out) / "eval.json", with_record(result))
     return result, lines
 
 

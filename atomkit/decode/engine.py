@@ -284,12 +284,13 @@ assert tuple(BACKENDS) == BACKEND_NAMES, "atomkit.config.BACKEND_NAMES lists the
 
 
 # What ``auto`` runs on a CPU: the fastest backend whose captions and retrieval stay within the paper's bound of the
-# exact fp32 engine on the development set (README "Decode engine"). On a CPU that multiplies bf16 natively
-# (AVX512-BF16, AMX): bench/decode-default.json for speed, bench/quality-native-bf16.json for quality. On an AVX2-only
-# CPU, where the quantized engines prefill with the model's fp32 matrices: bench/decode-avx2.json (int4 2.4x the exact
-# engine's tok/s, a script 1.7x faster) and bench/default-avx2-int4.json against bench/default-avx2-exact.json for
-# speed, bench/quality-avx2.json for quality. ``int4-compiled`` is faster still per token but compiles for about
-# 37 s on first use, so it stays a flag. On CUDA ``auto`` is the exact engine (the int4 kernels are CPU kernels).
+# exact fp32 engine on the development set (docs/decode-engine.md). On a CPU that multiplies bf16 natively
+# (AVX512-BF16, AMX): results/decode-native-bf16.json for speed, results/quality-native-bf16.json for quality. On an
+# AVX2-only CPU, where the quantized engines prefill with the model's fp32 matrices: results/decode-avx2.json (int4
+# 2.4x the exact engine's tok/s, a script 1.7x faster) and results/reuse-avx2-int4.json against
+# results/reuse-avx2-exact.json for speed, results/quality-avx2.json for quality. ``int4-compiled`` is faster still per
+# token but compiles for about 37 s on first use, so it stays a flag. On CUDA ``auto`` is the exact engine (the int4
+# kernels are CPU kernels).
 CPU_DEFAULT = "int4"
 
 

@@ -10,7 +10,7 @@ sure it is of each). A clip's retrieval vector is the unit sum of three unit vec
 
 A query can so match the words of the caption or a class the encoder half-saw. A clip without concepts
 (visual-prefix models) is ranked on its caption alone. Measured on the development set in
-``bench/quality-default.json`` ("views": each part alone, and the baseline).
+``results/quality-default.json`` ("views": each part alone, and the baseline).
 
 Class embeddings are computed once per embedder and kept with it (they are the same for every clip).
 """
