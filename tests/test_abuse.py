@@ -174,6 +174,7 @@ def test_a_library_written_before_application_id_still_opens(tmp_path):
 
 
 # -- a damaged library -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_damaged_library_gives_one_line_with_the_way_out(indexed, two, capsys):
     data = bytearray(indexed.read_bytes())
     page = 4096
@@ -188,6 +189,7 @@ def test_a_damaged_library_gives_one_line_with_the_way_out(indexed, two, capsys)
 
 
 # -- read-only libraries -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_read_only_library_answers_queries_and_refuses_indexing_up_front(indexed, two, tmp_path, capsys):
     with _read_only_view(indexed.parent, tmp_path / "ro") as ro:
         db = ro / indexed.name
@@ -200,6 +202,7 @@ def test_a_read_only_library_answers_queries_and_refuses_indexing_up_front(index
 
 
 # -- full disks --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_full_disk_while_indexing_says_so_and_keeps_what_was_stored(tmp_path, two, samples, tiny_session, capsys):
     from atomkit.retrieval.indexing import update
 

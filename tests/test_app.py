@@ -148,6 +148,7 @@ def test_search_edit_render_writes_the_edited_reel(app, samples, tmp_path):
     assert app.reel_bytes == (out / "reel.mp4").read_bytes()
 
 
+@pytest.mark.slow
 def test_three_prompts_load_each_module_once(app, tmp_path):
     reels = []
     for n, prompt in enumerate(["a dog jumps", "people in a car", "a cartoon animal"]):

@@ -41,6 +41,7 @@ def tiny_bench():
                      warmup=False, overlap_repeats=1, repeats=2, progress=False)
 
 
+@pytest.mark.slow
 def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
     r = tiny_bench
     assert r["random_weights"] is True and r["clips"] == 2 and len(r["prompts"]) == 2
@@ -111,6 +112,7 @@ def test_benchmark_schema_and_consistency(tiny_bench, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cold_bench_drops_the_page_cache_before_every_load_untimed(monkeypatch):
     """--cold: one drop per load of either path; the drops (here a 0.3 s stand-in) are not in any time."""
     import time

@@ -103,6 +103,7 @@ def test_caption_skips_the_unreadable_and_captions_the_rest(corpus, tmp_path, ca
     assert os.fsencode(latin) == os.fsencode(folder / NON_UTF8_NAME) and Path(latin).exists()
 
 
+@pytest.mark.slow
 def test_assemble_writes_a_reel_of_every_readable_clip(corpus, tmp_path, capsysbinary):
     """-k 60: every captioned clip is retrieved, so every odd-but-valid file is stitched or dropped by name. The
     text output (clip ids that are not UTF-8 among them) prints; the summary names the dropped clips."""
@@ -174,6 +175,7 @@ def test_index_records_the_unreadable_and_retrieve_reads_the_library(corpus, tmp
     assert "nothing to caption" in err
 
 
+@pytest.mark.slow
 def test_the_app_opens_the_corpus_and_renders_without_the_unreadable(corpus, tiny_session, tmp_path):
     from atomkit.app import AssemblyApp
 

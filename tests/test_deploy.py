@@ -13,6 +13,8 @@ from atomkit.deploy.runtime import PteDecoder, PteEmbedder, PteEncoder, bench_pr
 from atomkit.pipeline.tasks import caption
 from atomkit.media.scan import sample_videos
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out (see pyproject.toml)
+
 MODEL = "tiny-default"
 
 

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import atomkit
 from atomkit.evaluation.parity import quant_report
 
 
+@pytest.mark.slow
 def test_int8_quant_report_tiny(samples):
     decode = atomkit.DecodeConfig(max_new_tokens=4, num_beams=1)
     r = quant_report("tiny-default", "int8", [samples["carphone_pristine.mp4"], samples["bigbuckbunny.mp4"]],

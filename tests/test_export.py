@@ -13,6 +13,8 @@ from atomkit.deploy.quant import sqnr_db
 from atomkit.models.registry import LoadOptions, get_spec
 from atomkit.deploy.runtime import PteDecoder, PteEmbedder, PteEncoder
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out (see pyproject.toml)
+
 FP32 = SQNR_MIN_DB["fp32"]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out (see pyproject.toml)
+
 TINY = ["--models", "tiny-default", "--device", "cpu", "--max-new-tokens", "4", "--beams", "1", "-k", "2"]
 FIRST, SECOND = "a first reel", "a second reel"
 

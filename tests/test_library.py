@@ -68,6 +68,7 @@ def test_stored_clips_are_what_captioning_gave(tiny_session, lib, folder):
     assert (stored.vectors - embedded).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_same_file_names_in_two_folders_get_distinct_ids(tiny_session, lib, tmp_path, samples):
     for day, src in (("day1", "bikes.mp4"), ("day2", "bigbuckbunny.mp4")):
         (tmp_path / "cam" / day).mkdir(parents=True)
@@ -172,6 +173,7 @@ def _done(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_loses_and_duplicates_nothing(tmp_path, samples):
     folder = tmp_path / "many"
     folder.mkdir()

@@ -32,6 +32,7 @@ def test_concurrent_first_use_loads_once():
     s.close()
 
 
+@pytest.mark.slow
 def test_reuse_across_subtasks_and_prompts(tiny_session, tiny_captions, tmp_path):
     """caption, retrieve and assemble for several prompts: each module is loaded exactly once."""
     for i, prompt in enumerate(["make a highlight reel", "find the clip with a bike", "show the rabbit"]):
@@ -48,6 +49,7 @@ QUERIES = ["a bird by the sea", "a tram in a city street", "a man in a suit and 
            "people riding bicycles", "a graduation ceremony", "an animal outdoors", "a vehicle on the road"]
 
 
+@pytest.mark.slow
 def test_32_threads_x_8_queries_equal_sequential(tiny_captions):
     """32 threads x 8 queries on one session, the embedder loading under them: every ranking (ids and scores) is
     the one the same query gets alone, and the embedder loads once. The queries rank the 4 clips differently, so a
