@@ -214,7 +214,7 @@ def test_views_are_the_texts_each_clip_is_ranked_on():
 @pytest.mark.integration
 def test_eval_on_the_devset_with_the_default_models(real_session, tmp_path):
     """The development set in the suite: the default pipeline stays in the range measured for
-    bench/quality-default.json (R@1 0.65, R@5 0.85 on 40 queries) and ahead of the whole-frame tags baseline
+    results/quality-default.json (R@1 0.65, R@5 0.85 on 40 queries) and ahead of the whole-frame tags baseline
     (0.55), its captions are grounded, and captions and concepts moved to the wrong clips are caught."""
     from atomkit.evaluation.devset import build
     from atomkit.evaluation.quality import baseline
