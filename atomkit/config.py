@@ -82,10 +82,11 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "atomkit"
 
 
-def quiet_libraries() -> None:
-    """Offline, and no progress bars or warnings from the libraries (atomkit shows its own progress): for the CLI
-    and for worker processes it starts."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def quiet_libraries(offline: bool = True) -> None:
+    """Offline (unless ``offline`` is False: ``atomkit fetch``), and no progress bars or warnings from the libraries
+    (atomkit shows its own progress): for the CLI and for worker processes it starts."""
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging

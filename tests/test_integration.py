@@ -112,7 +112,7 @@ def test_the_fast_tokenizer_is_the_one_from_pretrained_gives(real_session):
     with special tokens, non-ASCII text and a padded batch."""
     from transformers import AutoTokenizer
 
-    from atomkit.models.registry import fast_tokenizer
+    from atomkit.models.weights import fast_tokenizer
     from atomkit.models.weights import smollm2_converted
 
     folder = smollm2_converted(real_session.options.cache)

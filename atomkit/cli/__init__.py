@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from atomkit.config import quiet_libraries
     from atomkit.errors import AtomkitError
 
-    quiet_libraries()
+    quiet_libraries(offline=args.command != "fetch")  # fetch alone may go online
     try:
         return args.run(args)
     except (AtomkitError, ValueError, OSError) as e:

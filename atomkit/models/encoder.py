@@ -19,8 +19,10 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 class Encoded:
     """What the encoder hands the decoder for one clip."""
 
-    features: torch.Tensor  # (T, D) per-frame visual features, float32
+    features: torch.Tensor  # (T, D) per-frame visual features (or (T, tokens, D) image-token embeddings), float32
     concepts: list[tuple[str, float]] = field(default_factory=list)  # (label, mean prob) best first
+    times: list[float] | None = None  # each frame's time in seconds from the clip's start (set by the pipeline)
+    duration_s: float | None = None  # the clip's length in seconds (set by the pipeline)
 
 
 def imagenet_labels() -> list[str]:

@@ -1,8 +1,8 @@
 """Model specs by name. A spec builds three separately loadable modules: encoder, decoder, embedder.
 
     >>> import atomkit
-    >>> atomkit.available_models()
-    ['default', 'atom-paper', 'tiny-default', 'tiny-paper']
+    >>> atomkit.available_models()[:2]
+    ['default', 'atom-paper']
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from atomkit.config import cache_dir
 from atomkit.errors import UnknownModel
 from atomkit.models.decoder import Projector, TextDecoder
 from atomkit.models.embedder import SentenceEmbedder, mean_pooled_bert, minilm
+from atomkit.models import smolvlm
 from atomkit.models.encoder import VideoEncoder, clip_vision, efficientnet_lite0
 
 MODULES = ("encoder", "decoder", "embedder")
@@ -45,6 +46,8 @@ class ModelSpec:
     # atomkit.pipeline.budget to know a module's size before loading it); random-weight specs use their loaders
     arch: dict[str, Callable[[LoadOptions], torch.nn.Module]] | None = None
     test_only: bool = False  # tiny models with a random-weight LM: unit tests only, their text is noise
+    window: dict | None = None  # WindowConfig fields this model samples its clips with (frames, size), unless set
+    repo: str | None = None  # the Hugging Face repository its weights come from (`atomkit fetch NAME`)
 
     def is_random(self, opts: LoadOptions) -> bool:
         return self.test_only or opts.random_weights
@@ -162,31 +165,10 @@ def llama_from_safetensors(folder: Path):
     return lm.eval()
 
 
-def fast_tokenizer(folder: Path):
-    """The tokenizer of a folder that holds ``tokenizer.json`` (and ``tokenizer_config.json``, ``chat_template.jinja``),
-    built from those files directly. It equals ``AutoTokenizer.from_pretrained``'s (tested on the converted SmolLM2
-    folder: vocabulary, special tokens, chat template, encodings) and takes about half its time, 0.09 s against
-    0.14-0.36 s warm on 2 cores: ``from_pretrained`` also resolves the class and rebuilds every added token from
-    the config, which ``tokenizer.json`` already holds. Used for the folders atomkit writes itself."""
-    import json
-
-    from transformers import PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
-    hub_only = ("tokenizer_class", "backend", "is_local", "local_files_only", "added_tokens_decoder", "auto_map")
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
-                                  **{k: v for k, v in cfg.items() if k not in hub_only})
-    if (folder / "chat_template.jinja").is_file():
-        tok.chat_template = (folder / "chat_template.jinja").read_text()
-    tok.name_or_path = str(folder)
-    return tok
-
-
 def _default_decoder(opts: LoadOptions) -> TextDecoder:
     folder = W.smollm2_converted(opts.cache)
     lm = llama_from_safetensors(folder)
-    dec = TextDecoder(lm, fast_tokenizer(folder))
+    dec = TextDecoder(lm, W.fast_tokenizer(folder))
     dec.store = (opts.cache or cache_dir()) / "engines"
     dec.weight_files = sorted(Path(folder).glob("*.safetensors"))
     return dec
@@ -316,6 +298,33 @@ def _tiny_paper_decoder(opts: LoadOptions) -> TextDecoder:
     return dec
 
 
+# -- SmolVLM2: one public video-language model split into a resident encoder and a resident decoder ----------------
+def _smolvlm_folder(name: str, size: "smolvlm.Size", opts: LoadOptions) -> Path:
+    """The checkpoint folder: random weights written once to the cache, the user's --weights folder, or the
+    snapshot in the Hugging Face cache (read offline)."""
+    from atomkit.models import hub
+
+    if opts.random_weights or size is smolvlm.TINY:
+        return smolvlm.random_folder(size, opts.cache or cache_dir(), quiet=size is smolvlm.TINY)
+    return hub.snapshot(name, size.repo, opts.weights, needs=("config.json", "tokenizer.json"))
+
+
+def _smolvlm_spec(name: str, size: "smolvlm.Size", description: str, test_only: bool = False) -> ModelSpec:
+    def encoder(opts: LoadOptions) -> VideoEncoder:
+        return smolvlm.load_encoder(_smolvlm_folder(name, size, opts))
+
+    def decoder(opts: LoadOptions) -> TextDecoder:
+        dec = smolvlm.load_decoder(_smolvlm_folder(name, size, opts),
+                                   stop_at_eos=not (opts.random_weights or size is smolvlm.TINY))
+        dec.store = (opts.cache or cache_dir()) / "engines"
+        return dec
+
+    arch = {"encoder": lambda o: smolvlm.architecture(size, "encoder"),
+            "decoder": lambda o: smolvlm.architecture(size, "decoder"), "embedder": _minilm_arch}
+    return ModelSpec(name, description, encoder, decoder, _minilm, arch=arch, test_only=test_only,
+                     window={"frames": smolvlm.FRAMES, "size": size.frame_px}, repo=None if test_only else size.repo)
+
+
 _SPECS = {
     s.name: s
     for s in [
@@ -326,12 +335,19 @@ _SPECS = {
                   f"(weights you supply: --weights DIR or ${W.PAPER_WEIGHTS_ENV}; or --random-weights)",
                   _paper_encoder, _paper_decoder, _minilm,
                   arch={"encoder": _paper_encoder_arch, "decoder": _paper_decoder_arch, "embedder": _minilm_arch}),
+        *(_smolvlm_spec(f"smolvlm2-{key}", smolvlm.SIZES[key], f"SmolVLM2-{label} (HuggingFaceTB, Apache-2.0): "
+                        "its SigLIP tower + connector as the encoder, its SmolLM2 as the decoder; all-MiniLM-L6-v2 "
+                        "(or --random-weights)")
+          for key, label in (("256m", "256M-Video-Instruct"), ("500m", "500M-Video-Instruct"), ("2.2b", "2.2B-Instruct"))),
         ModelSpec("tiny-default", "EfficientNet-Lite0 (real weights) -> 2-layer Llama with random weights whose "
                   "captions differ per clip (unit tests only: its text is noise)",
                   _tiny_default_encoder, _tiny_decoder, _minilm, arch={"encoder": _lite0_arch, "embedder": _minilm_arch},
                   test_only=True),
         ModelSpec("tiny-paper", "2-layer ViT -> projector -> 2-layer Llama, random weights (unit tests only)",
                   _tiny_paper_encoder, _tiny_paper_decoder, _minilm, arch={"embedder": _minilm_arch}, test_only=True),
+        _smolvlm_spec("tiny-smolvlm2", smolvlm.TINY, "SmolVLM2's architecture, tiny, random weights written in its "
+                      "checkpoint layout and loaded through its loader (unit tests only: its text is noise)",
+                      test_only=True),
     ]
 }
 

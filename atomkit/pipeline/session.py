@@ -3,6 +3,7 @@ subtask and prompt until ``close()`` (ATOM's persistent module reuse)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import threading
 import time
@@ -75,6 +76,14 @@ class LoadStats:
         return asdict(self)
 
 
+def spec_window(spec, window: WindowConfig | None) -> WindowConfig:
+    """``window`` with the model's own frame count and size (``ModelSpec.window``, e.g. SmolVLM2's 512 px) in
+    the fields left at ``WindowConfig``'s defaults."""
+    window = window or WindowConfig()
+    own = {k: v for k, v in (spec.window or {}).items() if getattr(window, k) == getattr(WindowConfig, k)}
+    return dataclasses.replace(window, **own) if own else window
+
+
 class Session:
     """The encoder, decoder and embedder of one model spec, resident and shared.
 
@@ -119,7 +128,7 @@ class Session:
         # resident modules may not exceed this (atomkit.pipeline.budget): a module that would is refused before it loads
         self.memory_budget_mib = memory_budget_mib
         self.decode = decode or DecodeConfig()
-        self.window = window or WindowConfig()
+        self.window = spec_window(self.spec, window)
         self._device_arg, self._programs_arg = device, str(programs) if programs else None
         self.stats: dict[str, LoadStats] = {}
         self._modules: dict[str, torch.nn.Module] = {}

@@ -19,7 +19,7 @@ from atomkit.pipeline.executor import auto_executor
 from atomkit.io import output_set, sha256_file, write_json_atomic
 from atomkit.decode.script import SCRIPT_ANSWER_PREFIX, Script, parse_script, script_messages
 from atomkit.decode.structured import script_json
-from atomkit.media.video import Clip, clips as cut_clips, sample_frames
+from atomkit.media.video import Clip, clips as cut_clips, frame_times, sample_frames
 from atomkit.media.scan import find_videos, unique_ids
 
 
@@ -154,7 +154,10 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
         with session.use("encoder") as enc:
             for w in group:
                 if w.error is None:
+                    n = w.frames.shape[2]
                     w.encoded, w.frames = enc.encode(w.frames), None
+                    w.encoded.times = [t - w.clip.start_s for t in frame_times(w.clip, n)]  # the clip's own clock
+                    w.encoded.duration_s = w.clip.duration_s
         return group
 
     def decode(group: list[_Work]) -> list[_Work]:
