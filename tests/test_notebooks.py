@@ -119,3 +119,13 @@ def test_06_library(tmp_path):
     ev = summary["eval"]  # smoke: no bikes video, so 3 of the 4 hand-written queries are scored
     assert ev["queries"] == 3 and ev["dropped_queries"] == 1 and ev["videos"] == 3
     assert ev["video"]["r5"] == 1.0 and ev["video"]["r1"] >= 2 / 3, ev["per_query"]
+
+
+def test_07_real_model(tmp_path):
+    out = run("07_real_model.ipynb", tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoke"] is True and summary["model"] == "tiny-smolvlm2"
+    assert summary["loads"] == {"encoder": 1, "decoder": 1, "embedder": 1}
+    assert len(summary["clips"]) == 2 and len({c["caption"] for c in summary["clips"]}) == 2
+    for r in summary["reels"].values():
+        assert Path(r["reel"]).stat().st_size > 1000 and r["duration_s"] > 0 and r["order"]
