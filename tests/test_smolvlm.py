@@ -140,3 +140,27 @@ def test_fetch_offline_says_so_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "atomkit.cli", "fetch", "default"], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 2 and "nothing to fetch" in r.stderr
+
+
+def test_quantized_and_through_the_library(tmp_path):
+    """The tiny SmolVLM2 quantized with torchao (int8: both modules' Linear layers) still captions, and its clips go
+    through the library like any spec's (stored once, read back without loading the encoder or decoder)."""
+    from atomkit.retrieval.indexing import load_index, update
+    from atomkit.retrieval.library import Library
+
+    video = [p for p in sample_videos() if p.name == "carphone_pristine.mp4"]
+    decode = atomkit.DecodeConfig(max_new_tokens=6, num_beams=1)
+    with atomkit.Session("tiny-smolvlm2", device="cpu", decode=decode, quant="int8") as s:
+        caps = s.caption(video)
+        assert caps.clips and caps.clips[0].caption
+        for module in (s.get("encoder"), s.get("decoder")):  # every Linear holds torchao's int8 weights
+            kinds = {type(m.weight).__name__ for m in module.modules() if isinstance(m, torch.nn.Linear)}
+            assert kinds == {"IntxUnpackedToInt8Tensor"}, kinds
+    with atomkit.Session("tiny-smolvlm2", device="cpu", decode=decode) as s, Library(tmp_path / "lib.db") as lib:
+        first = update(s, lib, video)
+        assert len(first.captioned) == 1
+    with atomkit.Session("tiny-smolvlm2", device="cpu", decode=decode) as s, Library(tmp_path / "lib.db") as lib:
+        assert update(s, lib, video).captioned == []
+        idx = load_index(s, lib)
+        assert len(idx.captions.clips) == 1 and s.retrieve(idx, "a man on the phone", k=1)
+        assert s.loaded() == ["embedder"]
