@@ -87,6 +87,8 @@ class SmolVLMEncoder(VideoEncoder):
         self.video_processor = video_processor
         self.frame_px = frame_px
         self.feature_dim = connector.modality_projection.proj.out_features
+        emb = vision_model.embeddings
+        self.register_buffer("positions", patch_positions(emb.num_patches_per_side), persistent=False)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (1, 3, T, H, W) -> the video processor's pixel values (T, 3, S, S)."""
@@ -97,8 +99,24 @@ class SmolVLMEncoder(VideoEncoder):
         return out["pixel_values"][0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision_model(pixel_values=x).last_hidden_state
-        return self.connector(hidden)
+        """The tower on whole frames (the processor pads nothing: every frame is square at the model's size), so the
+        patch positions are the same for every frame and computed once, as the model computes them for a full
+        patch mask: no data-dependent step is left, and the method exports as it is."""
+        vm = self.vision_model
+        x = vm.embeddings.patch_embedding(x).flatten(2).transpose(1, 2)
+        x = x + vm.embeddings.position_embedding(self.positions)
+        x = vm.encoder(inputs_embeds=x).last_hidden_state
+        return self.connector(vm.post_layernorm(x))
+
+
+def patch_positions(side: int) -> torch.Tensor:
+    """The position ids SmolVLM2's vision embeddings give the patches of a whole (unpadded) frame of ``side`` x
+    ``side`` patches: its fractional coordinates bucketed, float32 op for op as the model does it."""
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    step = 1.0 / torch.tensor([side])
+    coords = torch.clamp(torch.arange(side, dtype=torch.float32)[None, :] * step[:, None], max=1.0 - 1e-6)
+    buckets = torch.bucketize(coords, boundaries, right=True)[0]
+    return (buckets[:, None] * side + buckets[None, :]).reshape(-1)
 
 
 class SmolVLMDecoder(TextDecoder):
