@@ -164,3 +164,28 @@ def test_quantized_and_through_the_library(tmp_path):
         idx = load_index(s, lib)
         assert len(idx.captions.clips) == 1 and s.retrieve(idx, "a man on the phone", k=1)
         assert s.loaded() == ["embedder"]
+
+
+@pytest.mark.slow
+def test_export_int8_programs_with_parity_and_captions_on_them(tmp_path):
+    """`atomkit export` of the tiny SmolVLM2 (int8): the vision tower + connector as a program, the LM as the compact
+    decode program with the two methods a video-language prompt needs (token_embeddings, prefill_embeds), each
+    checked against its eager module; then a session on the programs captions clips from their frames."""
+    from atomkit.deploy.program import read_sidecar
+    from atomkit.deploy.report import export_model
+
+    out = tmp_path / "programs"
+    r = export_model("tiny-smolvlm2", "int8", out, load_times=False, progress=False,
+                     decode=atomkit.DecodeConfig(max_new_tokens=6, num_beams=1))
+    assert r["checks"]["passed"], r["checks"]
+    dec = r["modules"]["decoder"]
+    assert {"token_embeddings", "prefill_embeds", "prefill", "forward", "step"} <= set(dec["methods"])
+    assert dec["parity"]["passed"] and dec["parity"]["embeds"]["passed"]
+    assert dec["parity"]["embeds"]["outputs"]["prefill_logits"]["sqnr_db"] >= 20
+    assert read_sidecar(out / "encoder.pte")["frames"] == smolvlm.FRAMES and (out / "decoder.processor").is_dir()
+    videos = [p for p in sample_videos() if p.name in ("bigbuckbunny.mp4", "carphone_pristine.mp4")]
+    with atomkit.Session("tiny-smolvlm2", programs=out, decode=atomkit.DecodeConfig(max_new_tokens=6, num_beams=4)) as s:
+        caps = s.caption(videos)
+        assert len(caps.clips) == 2 and len({c.caption for c in caps.clips}) == 2 and all(c.caption for c in caps.clips)
+        report = s.load_report()
+        assert report["encoder"]["source"] == "encoder.pte" and report["decoder"]["source"] == "decoder.pte"

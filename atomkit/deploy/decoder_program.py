@@ -34,6 +34,10 @@ Five methods share the cache (``to_executorch`` with ``share_mutable_buffers``):
 * ``reorder(index (B,), cache_position (L,)) -> (1,)``: row i of the cache becomes old row ``index[i]`` at
   the positions given (beam search moves beams after each step; positions before them hold the shared
   prompt and need no copy);
+* with ``embeds=True`` (a video-language model's LM: its prompt holds image-token embeddings), two more:
+  ``token_embeddings(tokens (1, P)) -> (1, P, H)`` (the token embeddings the host merges the encoder's output
+  into, as in ExecuTorch's multimodal runner) and ``prefill_embeds(embeds (1, P, H), cache_position (P,), last
+  (1,)) -> logits (1, V)`` (a prefill chunk of embeddings: the runner's ``text_model``);
 * ``clear() -> (1,)``: zeros in the whole cache, run once after loading. The program stores no initial cache
   (as initial data it would be stored once per method: 3 x 141 MB for SmolLM2 with B=4 and 768 positions),
   and attention reads a few positions past the causal limit with zero weight, which must not be NaN.
@@ -44,6 +48,7 @@ import torch
 from torch import nn
 
 METHODS = ("forward", "step", "prefill", "reorder", "clear")
+EMBED_METHODS = ("token_embeddings", "prefill_embeds")  # with embeds=True
 PREFILL_CHUNK = 32  # prompt tokens per prefill call (static: see the module docstring)
 
 
@@ -137,7 +142,8 @@ class LlamaDecodeProgram(nn.Module):
     Eager calls run the same custom ops on ATen tensors, so the module is its own reference.
     """
 
-    def __init__(self, lm, *, batch: int = 4, max_seq_len: int = 512, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, lm, *, batch: int = 4, max_seq_len: int = 512, prefill_chunk: int = PREFILL_CHUNK,
+                 embeds: bool = False):
         super().__init__()
         reason = unsupported(lm)
         if reason:
@@ -147,6 +153,7 @@ class LlamaDecodeProgram(nn.Module):
         load_llm_custom_ops(export=True)
         cfg = lm.config
         self.batch, self.max_seq_len = int(batch), int(max_seq_len)
+        self.methods = METHODS + (EMBED_METHODS if embeds else ())
         self.prefill_chunk = min(int(prefill_chunk), self.max_seq_len)
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -243,6 +250,17 @@ class LlamaDecodeProgram(nn.Module):
         x = self._layers(self.embed(tokens), cos, sin, start).index_select(1, last)
         return self.lm_head(self._rms(x, self.norm).view(1, self.hidden))
 
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (1, P, H) of a prompt chunk (1, P): what the host puts image-token embeddings into."""
+        return self.embed(tokens)
+
+    def prefill_embeds(self, embeds: torch.Tensor, cache_position: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """``prefill`` of a chunk given as embeddings (1, P, H) (text and image tokens merged by the host)."""
+        start = _start(cache_position, embeds.shape[1], self.max_seq_len)
+        cos, sin = self._rope(cache_position)
+        x = self._layers(embeds, cos, sin, start).index_select(1, last)
+        return self.lm_head(self._rms(x, self.norm).view(1, self.hidden))
+
     def reorder(self, index: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         """Row i of the cache becomes old row ``index[i]`` (B,) at positions ``cache_position`` (L,), consecutive."""
         return self.cache.reorder(index, cache_position)
@@ -254,7 +272,9 @@ class LlamaDecodeProgram(nn.Module):
     # -- export ------------------------------------------------------------------------------------
     def example_args(self) -> dict[str, tuple[torch.Tensor, ...]]:
         B, P = self.batch, self.prefill_chunk
-        return {"forward": (torch.zeros(B, 1, dtype=torch.long), torch.tensor([P])),
+        return {"token_embeddings": (torch.zeros(1, P, dtype=torch.long),),
+                "prefill_embeds": (torch.zeros(1, P, self.hidden), torch.arange(P), torch.tensor([P - 1])),
+                "forward": (torch.zeros(B, 1, dtype=torch.long), torch.tensor([P])),
                 "step": (torch.zeros(1, 1, dtype=torch.long), torch.tensor([P])),
                 "prefill": (torch.zeros(1, P, dtype=torch.long), torch.arange(P), torch.tensor([P - 1])),
                 "reorder": (torch.arange(B).flip(0), torch.arange(min(8, self.max_seq_len - 1))), "clear": ()}
@@ -269,10 +289,10 @@ class LlamaDecodeProgram(nn.Module):
 
         seq = Dim("seq", min=1, max=self.max_seq_len - 1)
         args = self.example_args()
-        dynamic = {m: None for m in METHODS}
+        dynamic = {m: None for m in self.methods}
         dynamic["reorder"] = ((None, {0: seq}),)  # forward(*args): the cache positions' length
         out = {}
-        for name in METHODS:
+        for name in self.methods:
             out[name] = export(_Method(self, name), args[name], dynamic_shapes=dynamic[name], strict=False)
         return out
 

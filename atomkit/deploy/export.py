@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from atomkit.io import atomic_path, write_json_atomic
-from atomkit.deploy.program import load_method, save_tokenizer, tokenize_fixed
+from atomkit.deploy.program import load_method, save_processor, save_tokenizer, tokenize_fixed
 from atomkit.deploy.lowering import _lower, _lower_methods, _quantized, gc_paused
 from atomkit.deploy.quant import finite_sqnr_db
 
@@ -215,16 +215,23 @@ def export_decoder(decoder, out_dir, *, name: str, quant: str = "none", max_seq_
 
 
 def _program_run(method_fn, prompt: torch.Tensor, cont: list[int], batch: int, vocab: int, chunk: int,
-                 max_seq_len: int, greedy: bool = True) -> dict[str, torch.Tensor]:
+                 max_seq_len: int, greedy: bool = True, embeds: bool = False) -> dict[str, torch.Tensor]:
     """Prefill ``prompt`` (1, n) in chunks, then decode teacher-forced: row 0 gets ``cont``, row r the token r places
     further in the vocabulary (rows differ), with one reversal of the rows (``reorder``) halfway; ``greedy``: then
-    ``cont`` once more through the one-row ``step`` method.
+    ``cont`` once more through the one-row ``step`` method. ``embeds``: the prompt goes in as embeddings
+    (``token_embeddings`` then ``prefill_embeds``), as a video-language model's prompt does.
     ``method_fn(name, args)`` runs a method (eager or program); returns the logits of the prefill and of every step."""
     from atomkit.deploy.program import prefill_chunks
 
+    def prefill(args):
+        if not embeds:
+            return method_fn("prefill", args)
+        tokens, positions, last = args
+        return method_fn("prefill_embeds", (method_fn("token_embeddings", (tokens,)), positions, last))
+
     n = prompt.shape[1]
     for args in prefill_chunks(prompt[0].tolist(), chunk, max_seq_len):
-        first = method_fn("prefill", args)
+        first = prefill(args)
     rows = []
     for j, tok in enumerate(cont):
         pos = n + j
@@ -235,7 +242,7 @@ def _program_run(method_fn, prompt: torch.Tensor, cont: list[int], batch: int, v
     out = {"prefill_logits": first.reshape(1, -1), "decode_logits": torch.cat(rows) if rows else first[:0]}
     if greedy:  # the prompt again, then row 0 alone through ``step`` (every position it reads, it wrote anew)
         for args in prefill_chunks(prompt[0].tolist(), chunk, max_seq_len):
-            method_fn("prefill", args)
+            prefill(args)
         steps = [method_fn("step", (torch.tensor([[tok]]), torch.tensor([n + j]))) for j, tok in enumerate(cont)]
         out["step_logits"] = torch.cat(steps) if steps else first[:0]
     return out
@@ -271,11 +278,12 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
     Parity (teacher-forced, against the eager program of the same quantization, and fp32 for the record):
     the prompt's last logits, then ``PARITY_STEPS`` steps of all ``batch`` rows with a reorder halfway, and the same
     steps of row 0 alone (``step``)."""
-    from atomkit.deploy.decoder_program import METHODS, LlamaDecodeProgram
+    from atomkit.deploy.decoder_program import LlamaDecodeProgram
 
     t0 = time.perf_counter()
     lm = decoder.lm.eval().cpu()
-    fp32 = LlamaDecodeProgram(lm, batch=batch, max_seq_len=max_seq_len).eval()
+    embeds = getattr(decoder, "processor", None) is not None  # a video-language model: its prompts are embeddings
+    fp32 = LlamaDecodeProgram(lm, batch=batch, max_seq_len=max_seq_len, embeds=embeds).eval()
     prog = _quantized(fp32, quant)
     prompt = decoder._ids(decoder.render([{"role": "user", "content": "Describe a video of a dog on a beach."}]))
     prompt = prompt[:, : max_seq_len // 2].cpu()
@@ -288,11 +296,13 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
         et, reports = _lower_methods(methods, quantized=quant != "none")
     path = _write(et, out_dir, name)
     save_tokenizer(decoder.tokenizer, path)
+    if embeds:
+        save_processor(decoder.processor, path)
     seconds = time.perf_counter() - t0
 
     from atomkit.deploy.program import load_methods
 
-    loaded = load_methods(path, METHODS)
+    loaded = load_methods(path, prog.methods)
     loaded["clear"].execute([])
     vocab = int(lm.config.vocab_size)
     steps = min(PARITY_STEPS, max_seq_len - prompt.shape[1] - 1)
@@ -321,20 +331,32 @@ def export_llama_program(decoder, out_dir, *, name: str, quant: str = "none", ma
     got = _program_run(lambda m, a: loaded[m].execute(list(a))[0], prompt, cont, **run)
     par = parity(ref, got, quant != "none", fp32=ref_fp32)
     par["decode_steps"] = len(cont)
+    if embeds:  # the same prompt as embeddings, program against eager: what a clip's caption goes through
+        with torch.inference_mode(), _native_stderr_without(EAGER_OP_NOISE):
+            prog.clear()
+            ref_e = _program_run(eager(prog), prompt, cont, greedy=False, embeds=True, **run)
+        loaded["clear"].execute([])
+        got_e = _program_run(lambda m, a: loaded[m].execute(list(a))[0], prompt, cont, greedy=False, embeds=True, **run)
+        par["embeds"] = parity(ref_e, got_e, quant != "none")
+        par["passed"] = par["passed"] and par["embeds"]["passed"]
     layers = len(prog.layers)
     step = reports["forward"]
     delegation = dict(step, methods={m: {k: v for k, v in r.items() if k != "inside_ops"} for m, r in reports.items()},
                       pieces_per_layer=round(step["delegate_subgraphs"] / layers, 2), layers=layers)
     eos = lm.generation_config.eos_token_id
     side = _sidecar(path, delegation, name=name, model=model or type(lm).__name__, module="decoder", quant=quant,
-                    program_kind="llama-custom-ops", methods=list(METHODS),
+                    program_kind="llama-custom-ops", methods=list(prog.methods), embeds=embeds,
+                    image_token_id=getattr(decoder, "image_token_id", None),
                     inputs={"tokens": {"shape": [batch, 1], "dtype": "int64"},
                             "cache_position": {"shape": [1], "dtype": "int64"}},
                     outputs={"logits": {"shape": [batch, vocab], "dtype": "float32"}},
                     method_inputs={"forward": {"tokens": [batch, 1], "cache_position": [1]},
                                    "step": {"tokens": [1, 1], "cache_position": [1]},
                                    "prefill": {"tokens": [1, chunk], "cache_position": [chunk], "last": [1]},
-                                   "reorder": {"index": [batch], "cache_position": ["L"]}},
+                                   "reorder": {"index": [batch], "cache_position": ["L"]},
+                                   **({"token_embeddings": {"tokens": [1, chunk]},
+                                       "prefill_embeds": {"embeds": [1, chunk, int(lm.config.hidden_size)],
+                                                          "cache_position": [chunk], "last": [1]}} if embeds else {})},
                     example_prompt_tokens=int(prompt.shape[1]), prefill="chunk", max_seq_len=max_seq_len,
                     max_prefill=chunk, batch=batch, beams=f"up to {batch}",
                     eos_token_id=eos, pad_token_id=decoder.tokenizer.pad_token_id, stop_at_eos=decoder.stop_at_eos,

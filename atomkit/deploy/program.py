@@ -40,6 +40,27 @@ def save_tokenizer(tokenizer, program: Path) -> Path:
     return folder
 
 
+def save_processor(processor, program: Path) -> Path:
+    """A video-language model's processor (tokenizer, chat template, video processor), beside its decoder program as
+    ``<name>.processor/``: the host builds each clip's prompt with it."""
+    from atomkit.io import atomic_dir
+
+    folder = Path(program).with_suffix(".processor")
+    with atomic_dir(folder) as tmp:
+        processor.save_pretrained(str(tmp))
+    return folder
+
+
+def saved_processor(program: Path):
+    """The processor ``atomkit.deploy.export`` saved beside a decoder program (``<name>.processor/``)."""
+    from transformers import AutoProcessor
+
+    folder = Path(program).with_suffix(".processor")
+    if not folder.is_dir():
+        raise AtomkitError(f"{folder}: no processor beside {Path(program).name}; re-export with `atomkit export`")
+    return AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+
+
 def saved_tokenizer(program: Path):
     """The tokenizer ``atomkit.deploy.export`` saved beside a program (``<name>.tokenizer/``)."""
     from transformers import AutoTokenizer

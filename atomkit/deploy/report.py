@@ -30,7 +30,7 @@ ENCODER_SQNR_MIN_DB = 20.0
 
 
 def _frames(videos, window):
-    """6 uint8 frames of the first clip of the first readable video."""
+    """The uint8 frames (the window's count and size) of the first clip of the first readable video."""
     from atomkit.errors import VideoError
     from atomkit.media.video import clips, sample_frames
 
@@ -93,7 +93,8 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
         else:
             eager = {}
         exporters = {
-            "encoder": lambda m: X.export_encoder(m, out, name="encoder", quant=quant, model=model),
+            "encoder": lambda m: X.export_encoder(m, out, name="encoder", quant=quant, model=model,
+                                                  frames=ref.window.frames, size=ref.window.size),
             "decoder": lambda m: X.export_decoder(m, out, name="decoder", quant=quant, max_seq_len=max_seq_len,
                                                   batch=decoder_batch, model=model),
             "embedder": lambda m: X.export_embedder(m, out, name="embedder", quant=quant, seq_len=embed_seq_len,

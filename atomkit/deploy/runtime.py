@@ -37,7 +37,9 @@ from atomkit.errors import AtomkitError, InputError
 from atomkit.models.decoder import TextDecoder
 from atomkit.models.embedder import SentenceEmbedder
 from atomkit.models.encoder import VideoEncoder, imagenet_labels
-from atomkit.deploy.program import load_method, load_methods, prefill_chunks, read_sidecar, saved_tokenizer, tokenize_fixed
+from atomkit.deploy.program import (load_method, load_methods, prefill_chunks, read_sidecar, saved_processor,
+                                    saved_tokenizer, tokenize_fixed)
+from atomkit.models.smolvlm import VideoPrompts
 
 
 def _program(path) -> tuple:
@@ -202,6 +204,25 @@ class PteDecoder(TextDecoder):
                                         torch.arange(start, start + len(chunk), dtype=torch.long)])
         return out[0].reshape(-1, out[0].shape[-1])[-1]
 
+    def _prefill_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Feed a prompt given as embeddings (L, H) from position 0, in the program's chunks (the last padded with
+        its last row); logits of its last position (V,)."""
+        n, chunk = embeds.shape[0], self.max_prefill
+        for tokens, positions, last in prefill_chunks(list(range(n)), chunk, self.max_seq_len):
+            rows = embeds.index_select(0, tokens[0]).reshape(1, chunk, -1).float().contiguous()
+            out = self._methods["prefill_embeds"].execute([rows, positions, last])
+        return out[0].reshape(-1)
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """The program's token embeddings (L, H) of ``ids`` (its ``token_embeddings`` method, chunk by chunk, the last
+        chunk padded with its last id)."""
+        ids, chunk, parts = ids.reshape(-1).long().tolist(), self.max_prefill, []
+        for start in range(0, len(ids), chunk):
+            real = ids[start:start + chunk]
+            tokens = torch.tensor([real + [real[-1]] * (chunk - len(real))], dtype=torch.long)
+            parts.append(self._methods["token_embeddings"].execute([tokens])[0][0, : len(real)])
+        return torch.cat(parts)
+
     def _forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """One token per row (up to ``batch`` rows) at position ``pos``; logits (rows, V). One row runs the program's
         ``step`` where it has one (row 0 alone, its keys and values written to every row); fewer rows otherwise are
@@ -241,7 +262,7 @@ class PteDecoder(TextDecoder):
         search, ``generate``'s semantics). The program is the backend: ``backend`` is accepted for the
         ``TextDecoder`` signature and must be auto or pte. ``stop``: more ids that end the sequence besides EOS."""
         self._check_backend(backend)
-        if inputs_embeds is not None:
+        if inputs_embeds is not None and "prefill_embeds" not in self._methods:
             raise AtomkitError(f"{self.path.name}: the .pte decoder takes token ids, not inputs_embeds "
                                "(visual-prefix models run eager)")
         if num_beams > self.batch:
@@ -253,16 +274,20 @@ class PteDecoder(TextDecoder):
                 warnings.warn(f"{self.path.name} {what}; falling back to greedy decoding")
             self.greedy_fallbacks += 1
             num_beams = 1
-        if input_ids is None or input_ids.numel() == 0:
+        prompt = inputs_embeds if inputs_embeds is not None else input_ids
+        if prompt is None or prompt.numel() == 0:
             raise InputError("empty prompt")
         from atomkit.decode.engine import Engine
 
         eos = self.stops(stop) or None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        search = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=eos, pad_token_id=pad)
         with self.generation():  # the program's cache holds this sequence from prefill to the last step
-            new = Engine(PteStepper(self), "pte").generate(input_ids.reshape(1, -1).cpu(),
-                                                           max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                                           eos_token_id=eos, pad_token_id=pad)
+            engine = Engine(PteStepper(self), "pte")
+            if inputs_embeds is not None:
+                new = engine.generate(inputs_embeds=inputs_embeds.reshape(1, *inputs_embeds.shape[-2:]).cpu(), **search)
+            else:
+                new = engine.generate(input_ids.reshape(1, -1).cpu(), **search)
         return new[0]
 
     def generate_batch(self, prompts=None, *, embeds=None, max_new_tokens: int, num_beams: int,
@@ -273,7 +298,7 @@ class PteDecoder(TextDecoder):
 
         opts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, backend=backend, stop=stop)
         if embeds is not None:
-            return [self.generate_ids(inputs_embeds=e[None], **opts) for e in embeds]
+            return [until_stop(self.generate_ids(inputs_embeds=e[None], **opts), self.stops(stop)) for e in embeds]
         return [until_stop(self.generate_ids(p, **opts), self.stops(stop)) for p in prompts]
 
 
@@ -396,8 +421,15 @@ class PteStepper:
 
     def prefill(self, input_ids=None, inputs_embeds=None, pad=None) -> torch.Tensor:
         if inputs_embeds is not None:
-            raise InputError(f"{self.decoder.path.name} takes token ids, not inputs_embeds (visual-prefix models "
-                             "caption with an eager backend)")
+            emb = inputs_embeds if inputs_embeds.dim() == 3 else inputs_embeds[None]
+            if "prefill_embeds" not in self.decoder._methods:
+                raise InputError(f"{self.decoder.path.name} takes token ids, not inputs_embeds (visual-prefix models "
+                                 "caption with an eager backend)")
+            if emb.shape[0] != 1 or (pad is not None and bool((pad > 0).any())):
+                raise InputError(f"{self.decoder.path.name} prefills one prompt at a time; got {emb.shape[0]} rows")
+            logits = self.decoder._prefill_embeds(emb[0])
+            self.filled, self.same_rows = emb.shape[1], True
+            return logits.float().reshape(1, -1)
         ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
         if ids.shape[0] != 1 or (pad is not None and bool((pad > 0).any())):
             raise InputError(f"{self.decoder.path.name} prefills one prompt at a time; got {ids.shape[0]} rows")
@@ -429,4 +461,23 @@ class PteStepper:
         self.decoder._reorder(index, start, self.filled)
 
 
-MODULE_CLASSES.update(encoder=PteEncoder, decoder=PteDecoder, embedder=PteEmbedder)
+class PteVideoDecoder(VideoPrompts, PteDecoder):
+    """A video-language model's LM program (SmolVLM2: exported with ``token_embeddings`` and ``prefill_embeds``):
+    each clip's prompt is built on the host with the processor saved beside the program, its token embeddings come
+    from the program and the encoder's image-token embeddings go where the image tokens are; text-only prompts (the
+    script) go in as tokens."""
+
+    def __init__(self, path, like: TextDecoder | None = None, *, strict_beams: bool = False):
+        super().__init__(path, like=like, strict_beams=strict_beams)
+        self.processor = getattr(like, "processor", None) or saved_processor(self.path)
+        self.tokenizer = self.processor.tokenizer if like is None else like.tokenizer
+        self.image_token_id = int(self.meta["image_token_id"])
+
+
+def _decoder_program(path, like: TextDecoder | None = None, **kwargs) -> PteDecoder:
+    """The wrapper a decoder program's sidecar asks for: embeddings in (a video-language model) or tokens only."""
+    cls = PteVideoDecoder if read_sidecar(Path(path)).get("embeds") else PteDecoder
+    return cls(path, like=like, **kwargs)
+
+
+MODULE_CLASSES.update(encoder=PteEncoder, decoder=_decoder_program, embedder=PteEmbedder)

@@ -119,14 +119,10 @@ def patch_positions(side: int) -> torch.Tensor:
     return (buckets[:, None] * side + buckets[None, :]).reshape(-1)
 
 
-class SmolVLMDecoder(TextDecoder):
-    """SmolVLM2's LM with its processor: captions from a clip's image-token embeddings in the model's own video
-    prompt; text-only generation (the script) through its chat template."""
-
-    def __init__(self, lm: nn.Module, processor, *, image_token_id: int, stop_at_eos: bool = True):
-        super().__init__(lm, processor.tokenizer, stop_at_eos=stop_at_eos)
-        self.processor = processor
-        self.image_token_id = image_token_id
+class VideoPrompts:
+    """What makes a SmolVLM2 LM caption a clip, whoever runs the LM (eager or an ExecuTorch program): the
+    processor's chat template and video prompt, the encoder's embeddings merged where the image tokens are. Needs
+    ``processor``, ``image_token_id``, ``token_embeddings(ids)`` and the decoder's ``generate_batch``."""
 
     def render(self, messages: list[dict]) -> str:
         """Chat messages -> prompt text with SmolVLM2's template (its messages hold lists of typed parts)."""
@@ -147,10 +143,9 @@ class SmolVLMDecoder(TextDecoder):
     def clip_embeds(self, enc: Encoded) -> torch.Tensor:
         """Prompt embeddings (L, H) of one clip: its prompt's token embeddings, the encoder's image-token
         embeddings in place of the image tokens (as the model merges them)."""
-        ids = self._ids(self.video_prompt(enc))[0].to(self.device)
-        embed = self.lm.get_input_embeddings()
-        x = embed(ids)
-        slots = ids == self.image_token_id
+        ids = self._ids(self.video_prompt(enc))[0]
+        x = self.token_embeddings(ids).clone()
+        slots = ids.to(x.device) == self.image_token_id
         feats = enc.features.reshape(-1, x.shape[-1]).to(x.device, x.dtype)
         if int(slots.sum()) != feats.shape[0]:
             raise ValueError(f"the prompt has {int(slots.sum())} image tokens for {feats.shape[0]} image embeddings")
@@ -164,6 +159,19 @@ class SmolVLMDecoder(TextDecoder):
         rows = self.generate_batch(embeds=[self.clip_embeds(e) for e in encs], max_new_tokens=cfg.max_new_tokens,
                                    num_beams=cfg.num_beams, backend=cfg.backend)
         return [first_sentence_line(self.decode_ids(r)) for r in rows]
+
+
+class SmolVLMDecoder(VideoPrompts, TextDecoder):
+    """SmolVLM2's LM with its processor: captions from a clip's image-token embeddings in the model's own video
+    prompt; text-only generation (the script) through its chat template."""
+
+    def __init__(self, lm: nn.Module, processor, *, image_token_id: int, stop_at_eos: bool = True):
+        super().__init__(lm, processor.tokenizer, stop_at_eos=stop_at_eos)
+        self.processor = processor
+        self.image_token_id = image_token_id
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids.to(self.device))
 
 
 # -- loading ------------------------------------------------------------------------------------------------
