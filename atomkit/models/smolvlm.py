@@ -30,7 +30,7 @@ from atomkit.models.encoder import Encoded, VideoEncoder
 
 CAPTION_REQUEST = "Describe what happens in this video clip in one short sentence."
 DEFAULT_CLIP_S = 10.0  # a clip's length when its frames come without times (the paper's window)
-FRAMES = 8  # frames per clip (64 image tokens each at 256M/500M): see docs/models.md for how it was chosen
+FRAMES = 6  # frames per clip (64 image tokens each at 256M/500M): measured in results/smolvlm2-frames.json, docs/models.md
 
 
 @dataclass(frozen=True)
