@@ -28,8 +28,6 @@ def main() -> int:
     p.add_argument("--out", default="results/smolvlm2-frames.json")
     args = p.parse_args()
 
-    import torch
-
     import atomkit
     from atomkit.bench.record import with_record
     from atomkit.io import write_json_atomic

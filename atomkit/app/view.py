@@ -179,7 +179,7 @@ class AppView:
         self.next_page.disabled = st.page >= app.pages() - 1
 
     def _editor(self) -> None:
-        app, edit = self.app, self.app.state.edit
+        edit = self.app.state.edit
         if edit is None:
             self.edit_head.value = "<span class='ak-muted'>search first: the edit starts from the ranked clips</span>"
         else:
