@@ -232,7 +232,7 @@ class AssemblyApp:
         report = update(self.session, self.library, paths, on_progress=self._progress, cancel=self._cancel)
         idx = load_index(self.session, self.library, report.videos)
         return Index(Captions(self.session.model, idx.captions.clips, report.skipped, time.perf_counter() - t0,
-                              report.cancelled), idx.vectors)
+                              report.cancelled), idx.vectors, idx.space)
 
     def _set_library(self, idx: Index) -> None:
         self.state.captions, self.state.index, self.state.edit = idx.captions, idx, None

@@ -88,7 +88,7 @@ def throughput(session, paths, *, actors=(1, 2), copies: int = 3, cpus: int | No
             return {"index_s": secs, "clips": rep.clips_new, "videos": len(rep.captioned),
                     "clips_per_s": rep.clips_new / secs if secs > 0 else None, "failed": len(rep.failed)}
 
-        for m in ("encoder", "decoder", "embedder"):
+        for m in session.spec.modules:
             session.get(m)
         local = timed("local") | {"torch_threads": torch.get_num_threads()}
         runs = []
@@ -121,7 +121,7 @@ def run(session, paths, *, db: Path | None = None, queries: list[str] | None = N
         scratch = tempfile.TemporaryDirectory(prefix="atomkit-bench-library-")
         db = Path(scratch.name) / "library.db"
     try:
-        for m in ("encoder", "decoder", "embedder"):  # resident before the clock starts, for both runs
+        for m in session.spec.modules:  # resident before the clock starts, for both runs
             session.get(m)
         with Library(db) as lib:
             t0 = time.perf_counter()

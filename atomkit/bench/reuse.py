@@ -148,7 +148,7 @@ def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorde
     retrieval, assembly = [], []
     t0 = rec.clock()
     session = Session(**model)
-    rec.load(session, "encoder", "decoder", "embedder")
+    rec.load(session, *session.spec.modules)
     startup = rec.clock() - t0
     for prompt in prompts:
         t0 = rec.clock()
@@ -173,11 +173,11 @@ def run_no_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Reco
     for prompt in prompts:
         t0 = rec.clock()
         captioner = Session(**model)
-        rec.load(captioner, "encoder", "decoder")
+        rec.load(captioner, "encoder", "decoder", *(("retriever",) if captioner.spec.retriever else ()))
         caps = rec.caption(captioner, videos, SequentialExecutor(trace=True))
         rec.unload(captioner)
         indexer = Session(**model)
-        rec.load(indexer, "embedder")
+        rec.load(indexer, "retriever" if indexer.spec.retriever else "embedder")
         hits = rec.retrieve(indexer, caps, prompt, k)
         rec.unload(indexer)
         retrieval.append(rec.clock() - t0)

@@ -55,9 +55,7 @@ def evaluate(session, index, annotations: Annotations, *, captions: bool = True,
         raise InputError(f"none of the {len(annotations.queries)} queries has a relevant video among the "
                          f"{len(videos)} indexed ({', '.join(videos[:5])}{', ...' if len(videos) > 5 else ''}); "
                          "annotation video ids are matched to file stems")
-    with session.use("embedder") as emb:
-        q = emb.embed([x.text for x in ann.queries])
-    scores = q @ index.vectors.T  # (queries, clips)
+    scores = index.scores(session, [x.text for x in ann.queries])  # (queries, clips)
     position = {v: i for i, v in enumerate(videos)}
     clip_video = torch.tensor([position[s] for s in stems])
     video_scores = torch.full((len(ann.queries), len(videos)), -float("inf")).scatter_reduce(
@@ -172,11 +170,43 @@ def view_index(session, captions, view: str):
     return _text_index(session, captions, [VIEWS[view](c) for c in captions.clips])
 
 
+DUAL_VIEWS = ("dual encoder (frames)", "fusion (dual encoder + caption, RRF)")  # specs with a retriever
+
+
+class FusedIndex:
+    """Several indexes of the same clips fused by reciprocal rank (Cormack et al., SIGIR 2009): a clip's score is
+    the sum over the indexes of 1 / (k + its rank there), so scores of different spaces need no common scale."""
+
+    def __init__(self, parts: list, k: int = 60):
+        self.parts, self.k = parts, k
+        self.captions = parts[0].captions
+
+    def scores(self, session, texts) -> torch.Tensor:
+        total = 0
+        for part in self.parts:
+            s = part.scores(session, texts)
+            ranks = s.argsort(dim=1, descending=True).argsort(dim=1) + 1  # 1 = best, per query
+            total = total + 1.0 / (self.k + ranks.float())
+        return total
+
+
+def dual_index(session, captions):
+    """The clips ranked by the retriever: their pooled frame vectors (made when they were captioned)."""
+    from atomkit.pipeline.tasks import index
+
+    return index(session, captions)
+
+
 def ablation(session, captions, annotations: Annotations, views=(*VIEWS, *VECTOR_VIEWS)) -> dict:
-    """Retrieval of the same clips ranked on each view: {view: {"video": ..., "clip": ...}}."""
+    """Retrieval of the same clips ranked on each view: {view: {"video": ..., "clip": ...}}. A spec with a retriever
+    also ranks on the dual encoder alone and on its fusion with the captions' ranking (``DUAL_VIEWS``)."""
     out = {}
-    for v in views:
-        r = evaluate(session, view_index(session, captions, v), annotations, captions=False)
+    indexes = {v: view_index(session, captions, v) for v in views}
+    if session.spec.retriever is not None:
+        indexes[DUAL_VIEWS[0]] = dual_index(session, captions)
+        indexes[DUAL_VIEWS[1]] = FusedIndex([indexes[DUAL_VIEWS[0]], view_index(session, captions, VECTOR_VIEWS[1])])
+    for v, idx in indexes.items():
+        r = evaluate(session, idx, annotations, captions=False)
         out[v] = {"video": r["video"], "clip": r["clip"]}
     return out
 

@@ -19,10 +19,11 @@ from atomkit.config import cache_dir
 from atomkit.errors import UnknownModel
 from atomkit.models.decoder import Projector, TextDecoder
 from atomkit.models.embedder import SentenceEmbedder, mean_pooled_bert, minilm
-from atomkit.models import smolvlm
+from atomkit.models import dual, smolvlm
 from atomkit.models.encoder import VideoEncoder, clip_vision, efficientnet_lite0
 
-MODULES = ("encoder", "decoder", "embedder")
+MODULES = ("encoder", "decoder", "embedder")  # every spec has these
+ALL_MODULES = (*MODULES, "retriever")  # a dual encoder (atomkit.models.dual) where a spec ranks with one
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class ModelSpec:
     test_only: bool = False  # tiny models with a random-weight LM: unit tests only, their text is noise
     window: dict | None = None  # WindowConfig fields this model samples its clips with (frames, size), unless set
     repo: str | None = None  # the Hugging Face repository its weights come from (`atomkit fetch NAME`)
+    retriever: Callable[[LoadOptions], torch.nn.Module] | None = None  # a dual encoder that ranks the clips
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules this spec builds: encoder, decoder, embedder, and its retriever where it has one."""
+        return MODULES + (("retriever",) if self.retriever is not None else ())
 
     def is_random(self, opts: LoadOptions) -> bool:
         return self.test_only or opts.random_weights
@@ -55,16 +62,16 @@ class ModelSpec:
     def architecture(self, module: str, opts: LoadOptions) -> torch.nn.Module:
         """The module's architecture as its loader builds it, without reading weights: call it under
         ``torch.device("meta")`` to get shapes and sizes without memory (``atomkit.pipeline.budget``)."""
-        if module not in MODULES:
-            raise ValueError(f"unknown module {module!r}; modules are {MODULES}")
+        if module not in self.modules:
+            raise ValueError(f"unknown module {module!r}; {self.name}'s modules are {self.modules}")
         build = (self.arch or {}).get(module)
         if build is None and not self.is_random(opts):
             raise ValueError(f"model {self.name!r} does not say how to build its {module} without weights")
         return (build or getattr(self, module))(opts).eval()
 
     def load(self, module: str, opts: LoadOptions):
-        if module not in MODULES:
-            raise ValueError(f"unknown module {module!r}; modules are {MODULES}")
+        if module not in self.modules:
+            raise ValueError(f"unknown module {module!r}; {self.name}'s modules are {self.modules}")
         return getattr(self, module)(opts).to(opts.device).eval()
 
 
@@ -325,6 +332,27 @@ def _smolvlm_spec(name: str, size: "smolvlm.Size", description: str, test_only: 
                      window={"frames": smolvlm.FRAMES, "size": size.frame_px}, repo=None if test_only else size.repo)
 
 
+# -- a dual encoder beside the default captioner: the retriever ranks, the captioner writes ---------------------------
+def _dual_folder(name: str, tower: "dual.Tower", opts: LoadOptions) -> Path:
+    from atomkit.models import hub
+
+    if opts.random_weights or tower is dual.TINY:
+        return dual.random_folder(tower, opts.cache or cache_dir(), quiet=tower is dual.TINY)
+    return hub.snapshot(name, tower.repo, opts.weights, needs=("open_clip_config.json",))
+
+
+def _dual_spec(name: str, tower: "dual.Tower", description: str, base: str = "default") -> ModelSpec:
+    captioner = _SPECS[base]
+
+    def retriever(opts: LoadOptions) -> torch.nn.Module:
+        return dual.load(_dual_folder(name, tower, opts))
+
+    arch = {**(captioner.arch or {}), "retriever": lambda o: dual.architecture(tower)}
+    return ModelSpec(name, description, captioner.encoder, captioner.decoder, captioner.embedder, arch=arch,
+                     test_only=captioner.test_only, window=captioner.window,
+                     repo=None if tower is dual.TINY else tower.repo, retriever=retriever)
+
+
 _SPECS = {
     s.name: s
     for s in [
@@ -350,6 +378,20 @@ _SPECS = {
                       test_only=True),
     ]
 }
+
+
+for _spec in (
+    _dual_spec("default-mobileclip2-s0", dual.TOWERS["mobileclip2-s0"], "the default captioner, ranked by MobileCLIP2-S0 "
+               "(Apple, a dual encoder: each clip's frames pooled, the query in the same space)"),
+    _dual_spec("default-mobileclip-s2", dual.TOWERS["mobileclip-s2"], "the default captioner, ranked by MobileCLIP-S2 "
+               "(Apple, a dual encoder: each clip's frames pooled, the query in the same space)"),
+    _dual_spec("tiny-clip", dual.TINY, "tiny-default ranked by a tiny random open_clip dual encoder written in open_clip's "
+               "checkpoint layout (unit tests only)", base="tiny-default"),
+):
+    _SPECS[_spec.name] = _spec
+_ORDER = ["default", "atom-paper", "smolvlm2-256m", "smolvlm2-500m", "smolvlm2-2.2b", "default-mobileclip2-s0",
+          "default-mobileclip-s2", "tiny-default", "tiny-paper", "tiny-smolvlm2", "tiny-clip"]
+_SPECS = {name: _SPECS[name] for name in _ORDER}
 
 
 def available_models() -> list[str]:

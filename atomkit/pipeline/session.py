@@ -15,7 +15,7 @@ import torch
 
 from atomkit.config import DecodeConfig, WindowConfig
 from atomkit.errors import AtomkitError, SessionClosed
-from atomkit.models.registry import MODULES, LoadOptions, available_models, get_spec
+from atomkit.models.registry import ALL_MODULES, MODULES, LoadOptions, available_models, get_spec
 
 
 def default_device() -> str:
@@ -132,8 +132,8 @@ class Session:
         self._device_arg, self._programs_arg = device, str(programs) if programs else None
         self.stats: dict[str, LoadStats] = {}
         self._modules: dict[str, torch.nn.Module] = {}
-        self._load_locks = {m: threading.Lock() for m in MODULES}
-        self._run_locks = {m: threading.RLock() for m in MODULES}
+        self._load_locks = {m: threading.Lock() for m in self.spec.modules}
+        self._run_locks = {m: threading.RLock() for m in self.spec.modules}
         self._closed = False
         self._calls = threading.Condition()  # guards _closed and _in_flight; close() waits on it
         self._in_flight: dict[int, int] = {}  # thread id -> calls (get / use) it has in flight
@@ -176,7 +176,7 @@ class Session:
     def get(self, module: str) -> torch.nn.Module:
         """The resident module, loading it first if this is its first use."""
         if module not in self._load_locks:
-            raise ValueError(f"unknown module {module!r}; modules are {MODULES}")
+            raise ValueError(f"unknown module {module!r}; {self.model}'s modules are {self.spec.modules}")
         with self._call():
             loaded = self._modules.get(module)
             if loaded is not None:
@@ -244,7 +244,7 @@ class Session:
         return self.get("embedder")
 
     def loaded(self) -> list[str]:
-        return [m for m in MODULES if m in self._modules]
+        return [m for m in ALL_MODULES if m in self._modules]
 
     def load_report(self) -> dict[str, dict]:
         """Per loaded module: seconds, params, bytes, loads (how many times it was loaded)."""

@@ -39,6 +39,7 @@ class CaptionedClip:
     clip: Clip
     caption: str
     concepts: list[tuple[str, float]] = field(default_factory=list)
+    vector: torch.Tensor | None = field(default=None, repr=False)  # the retriever's unit vector of the clip (if any)
 
     @property
     def id(self) -> str:
@@ -69,10 +70,18 @@ class Captions:
 
 @dataclass
 class Index:
-    """Caption embeddings (unit vectors, one row per clip) for retrieval."""
+    """The clips' retrieval vectors (unit, one row per clip), and the module whose text vectors they are compared
+    with: ``embedder`` (captions fused with concepts) or ``retriever`` (a dual encoder's pooled frame vectors)."""
 
     captions: Captions
     vectors: torch.Tensor
+    space: str = "embedder"
+
+    def scores(self, session, texts: Sequence[str]) -> torch.Tensor:
+        """Cosine similarities (len(texts), clips) of queries to the clips, in the index's space."""
+        with session.use(self.space) as module:
+            q = module.embed(list(texts))
+        return q @ self.vectors.T
 
 
 @dataclass
@@ -104,6 +113,7 @@ class _Work:
     frames: torch.Tensor | None = None
     encoded: object = None
     caption: str | None = None
+    vector: torch.Tensor | None = None  # the retriever's (specs with a dual encoder)
     error: VideoError | None = None
 
 
@@ -151,13 +161,18 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
         return work
 
     def encode(group: list[_Work]) -> list[_Work]:
+        ok = [w for w in group if w.error is None]
         with session.use("encoder") as enc:
-            for w in group:
-                if w.error is None:
-                    n = w.frames.shape[2]
-                    w.encoded, w.frames = enc.encode(w.frames), None
-                    w.encoded.times = [t - w.clip.start_s for t in frame_times(w.clip, n)]  # the clip's own clock
-                    w.encoded.duration_s = w.clip.duration_s
+            for w in ok:
+                w.encoded = enc.encode(w.frames)
+                w.encoded.times = [t - w.clip.start_s for t in frame_times(w.clip, w.frames.shape[2])]  # the clip's clock
+                w.encoded.duration_s = w.clip.duration_s
+        if session.spec.retriever is not None and ok:  # a dual encoder ranks: one pooled vector per clip
+            with session.use("retriever") as ret:
+                for w in ok:
+                    w.vector = ret.embed_clip(w.frames)
+        for w in ok:
+            w.frames = None
         return group
 
     def decode(group: list[_Work]) -> list[_Work]:
@@ -185,7 +200,7 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
                     where = f"{w.clip.video} [{w.clip.start_s:.1f}-{w.clip.end_s:.1f} s]"
                     skipped.append(Skipped(where, w.error.reason))
                 else:
-                    done.append(CaptionedClip(w.clip, w.caption, list(w.encoded.concepts)))
+                    done.append(CaptionedClip(w.clip, w.caption, list(w.encoded.concepts), w.vector))
             if cancel is not None and cancel.is_set() and finished < len(todo):
                 cancelled = True
                 break  # the executor's generator cleanup stops its workers
@@ -203,8 +218,17 @@ def _as_captions(session, source, progress: bool) -> Captions | Index:
 
 
 def index(session, captions: Captions) -> Index:
-    """Embed every clip once (caption fused with its concepts, ``atomkit.retrieval.ranking``); retrieval for any number of
-    prompts reuses the index."""
+    """Embed every clip once; retrieval for any number of prompts reuses the index. A spec with a retriever (a dual
+    encoder) ranks on the clips' pooled frame vectors, made when they were captioned; the others on the caption
+    fused with its concepts (``atomkit.retrieval.ranking``)."""
+    if session.spec.retriever is not None:
+        missing = [c.id for c in captions.clips if c.vector is None]
+        if missing:
+            raise InputError(f"{session.model} ranks with its retriever, and clips {', '.join(missing[:3])} were "
+                             "captioned without it (another model's captions): caption them with this session")
+        dim = captions.clips[0].vector.shape[0] if captions.clips else 0
+        vectors = torch.stack([c.vector for c in captions.clips]) if captions.clips else torch.zeros(0, dim)
+        return Index(captions, vectors, space="retriever")
     from atomkit.retrieval.ranking import clip_vectors
 
     with session.use("embedder") as emb:
@@ -232,9 +256,7 @@ def retrieve(session, source, query: str, *, k: int = 5, progress: bool = False)
         idx = index(session, idx)
     if not idx.captions.clips:
         return []
-    with session.use("embedder") as emb:
-        q = emb.embed([query])[0]
-    scores = idx.vectors @ q
+    scores = idx.scores(session, [query])[0]
     top = torch.topk(scores, min(k, len(scores)))
     return [Hit(idx.captions.clips[i], float(s), r + 1)
             for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))]

@@ -109,7 +109,7 @@ class _Worker:
         """Load every module now (so the first video does not pay for it); who and where this worker is."""
         t0 = time.perf_counter()
         try:
-            for module in ("encoder", "decoder", "embedder"):
+            for module in self.session.spec.modules:
                 self.session.get(module)
         except Exception as e:  # atomkit's typed errors do not pickle; their message is what the driver needs
             raise RuntimeError(f"{type(e).__name__}: {e}") from None

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from atomkit.io import count
 from atomkit.retrieval.library import Library, LibraryError, config_of, fingerprint
-from atomkit.pipeline.tasks import CaptionedClip, Captions, Index, Skipped, caption
+from atomkit.pipeline.tasks import CaptionedClip, Captions, Index, Skipped, caption, index
 from atomkit.media.video import Clip, probe
 from atomkit.media.scan import scan, unique_ids
 
@@ -173,10 +173,7 @@ def caption_video(session, path: Path) -> VideoResult:
     caps = caption(session, [path])
     if not caps.clips:
         return VideoResult(error="; ".join(s.reason for s in caps.skipped) or "no clip could be captioned")
-    from atomkit.retrieval.ranking import clip_vectors
-
-    with session.use("embedder") as emb:
-        vectors = clip_vectors(emb, caps.clips).numpy().astype(np.float32)
+    vectors = index(session, caps).vectors.numpy().astype(np.float32)  # what retrieval ranks on
     rows = [(c.clip.index, c.clip.start_s, c.clip.end_s, c.caption, [list(x) for x in c.concepts], v)
             for c, v in zip(caps.clips, vectors)]
     return VideoResult(rows, probe(path).duration_s, skipped=caps.skipped)
@@ -225,4 +222,5 @@ def load_index(session, lib: Library, videos: Iterable[str | Path] | None = None
     clips = [CaptionedClip(Clip(p, i, a, b, uid=f"{ids[p]}#{i:02d}"), cap, [(str(lbl), float(pr)) for lbl, pr in con])
              for p, i, a, b, cap, con, _ in rows]
     vectors = torch.from_numpy(np.stack([r[6] for r in rows])) if rows else torch.zeros(0, 0)
-    return Index(Captions(session.model, clips, []), vectors)
+    return Index(Captions(session.model, clips, []), vectors,
+                 space="retriever" if session.spec.retriever is not None else "embedder")
