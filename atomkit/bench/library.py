@@ -111,6 +111,47 @@ def throughput(session, paths, *, actors=(1, 2), copies: int = 3, cpus: int | No
                     "loads) is not in index_s"}
 
 
+def retriever_costs(session, paths, queries: list[str], repeats: int = 3) -> dict:
+    """What a dual encoder costs beside the captioner: per clip, decoding its frames and embedding them with the image
+    tower (pooled); per query, the text tower and ranking; the tower's resident size; and clips/s of a retrieval-only
+    index (frames + image tower, no captions) against the captioning index of the same clips (encoder, decoder and
+    the tower), median of ``repeats`` passes over the clips."""
+    from atomkit.media.scan import find_videos
+    from atomkit.media.video import clips, sample_frames
+    from atomkit.pipeline.session import module_bytes
+    from atomkit.pipeline.tasks import index
+
+    ret = session.get("retriever")
+    todo = [c for v in find_videos(paths)[0] for c in clips(v, session.window)]
+    frames_s, embed_s, caption_s = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        frames = [sample_frames(c, session.window) for c in todo]
+        t1 = time.perf_counter()
+        vectors = [ret.embed_clip(f) for f in frames]
+        t2 = time.perf_counter()
+        caps = session.caption(paths)
+        t3 = time.perf_counter()
+        frames_s.append(t1 - t0)
+        embed_s.append(t2 - t1)
+        caption_s.append(t3 - t2)
+    idx = index(session, caps)
+    query_s = []
+    for q in queries * 4:
+        t0 = time.perf_counter()
+        session.retrieve(idx, q, k=5)
+        query_s.append(time.perf_counter() - t0)
+    n = len(todo)
+    f, e, c = float(np.median(frames_s)), float(np.median(embed_s)), float(np.median(caption_s))
+    return {"clips": n, "frames_per_clip": session.window.frames, "image_size": ret.image_size,
+            "dim": int(vectors[0].shape[0]) if vectors else None,
+            "embed_clip_s": {"median": e / n, "frames_s": f / n}, "query": _percentiles(query_s),
+            "resident_mib": round(module_bytes(ret)[1] / 2**20, 1),
+            "clips_per_s": {"retrieval_only": n / (f + e), "captioning": n / c},
+            "note": "retrieval_only: frames decoded + the image tower; captioning: session.caption (frames, encoder, "
+                    "decoder and the tower) of the same clips; medians of the passes"}
+
+
 def run(session, paths, *, db: Path | None = None, queries: list[str] | None = None, sizes=(10_000, 100_000),
         repeats: int = 200, progress: bool = False, ray_actors=(), copies: int = 3) -> dict:
     """The whole benchmark on real videos (into a fresh library file unless ``db`` is given)."""
@@ -154,9 +195,12 @@ def run(session, paths, *, db: Path | None = None, queries: list[str] | None = N
             "first_index": first.to_dict() | {"videos": [str(v) for v in first.videos]},
             "query_on_library": {"open_and_load_index": _percentiles(open_load),
                                  "embed_query_and_rank": _percentiles(rank_only), "queries": queries,
-                                 "modules_loaded_by_queries": "embedder only (the session already held all three)"},
+                                 "modules_loaded_by_queries": ("the retriever (its text tower ranks)" if session.spec.retriever
+                                                               else "embedder only")
+                                 + " (the session already held every module)"},
             "search_at_scale": [synthetic_search(n, idx.vectors.shape[1] or 384, repeats=repeats) for n in sizes],
             "indexing_throughput": scale_out,
+            "retriever": retriever_costs(session, paths, queries) if session.spec.retriever else None,
             "search": "torch matrix product over float32 unit vectors + topk (exact); numpy gives the same order",
             "device": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -73,7 +73,7 @@ def register(sub) -> None:
                 "resident before either index run is timed. Then indexes --copies copies of the videos in this process "
                 "and on a local Ray cluster with each --ray-actors count (clips/s; actors share this machine's CPUs).",
                 examples="atomkit bench-library --out results/library.json")
-    add(p, "videos", "models", "device", "backend", "max-new-tokens", "beams", "repeats", "quiet",
+    add(p, "videos", "models", "random-weights", "device", "backend", "max-new-tokens", "beams", "repeats", "quiet",
         repeats=dict(default=200, help="queries per size (default: %(default)s)"))
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="synthetic library sizes (clips)")
     p.add_argument("--ray-actors", type=int, nargs="+", default=[1, 2], metavar="N",
@@ -148,7 +148,7 @@ def bench_library(args) -> int:
     from atomkit.pipeline.session import Session
 
     check_positive(repeats=args.repeats, copies=args.copies, sizes=min(args.sizes), ray_actors=min(args.ray_actors))
-    with Session(args.models, device=args.device, decode=decode_from(args)) as session:
+    with Session(args.models, device=args.device, decode=decode_from(args), random_weights=args.random_weights) as session:
         result = run(session, args.paths or sample_videos(), sizes=args.sizes, repeats=args.repeats,
                      progress=not args.quiet, ray_actors=() if args.no_ray else args.ray_actors, copies=args.copies)
     path = write_json_atomic(Path(args.out), with_record(result))
@@ -163,5 +163,11 @@ def bench_library(args) -> int:
         print(f"index {t['videos']} videos: one process {t['one_process']['clips_per_s']:.2f} clips/s"
               + "".join(f"; Ray {r['actors']} actor(s) x {r['cpus_per_actor']:g} CPU {r['clips_per_s']:.2f} clips/s "
                         f"({r['vs_one_process']:.2f}x, start-up {r['startup_s']:.0f} s)" for r in t["ray"]))
+    r = result.get("retriever")
+    if r:
+        print(f"retriever: {r['embed_clip_s']['median'] * 1e3:.0f} ms a clip ({r['frames_per_clip']} frames at "
+              f"{r['image_size']} px, + {r['embed_clip_s']['frames_s'] * 1e3:.0f} ms decoding them), a query "
+              f"{r['query']['p50_ms']:.1f} ms (p50); index {r['clips_per_s']['retrieval_only']:.2f} clips/s "
+              f"retrieval-only against {r['clips_per_s']['captioning']:.2f} captioning; {r['resident_mib']} MiB")
     print(f"wrote {path}")
     return 0
