@@ -130,3 +130,19 @@ def test_the_mobileclip_architectures_build_and_embed():
     v = ret.embed_clip(torch.randint(0, 255, (1, 3, 2, 224, 224), dtype=torch.uint8))
     t = ret.embed(["a dog"])
     assert v.shape == (512,) and t.shape == (1, 512) and abs(float(v.norm()) - 1) < 1e-5
+
+
+def test_int8_towers_keep_the_ranking_close(videos):
+    """torchao int8 of both towers (their Linear layers): clip and query vectors stay close to fp32's."""
+    out = {}
+    for quant in ("none", "int8"):
+        with atomkit.Session("tiny-clip", device="cpu", decode=DECODE, quant=quant) as s:
+            caps = s.caption(videos)
+            ret = s.get("retriever")
+            kinds = {type(m.weight).__name__ for m in ret.modules() if isinstance(m, torch.nn.Linear)}
+X
+            # projections stay float: torchao quantizes nn.Linear modules, MultiheadAttention holds raw weights)
+            out[quant] = (torch.stack([c.vector for c in caps.clips]), ret.embed(["a cartoon rabbit", "bikes"]))
+    for a, b in zip(out["none"], out["int8"]):
+        cos = (a * b).sum(-1)
+        assert float(cos.min()) > 0.9 and not torch.equal(a, b), cos
