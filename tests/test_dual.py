@@ -140,8 +140,8 @@ def test_int8_towers_keep_the_ranking_close(videos):
             caps = s.caption(videos)
             ret = s.get("retriever")
             kinds = {type(m.weight).__name__ for m in ret.modules() if isinstance(m, torch.nn.Linear)}
-X
-            # projections stay float: torchao quantizes nn.Linear modules, MultiheadAttention holds raw weights)
+            assert ("IntxUnpackedToInt8Tensor" in kinds) == (quant == "int8"), kinds  # (the out_proj of
+            # nn.MultiheadAttention stays float: MultiheadAttention calls its weight itself, not the Linear)
             out[quant] = (torch.stack([c.vector for c in caps.clips]), ret.embed(["a cartoon rabbit", "bikes"]))
     for a, b in zip(out["none"], out["int8"]):
         cos = (a * b).sum(-1)
