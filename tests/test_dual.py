@@ -124,7 +124,7 @@ def test_the_mobileclip_architectures_build_and_embed():
     image tower and its text tower give 512-d unit vectors."""
     import open_clip
 
-    model = dual.architecture(dual.TOWERS["mobileclip2-s0"]).eval()
+    model = dual._build(dual.TOWERS["mobileclip2-s0"]).eval()
     ret = dual.DualEncoder(model, open_clip.get_tokenizer("MobileCLIP2-S0"), image_size=256,
                            mean=dual.MOBILECLIP_PREPROCESS["mean"], std=dual.MOBILECLIP_PREPROCESS["std"])
     v = ret.embed_clip(torch.randint(0, 255, (1, 3, 2, 224, 224), dtype=torch.uint8))

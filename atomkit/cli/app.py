@@ -108,7 +108,7 @@ def _sizes(args) -> int:
 
     spec, opts = get_spec(args.models), LoadOptions(random_weights=args.random_weights)
     rows = []
-    for module in ("encoder", "decoder", "embedder"):
+    for module in spec.modules:
         for quant in SCHEMES:
             backends = ["auto"] if module != "decoder" else ["hf"] if quant != "none" else \
                 [b for b in BACKENDS if not b.endswith("compiled")]  # torchao weights decode with generate only

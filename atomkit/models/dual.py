@@ -122,17 +122,20 @@ def load(folder: Path) -> DualEncoder:
 
 
 def architecture(tower: Tower) -> nn.Module:
-    """The tower's architecture without weights (``atomkit.pipeline.budget`` builds it on meta)."""
-    return _build(tower)
+    """The tower's architecture without weights, on the meta device (``atomkit.pipeline.budget`` sizes it)."""
+    return _build(tower, device="meta")
 
 
-def _build(tower: Tower) -> nn.Module:
-    """A fresh model of ``tower``'s architecture: open_clip's built-in config, or our own (``open_clip.CLIP``)."""
+def _build(tower: Tower, device: str = "cpu") -> nn.Module:
+    """A fresh model of ``tower``'s architecture: open_clip's built-in config, or our own (``open_clip.CLIP``).
+    (open_clip moves the model it builds with ``.to(device)``, so a meta build names the device instead of
+    running under ``torch.device("meta")``.)"""
     import open_clip
 
     if tower.config_json is not None:
-        return open_clip.CLIP(**tower.config_json)
-    return open_clip.create_model(tower.config, pretrained=None)
+        with torch.device(device):
+            return open_clip.CLIP(**tower.config_json)
+    return open_clip.create_model(tower.config, pretrained=None, device=device)
 
 
 def write_random(folder: Path, tower: Tower, *, seed: int = 0) -> Path:
