@@ -146,3 +146,27 @@ def test_int8_towers_keep_the_ranking_close(videos):
     for a, b in zip(out["none"], out["int8"]):
         cos = (a * b).sum(-1)
         assert float(cos.min()) > 0.9 and not torch.equal(a, b), cos
+
+
+@pytest.mark.slow
+def test_both_towers_export_with_parity_and_rank_on_the_programs(tmp_path, videos):
+    """`atomkit export` of the retriever (int8): the image tower and the text tower as two programs, each checked
+    against its eager int8 tower; a session on them gives the eager int8 session's clip vectors and ranking."""
+    from atomkit.deploy.program import read_sidecar
+    from atomkit.deploy.report import export_model
+
+    out = tmp_path / "programs"
+    r = export_model("tiny-clip", "int8", out, load_times=False, progress=False, modules=("retriever",))
+    assert r["checks"]["passed"], r["checks"]
+    par = r["modules"]["retriever"]["parity"]
+    assert par["passed"] and par["outputs"]["frame_vectors"]["sqnr_db"] >= 20 and par["text"]["outputs"]["vectors"]["sqnr_db"] >= 20
+    assert read_sidecar(out / "retriever.pte")["text_program"] == "retriever-text.pte"
+    with atomkit.Session("tiny-clip", device="cpu", decode=DECODE, quant="int8") as s:
+        eager = s.caption(videos)
+        want = [h.clip.id for h in s.retrieve(eager, "people ride bikes", k=3)]
+    with atomkit.Session("tiny-clip", device="cpu", decode=DECODE, programs=out) as s:
+        caps = s.caption(videos)
+        assert s.load_report()["retriever"]["source"] == "retriever.pte"
+        for a, b in zip(eager.clips, caps.clips):
+            assert float((a.vector * b.vector).sum()) > 0.999
+        assert [h.clip.id for h in s.retrieve(caps, "people ride bikes", k=3)] == want

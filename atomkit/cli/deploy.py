@@ -33,8 +33,8 @@ def register(sub) -> None:
         random_weights=dict(help="random weights (sizes and speed only)"))
     p.add_argument("--quant", choices=["int8", "int4", "none"], default="int8",
                    help="torchao scheme of Linear and Embedding layers (default: int8, the paper's)")
-    p.add_argument("--only", nargs="+", choices=["encoder", "decoder", "embedder"],
-                   default=["encoder", "decoder", "embedder"], help="export only these modules")
+    p.add_argument("--only", nargs="+", choices=["encoder", "decoder", "embedder", "retriever"], default=None,
+                   help="export only these modules (default: every module the spec has)")
     p.add_argument("--max-seq-len", type=int, default=768,
                    help="decoder static KV cache: prompt + new tokens (default: %(default)s)")
     p.add_argument("--decoder-batch", type=int, default=4, metavar="B", help=(
@@ -85,7 +85,7 @@ def export(args) -> int:
     from atomkit.deploy.report import export_model
 
     r = export_model(args.models, args.quant, args.out, weights=args.weights, random_weights=args.random_weights,
-                     modules=tuple(args.only), max_seq_len=args.max_seq_len, decoder_batch=args.decoder_batch,
+                     modules=tuple(args.only) if args.only else None, max_seq_len=args.max_seq_len, decoder_batch=args.decoder_batch,
                      videos=args.paths or None, load_times=not args.no_load_times, cold=args.cold,
                      pipeline=args.pipeline, progress=not args.quiet)
     from atomkit.bench.record import with_record

@@ -177,6 +177,64 @@ def export_embedder(embedder, out_dir, *, name: str, quant: str = "none", seq_le
                    extra={"seq_len": seq_len, "batch": batch, "dynamic_seq": dynamic_seq, "dim": int(embedder.dim)})
 
 
+# -- retriever (a dual encoder) ----------------------------------------------------------------------
+class _TextTower(nn.Module):
+    """A dual encoder's text tower as a module of its own: token ids (N, context) -> unit vectors (N, D)."""
+
+    def __init__(self, retriever):
+        super().__init__()
+        self.retriever = retriever
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.retriever.text_forward(tokens)
+
+
+def export_retriever(retriever, out_dir, *, name: str = "retriever", quant: str = "none", frames: int = 6,
+                     model: str | None = None) -> ExportResult:
+    """A dual encoder's two towers as two programs: ``<name>.pte`` (image tower: normalised frames (frames, 3, S, S)
+    -> unit frame vectors (frames, D); the runtime pads or chunks a clip to ``frames`` and pools on the host) and
+    ``<name>-text.pte`` (text tower: one query's token ids (1, context) -> its unit vector (1, D)); the open_clip
+    config beside them gives the host its tokenizer. Parity of both is checked; the text tower's is reported under
+    the image program's ``parity["text"]``."""
+    import shutil
+
+    t0 = time.perf_counter()
+    retriever = retriever.eval().cpu()
+    size = retriever.image_size
+    x = torch.rand(frames, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = (x - torch.tensor(retriever.mean).view(1, 3, 1, 1)) / torch.tensor(retriever.std).view(1, 3, 1, 1)
+    qret = _quantized(retriever, quant)
+    tokens = retriever.tokenizer(["a person rides a bike down a street"])
+    text, qtext = _TextTower(retriever), _TextTower(qret)
+    et_text, rep_text = _lower(qtext, (tokens,), quantized=quant != "none")
+
+    def run(module, inp, key):
+        def go():
+            with torch.inference_mode():
+                return {key: module(inp).float()}
+        return go
+
+    text_res = _finish(et_text, rep_text, out_dir, f"{name}-text", t0=t0, model=model or "open_clip",
+                       module="retriever-text", quant=quant, inputs={"tokens": tokens},
+                       run_eager=run(qtext, tokens, "vectors"), run_fp32=run(text, tokens, "vectors"),
+                       extra={"context_length": int(tokens.shape[1])})
+    folder = getattr(retriever, "folder", None)
+    if folder is not None and (Path(folder) / "open_clip_config.json").is_file():  # the host's tokenizer
+        tok = Path(out_dir) / f"{name}.tokenizer"
+        tok.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(folder) / "open_clip_config.json", tok / "open_clip_config.json")
+    t1 = time.perf_counter()
+    et, report = _lower(qret, (x,), quantized=quant != "none")
+    res = _finish(et, report, out_dir, name, t0=t1, model=model or "open_clip", module="retriever", quant=quant,
+                  inputs={"x": x}, run_eager=run(qret, x, "frame_vectors"), run_fp32=run(retriever, x, "frame_vectors"),
+                  extra={"frames": frames, "size": size, "mean": list(retriever.mean), "std": list(retriever.std),
+                         "text_program": f"{name}-text.pte", "text_parity": text_res.parity})
+    res.parity = {**res.parity, "text": text_res.parity,
+                  "passed": res.parity["passed"] and text_res.parity["passed"]}
+    res.seconds += text_res.seconds
+    return res
+
+
 # -- decoder -----------------------------------------------------------------------------------------
 def _static_cache_module(lm, max_seq_len: int, batch_size: int = 1) -> nn.Module:
     """TorchExportableModuleWithStaticCache returning only the last position's logits."""

@@ -63,7 +63,7 @@ def program_outputs(ref, programs: dict, frames: torch.Tensor) -> dict:
 
 
 def export_model(model: str = "default", quant: str = "int8", out_dir: str | Path = "export", *,
-                 weights=None, random_weights: bool = False, modules=("encoder", "decoder", "embedder"),
+                 weights=None, random_weights: bool = False, modules=None,
                  max_seq_len: int = 512, decoder_batch: int = 4, embed_seq_len: int = 128, videos=None,
                  load_times: bool = True,
                  cold: bool = False, pipeline: bool = False, decode: DecodeConfig | None = None, progress: bool = True) -> dict:
@@ -79,6 +79,10 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
     from atomkit.media.scan import sample_videos
 
     _check_scheme(quant)
+    if modules is None:  # every module the spec has (a retriever too)
+        from atomkit.models.registry import get_spec
+
+        modules = get_spec(model).modules
     out = Path(out_dir)
     videos = [Path(v) for v in (videos or sample_videos())]
     bar = _Progress(len(modules) + 2 + int(load_times) + int(pipeline), progress)
@@ -99,6 +103,8 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
                                                   batch=decoder_batch, model=model),
             "embedder": lambda m: X.export_embedder(m, out, name="embedder", quant=quant, seq_len=embed_seq_len,
                                                     model=model),
+            "retriever": lambda m: X.export_retriever(m, out, name="retriever", quant=quant,
+                                                      frames=ref.window.frames, model=model),
         }
         programs = {}
         for m in modules:

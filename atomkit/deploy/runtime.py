@@ -480,4 +480,50 @@ def _decoder_program(path, like: TextDecoder | None = None, **kwargs) -> PteDeco
     return cls(path, like=like, **kwargs)
 
 
-MODULE_CLASSES.update(encoder=PteEncoder, decoder=_decoder_program, embedder=PteEmbedder)
+class PteRetriever(nn.Module):
+    """A dual encoder's two programs (``atomkit.deploy.export.export_retriever``) as the session's retriever: the same
+    ``embed_clip(frames)`` and ``embed(texts)`` as ``atomkit.models.dual.DualEncoder``, preprocessing and pooling on
+    the host."""
+
+    def __init__(self, path):
+        super().__init__()
+        import open_clip
+
+        from atomkit.models.dual import DualEncoder
+
+        self.path = Path(path)
+        self._image, self.meta = _program(self.path)
+        text = self.path.with_name(self.meta.get("text_program", f"{self.path.stem}-text.pte"))
+        self._text, self.text_meta = _program(text)
+        tok = self.path.with_suffix(".tokenizer")
+        self.tokenizer = open_clip.get_tokenizer(f"local-dir:{tok}") if tok.is_dir() else open_clip.get_tokenizer("ViT-B-32")
+        self.image_size, self.frames = int(self.meta["size"]), int(self.meta["frames"])
+        self.mean, self.std = tuple(self.meta["mean"]), tuple(self.meta["std"])
+        self.preprocess = DualEncoder.preprocess.__get__(self)  # the same resize and normalisation
+        self._lock = threading.Lock()
+        self._device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    @torch.inference_mode()
+    def embed_clip(self, frames: torch.Tensor) -> torch.Tensor:
+        from atomkit.models.dual import pool
+
+        x = self.preprocess(frames).contiguous()
+        n, rows = x.shape[0], []
+        for start in range(0, n, self.frames):  # the program takes ``frames`` at a time: pad the last chunk
+            chunk = x[start:start + self.frames]
+            real = chunk.shape[0]
+            if real < self.frames:
+                chunk = torch.cat([chunk, chunk[-1:].expand(self.frames - real, -1, -1, -1)])
+            with self._lock:
+                rows.append(self._image.execute([chunk.contiguous()])[0][:real])
+        return pool(torch.cat(rows))
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts) or [""])
+        with self._lock:
+            out = torch.cat([self._text.execute([tokens[i:i + 1].contiguous()])[0] for i in range(tokens.shape[0])])
+        return out[: len(texts)].float()
+
+
+MODULE_CLASSES.update(encoder=PteEncoder, decoder=_decoder_program, embedder=PteEmbedder, retriever=PteRetriever)

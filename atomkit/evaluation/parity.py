@@ -21,7 +21,7 @@ QUERIES = ["a man wearing a tie", "an animal outdoors", "people riding bikes"]
 
 @torch.inference_mode()
 def module_outputs(session, frames: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-    """The three modules' outputs on the same real inputs."""
+    """Every module's outputs on the same real inputs."""
     with session.use("encoder") as enc:
         out = enc(enc.preprocess(frames))
         # the last output: class probabilities for EfficientNet (its quantized Linear feeds them; its
@@ -32,14 +32,18 @@ def module_outputs(session, frames: torch.Tensor, captions: list[str]) -> dict[s
         logits = dec.lm(input_ids=dec._ids(prompt)).logits.float()
     with session.use("embedder") as emb:
         vectors = emb.embed(captions)
-    return {"encoder": features, "decoder": logits, "embedder": vectors}
+    out = {"encoder": features, "decoder": logits, "embedder": vectors}
+    if session.spec.retriever is not None:  # its frame vectors and its caption vectors, side by side
+        with session.use("retriever") as ret:
+            out["retriever"] = torch.cat([ret.frame_vectors(frames), ret.embed(captions)])
+    return out
 
 
 def compare_modules(ref, test, frames: torch.Tensor, captions: list[str]) -> dict:
     """Bytes and SQNR of each module of ``test`` against ``ref`` (two Sessions of the same model)."""
     a, b = module_outputs(ref, frames, captions), module_outputs(test, frames, captions)
     out = {}
-    for m in ("encoder", "decoder", "embedder"):
+    for m in ref.spec.modules:
         wa, wb = weight_bytes(ref.get(m)), weight_bytes(test.get(m))
         la, lb = wa["linear"] + wa["embedding"], wb["linear"] + wb["embedding"]
         out[m] = {"bytes_fp32": wa["total"], "bytes": wb["total"],

@@ -118,6 +118,7 @@ def load(folder: Path) -> DualEncoder:
     enc = DualEncoder(model.eval(), open_clip.get_tokenizer(f"local-dir:{folder}"), image_size=int(size),
                       mean=mean, std=std)
     enc.weight_files = sorted(folder.glob("open_clip_model.*")) or sorted(folder.glob("*.safetensors"))
+    enc.folder = folder  # its config gives an exported program's host side the tokenizer
     return enc
 
 

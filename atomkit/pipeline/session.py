@@ -311,7 +311,7 @@ def _check_programs(folder: Path, model: str, quant: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise AtomkitError(f"{folder}: no such folder of .pte programs; create one with "
                            f"`atomkit export --models {model} --out {folder}`")
-    found = {m: folder / f"{m}.pte" for m in MODULES if (folder / f"{m}.pte").exists()}
+    found = {m: folder / f"{m}.pte" for m in ALL_MODULES if (folder / f"{m}.pte").exists()}
     if not found:
         raise AtomkitError(f"{folder}: none of {', '.join(m + '.pte' for m in MODULES)} is there; "
                            f"run `atomkit export --models {model} --out {folder}`")
