@@ -55,6 +55,10 @@ def program_outputs(ref, programs: dict, frames: torch.Tensor) -> dict:
         out["encoder"] = (a[-1] if isinstance(a, tuple) else a, b[-1] if isinstance(b, tuple) else b)
     if "embedder" in programs:
         out["embedder"] = (ref.get("embedder").embed(TEXTS), open_program(programs["embedder"], "embedder").embed(TEXTS))
+    if "retriever" in programs:  # frame vectors of the real frames and vectors of real texts, side by side
+        ret, pte = ref.get("retriever"), open_program(programs["retriever"], "retriever")
+        out["retriever"] = (torch.cat([ret.frame_vectors(frames), ret.embed(TEXTS)]),
+                            torch.cat([pte.frame_vectors(frames), pte.embed(TEXTS)]))
     if "decoder" in programs:
         dec, pte = ref.get("decoder"), open_program(programs["decoder"], "decoder")
         ids = dec._ids(dec.render([{"role": "user", "content": "Describe a clip: " + TEXTS[0]}]))

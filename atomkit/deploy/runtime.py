@@ -507,6 +507,11 @@ class PteRetriever(nn.Module):
     def embed_clip(self, frames: torch.Tensor) -> torch.Tensor:
         from atomkit.models.dual import pool
 
+        return pool(self.frame_vectors(frames))
+
+    @torch.inference_mode()
+    def frame_vectors(self, frames: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (T, D) of a clip's frames, from the image program."""
         x = self.preprocess(frames).contiguous()
         n, rows = x.shape[0], []
         for start in range(0, n, self.frames):  # the program takes ``frames`` at a time: pad the last chunk
@@ -516,7 +521,7 @@ class PteRetriever(nn.Module):
                 chunk = torch.cat([chunk, chunk[-1:].expand(self.frames - real, -1, -1, -1)])
             with self._lock:
                 rows.append(self._image.execute([chunk.contiguous()])[0][:real])
-        return pool(torch.cat(rows))
+        return torch.cat(rows).float()
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
