@@ -12,9 +12,7 @@ and writes it once to the cache in that layout.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,10 +165,7 @@ def write_random(folder: Path, tower: Tower, *, seed: int = 0) -> Path:
 
 def random_folder(tower: Tower, cache: Path, *, quiet: bool = False) -> Path:
     """Random weights of ``tower`` written once into ``cache`` (keyed by the architecture) and read from disk after."""
-    key = hashlib.sha256(json.dumps([tower.repo, tower.config, tower.config_json], sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache / "random-weights" / f"{tower.repo.split('/')[-1]}-seed0-{key}"
-    if not (folder / "atomkit.json").is_file():
-        if not quiet:
-            print(f"atomkit: writing random {tower.repo} weights once to {folder}", file=sys.stderr)
-        write_random(folder, tower)
-    return folder
+    from atomkit.models.weights import random_checkpoint
+
+    return random_checkpoint(tower.repo, [tower.config, tower.config_json], cache,
+                             lambda folder: write_random(folder, tower), quiet=quiet)

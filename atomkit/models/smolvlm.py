@@ -15,9 +15,7 @@ paper's modules are. Weights come from the Hugging Face cache or ``--weights DIR
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,14 +329,10 @@ def write_random(folder: Path, size: Size, *, seed: int = 0) -> Path:
 def random_folder(size: Size, cache: Path, *, quiet: bool = False) -> Path:
     """Random weights of ``size`` in the checkpoint layout, written once into ``cache`` (keyed by the
     architecture) and read from disk like a real checkpoint afterwards."""
-    key = hashlib.sha256(json.dumps([size.repo, size.vision, size.text, size.scale_factor, size.frame_px],
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache / "random-weights" / f"{size.repo.split('/')[-1]}-seed0-{key}"
-    if not (folder / "atomkit.json").is_file():
-        if not quiet:
-            print(f"atomkit: writing random {size.repo} weights once to {folder}", file=sys.stderr)
-        write_random(folder, size)
-    return folder
+    from atomkit.models.weights import random_checkpoint
+
+    return random_checkpoint(size.repo, [size.vision, size.text, size.scale_factor, size.frame_px], cache,
+                             lambda folder: write_random(folder, size), quiet=quiet)
 
 
 def video_metadata(times: list[float] | None, duration_s: float | None, n: int):

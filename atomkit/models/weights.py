@@ -136,6 +136,22 @@ def fast_tokenizer(folder: Path):
     return tok
 
 
+def random_checkpoint(repo: str, arch, cache: Path, write: Callable[[Path], Path], *, quiet: bool = False) -> Path:
+    """Random weights of an architecture (``arch``: anything JSON that describes it), written once by
+    ``write(folder)`` into ``cache/random-weights/<name>-seed0-<hash of arch>`` in the checkpoint's own layout and read
+    from disk like a real checkpoint afterwards (the folder is complete once ``write`` left ``atomkit.json`` in it)."""
+    import hashlib
+    import sys
+
+    key = hashlib.sha256(json.dumps([repo, arch], sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache / "random-weights" / f"{repo.split('/')[-1]}-seed0-{key}"
+    if not (folder / "atomkit.json").is_file():
+        if not quiet:
+            print(f"atomkit: writing random {repo} weights once to {folder}", file=sys.stderr)
+        write(folder)
+    return folder
+
+
 def smollm2_tokenizer(cache: Path | None = None):
     """SmolLM2's tokenizer (the one SmolVLM2's processor extends), from its converted copy in the cache."""
     return fast_tokenizer(smollm2_converted(cache))
