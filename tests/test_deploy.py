@@ -9,7 +9,8 @@ from atomkit import Session
 from atomkit.config import DecodeConfig, exact
 from atomkit.deploy.report import export_model, pipeline_check
 from atomkit.errors import AtomkitError
-from atomkit.deploy.runtime import PteDecoder, PteEmbedder, PteEncoder, bench_programs, open_program
+from atomkit.deploy.runtime import PteDecoder, PteEmbedder, PteEncoder, open_program
+from atomkit.deploy.timing import bench_programs
 from atomkit.pipeline.tasks import caption
 from atomkit.media.scan import sample_videos
 

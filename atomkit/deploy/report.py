@@ -126,7 +126,8 @@ def export_model(model: str = "default", quant: str = "int8", out_dir: str | Pat
             }
         if "decoder" in programs:  # the program's own decode speed: greedy tok/s and a beam caption
             from atomkit.decode.prompts import caption_ids
-            from atomkit.deploy.runtime import decode_speed, open_program
+            from atomkit.deploy.runtime import open_program
+            from atomkit.deploy.timing import decode_speed
 
             report["modules"]["decoder"]["decode"] = decode_speed(open_program(programs["decoder"], "decoder"),
                                                                   caption_ids(ref.get("decoder")))
