@@ -57,3 +57,21 @@ def check_reel(reel: Path, cuts: list[tuple[Path, float, float]], candidates: li
         dist = {c: float(np.abs(seen - frame(c, a + mid if c == src else mid)).mean()) for c in candidates}
         assert min(dist, key=dist.get) == src, f"segment at {t:.2f} s should show {src.name}: {dist}"
         t += b - a
+
+
+def thumbnail(image: np.ndarray, size=(16, 12)) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).convert("L").resize(size, Image.BILINEAR), dtype=np.float32)
+
+
+def segment_sources(video: Path, times: list[float], folder: Path) -> list[str]:
+    """For each time of ``video``, the stem of the short video in ``folder`` whose middle frame looks most like
+    the frame shown then (16x12 grey thumbnails): which source a long video shows at each time."""
+    shorts = {p.stem: p for p in sorted(folder.glob("*.mp4")) if p != video and not p.stem.startswith("long_")}
+    refs = {stem: thumbnail(frames_at(p, [duration(p) / 2])[0]) for stem, p in shorts.items()}
+    out = []
+    for f in frames_at(video, times):
+        seen = thumbnail(f)
+        out.append(min(refs, key=lambda s: float(np.abs(refs[s] - seen).mean())))
+    return out

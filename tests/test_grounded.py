@@ -32,7 +32,8 @@ def test_render_names_the_subject_first_and_nothing_outside_the_concepts():
 
 def test_grounding_counts_invented_objects_and_numbers():
     free = "The clip shows an Egyptian cat (0.41), a tiger cat (0.34), a tab"
-    assert grounding(free, CAT) == {"named": ["egyptian cat", "tiger cat"], "invented": [], "number": True}
+    assert grounding(free, CAT) == {"named": ["egyptian cat", "tiger cat"], "invented": [], "unsupported": ["tab"],
+                                    "number": True, "grounded": False}
     g = grounding("A person wearing an academic gown and a bow tie", [("academic gown", 0.2), ("bow tie", 0.1)])
     assert g["invented"] == ["person"] and not g["number"]
     assert grounding("Two dogs chase a cat", [("pug", 0.5)])["invented"] == ["cat"]  # "dogs": a pug is a dog
@@ -42,6 +43,30 @@ def test_grounding_counts_invented_objects_and_numbers():
     t = grounding_table([(free, CAT), ("A lynx next to a car.", CAT)])
     assert t["object_words"] == 4 and t["grounded_share"] == 0.75
     assert t["captions_with_invented_object"] == 1 and t["captions_with_number"] == 1 and t["invented_examples"] == ["car"]
+
+
+def test_every_content_word_a_caption_adds_must_be_supported():
+    street = [("streetcar", 0.3), ("person", 0.6), ("cab", 0.05)]
+    g = grounding("A streetcar, a classic Japanese film noir.", street)
+    assert g["invented"] == [] and g["unsupported"] == ["classic", "japanese", "film", "noir"] and not g["grounded"]
+    assert grounding("A man in a suit next to a streetcar", street)["unsupported"] == ["suit"]  # a person was seen
+    assert grounding("A man next to a cab", [("cab", 0.5)])["invented"] == ["man"]  # nobody was seen
+    people = [("two people", 0.7), ("car", 0.5), ("tie", 0.4)]
+    for text in ("Two people with a car and a tie.", "People next to cars."):
+        assert grounding(text, people)["grounded"], text  # the detector's count is not an invented number
+    assert grounding("Three people with a car.", people)["number"]  # a count nobody reported
+    t = grounding_table([("A streetcar, a classic Japanese film noir.", street), ("A person with a cab.", street)])
+    assert t["captions_with_unsupported_word"] == 1 and t["captions_grounded"] == 1
+    assert t["unsupported_examples"] == ["classic", "japanese", "film", "noir"]
+
+
+def test_render_joins_what_the_detector_saw_with_with():
+    seen = [("person", 0.72), ("tie", 0.55), ("bow tie", 0.4), ("chair", 0.3), ("Windsor tie", 0.1)]
+    assert grounded.render("person", seen) == "A person with a tie and a chair, or perhaps a bow tie or a Windsor tie."
+    assert grounded.render("bow tie", seen, max_others=2) == "A bow tie with a person and a tie."
+    assert grounded.render("two people", [("two people", 0.8), ("car", 0.5)]) == "Two people with a car."
+    for subject in ("person", "bow tie", "two people"):
+        assert grounding(grounded.render(subject, seen + [("two people", 0.1)]), seen + [("two people", 0.1)])["grounded"]
 
 
 def test_subject_is_a_candidate_and_follows_a_confident_classifier(tiny_session):
@@ -113,11 +138,31 @@ def test_narration_that_names_what_the_clip_does_not_show_is_replaced_by_its_cap
                         [("bow tie", 0.7), ("Windsor tie", 0.1)])
     cat = CaptionedClip(Clip(Path("/v/cat.mp4"), 0, 0, 10), "An Egyptian cat.", CAT)
     hits = [Hit(tie, 0.9, 1), Hit(cat, 0.8, 2)]
-    script = Script([ScriptEntry(tie.id, "A bow tie (a kind of bird) in a car"), ScriptEntry(cat.id, "A tabby cat looks up")],
+    script = Script([ScriptEntry(tie.id, "A bow tie (a kind of bird) in a car"), ScriptEntry(cat.id, "A tabby next to a lynx")],
                     "decoder")
     out = grounded_narration(script, hits)
-    assert [e.narration for e in out.entries] == ["A bow tie, or perhaps a Windsor tie.", "A tabby cat looks up"]
+    assert [e.narration for e in out.entries] == ["A bow tie, or perhaps a Windsor tie.", "A tabby next to a lynx"]
     assert out.problems == [f"narration for {tie.id} names bird, car, which its clip's encoder did not report: "
                             "its caption is used instead"]
+    noir = grounded_narration(Script([ScriptEntry(cat.id, "An Egyptian cat, a classic Japanese film noir.")], "decoder"), hits)
+    assert noir.entries[0].narration == "An Egyptian cat."
+    assert noir.problems == [f"narration for {cat.id} says classic, japanese, film, noir, which nothing its clip's "
+                             "encoder reported supports: its caption is used instead"]
     three = grounded_narration(Script([ScriptEntry(cat.id, "Three cats")], "decoder"), hits)
     assert three.entries[0].narration == "An Egyptian cat." and "has a number" in three.problems[0]
+
+
+def test_a_free_caption_that_claims_more_than_was_seen_takes_the_grounded_form(tiny_session):
+    """The tiny LM's random weights write noise, which no concept supports: every free caption falls back."""
+    from atomkit.config import DecodeConfig
+    from atomkit.models.encoder import Encoded
+
+    dec = tiny_session.decoder
+    concepts = [CAT, [("person", 0.8), ("car", 0.5), ("streetcar", 0.2)]]
+    encs = [Encoded(torch.zeros(0), c) for c in concepts]
+    before = getattr(dec, "caption_fallbacks", 0)
+    free = dec.captions(encs, DecodeConfig(captions="free", max_new_tokens=8, num_beams=1))
+    assert free == grounded.captions(dec, concepts, max_tokens=8)
+    assert all(grounding(t, c)["grounded"] for t, c in zip(free, concepts))
+    assert dec.caption_fallbacks - before == 2
+    assert dec.captions([Encoded(torch.zeros(0), [])], DecodeConfig(captions="free", max_new_tokens=4, num_beams=1))[0]

@@ -31,9 +31,14 @@ def test_real_captions_describe_what_the_encoder_saw(real_session, real_captions
         assert len(tok(c.caption, add_special_tokens=False)["input_ids"]) <= real_session.decode.max_new_tokens
         assert c.concepts[0][1] > 0.05  # a trained classifier is confident about something
         g = grounding(c.caption, c.concepts)
-        assert g["named"] and not g["invented"] and not g["number"], (c.caption, g)
-        first = c.caption.split(",")[0].split(" (")[0].removesuffix(".")  # "An academic gown"
-        assert first.split(" ", 1)[1] in [lbl for lbl, _ in c.concepts[:5]], c.caption  # the subject comes first
+        assert g["named"] and g["grounded"], (c.caption, g)  # every word it adds is supported, no number
+        first = c.caption.split(",")[0].split(" (")[0].split(" with ")[0].removesuffix(".")  # "An academic gown"
+        top = [lbl.lower() for lbl, _ in c.concepts[:5]]
+        assert first.lower() in top or first.split(" ", 1)[1].lower() in top, c.caption  # the subject comes first
+    # people: the detector names the man in the car and the walker in the street (ImageNet has no class for them)
+    for cid in ("bikes#00", "carphone_pristine#00", "carphone_distorted#00"):
+        words = set(real_captions.by_id()[cid].caption.lower().replace(",", " ").replace(".", " ").split())
+        assert words & {"person", "people"}, real_captions.by_id()[cid].caption
     # the carphone clips show a man in a suit and tie: the concept bridge must carry that into the caption
     carphone = real_captions.by_id()["carphone_pristine#00"]
     assert "tie" in " ".join(l for l, _ in carphone.concepts[:3])
@@ -47,6 +52,12 @@ def test_real_retrieval_and_reuse(real_session, real_captions, tmp_path):
         asm = real_session.assemble(real_captions, prompt, tmp_path / str(i), k=2)
         assert asm.reel.is_file() and asm.reel_info["duration_s"] > 0
         assert set(asm.script.order) <= {h.clip.id for h in asm.hits}
+        if prompt == "make a highlight reel":  # what `make demo` writes: every caption passes the grounding check
+            written = json.loads(asm.outputs["captions"].read_text())["clips"]
+            assert len(written) == 4 and all(grounding(c["caption"], [(x["label"], x["p"]) for x in c["concepts"]])
+                                             ["grounded"] for c in written), written
+            assert all(grounding(e.narration, real_captions.by_id()[e.clip_id].concepts)["grounded"]
+                       for e in asm.script.entries)  # and so does every narration line the reel shows
     assert all(r["loads"] == 1 for r in real_session.load_report().values())
 
 
@@ -65,9 +76,9 @@ def test_cli_assemble_folder_with_corrupt_file(mixed_folder, tmp_path):
         assert sum(1 for _ in c.decode(video=0)) > 30
     clips = json.loads((out / "captions.json").read_text())["clips"]
     assert len(clips) == 2
-    for c in clips:  # what a person reads: no numbers, nothing the encoder did not report
+    for c in clips:  # what a person reads: no numbers, nothing the encoder did not report, no word it does not support
         g = grounding(c["caption"], [(x["label"], x["p"]) for x in c["concepts"]])
-        assert not g["invented"] and not g["number"], (c["caption"], g)
+        assert g["grounded"], (c["caption"], g)
 
 
 def test_converted_decoder_cache_is_reused(real_session):

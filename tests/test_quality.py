@@ -51,8 +51,9 @@ def test_msvd_didemo_and_atomkit(tmp_path):
     assert load(c).references == {"mv89psg6zh4_33_46": ["A bird in a sink keeps getting water."]}
     d = tmp_path / "didemo_test.json"
     d.write_text(json.dumps([{"video": "10015567@N08_3655084291_d8b58466fa.mov", "description": "a baby falls",
-                              "times": [[1, 1]]}]))
+                              "times": [[1, 1], [1, 2], [1, 2], [0, 2]]}]))
     assert load(d).queries[0].relevant == {"10015567@N08_3655084291_d8b58466fa"}
+    assert load(d).queries[0].moment == (5.0, 15.0)  # segments 1-2 (two annotators of four): 5 s to 15 s
     k = tmp_path / "mine.json"
     k.write_text(json.dumps({"queries": [{"q": "the dog jumps", "relevant": ["dog.mp4", "park"]}],
                              "captions": {"dog": "a dog jumps over a log"}}))
@@ -122,6 +123,39 @@ def test_evaluate_video_and_clip_levels(tiny_session, tmp_path):
     assert 0 < caps["bleu4"] < 1 and caps["rouge_l"] > 0.5
 
 
+def test_moments_score_the_right_clip_of_the_right_video(tiny_session, tmp_path):
+    from atomkit.evaluation.moments import evaluate_moments, tiou
+    from atomkit.evaluation.quality import report, subset
+
+    assert tiou((10, 20), (12, 22)) == pytest.approx(8 / 12) and tiou((0, 10), (12, 22)) == 0.0
+    # a 30 s video: clips 0-10, 5-15, 10-20, 15-25, 20-30 (captions by hand), and a distractor video
+    idx = _index(tiny_session, [("walk", 0, 10, "a cat sleeps on a sofa"), ("walk", 5, 15, "a cat on a sofa"),
+                                ("walk", 10, 20, "a red car drives on a road"), ("walk", 15, 25, "a red car on a road"),
+                                ("walk", 20, 30, "a dog runs on the beach"), ("other", 0, 10, "a red sports car")])
+    ann = load_json(tmp_path, {"queries": [
+        {"q": "a dog running on sand", "relevant": ["walk"], "moment": [22, 30], "part": "test"},
+        {"q": "a sleeping cat", "relevant": ["walk"], "moment": [20, 30], "part": "test"},  # the wrong moment: rank > 1
+        {"q": "a car on a road", "relevant": ["walk"], "moment": [12, 22], "part": "test"},
+        {"q": "a dog on a beach", "relevant": ["walk", "other"], "part": "test"}]})
+    m = evaluate_moments(tiny_session, subset(idx, {"walk"}), ann.only(moments=True))  # the long video's clips
+    ranks = [q["clip_rank"] for q in m["per_query"]]
+    assert m["queries"] == 3 and ranks[0] == 1 and ranks[1] >= 3  # two cat clips rank above the dog's clip
+    assert m["per_query"][0]["best_clip_tiou"] == pytest.approx(8 / 10)  # 20-30 against 22-30
+    assert m["per_query"][1]["best_clip_tiou"] == 0.0  # the cat clips do not overlap 20-30
+    assert m["clip"]["r1"] == pytest.approx(ranks.count(1) / 3) and m["mean_tiou_best_clip"] < 0.8
+    r = report(tiny_session, idx, ann)
+    assert r["queries"] == 1 and r["moments"]["queries"] == 3 and list(r["parts"]) == ["test"]
+    assert r["moments"]["clip"] == r["parts"]["test"]["moments"]["clip"] == m["clip"]  # ranked over walk's clips only
+    assert r["video"]["r1"] == 1.0  # the whole-video query: walk or other, over all six clips
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"queries": [{"q": "x", "relevant": ["a", "b"], "moment": [1, 2]}]}))
+    with pytest.raises(InputError, match="has a moment, so 'relevant' names its one video"):
+        load(bad)
+    bad.write_text(json.dumps({"queries": [{"q": "x", "relevant": ["a"], "moment": [5, 2]}]}))
+    with pytest.raises(InputError, match=r"'moment' as \[start, end\]"):
+        load(bad)
+
+
 def test_cli_eval_msrvtt_format_on_the_tiny_model(tmp_path, samples, capsys):
     from atomkit.cli import main
 
@@ -175,16 +209,27 @@ def test_delta_and_the_paper_bound():
 
 
 def test_devset_is_built_from_packaged_media_and_every_query_has_its_video(tmp_path):
-    from media import duration
+    from media import duration, segment_sources
 
-    from atomkit.evaluation.devset import PHOTOS, build
+    from atomkit.evaluation.devset import LONG, PARTS, PHOTOS, build
 
     videos, ann_file = build(tmp_path / "dev")
-    assert len(videos) == 20 and all(v.is_file() for v in videos)
+    assert len(videos) == 28 and all(v.is_file() for v in videos)
     ann = load(ann_file)
     stems = {v.stem for v in videos}
-    assert len(ann.queries) == 40 and all(q.relevant <= stems for q in ann.queries)
-    assert {q for qs in PHOTOS.values() for q in qs} <= {q.text for q in ann.queries}
+    assert len(ann.queries) == 85 and all(q.relevant <= stems for q in ann.queries)
+    assert {q for _, qs in PHOTOS.values() for q in qs} <= {q.text for q in ann.queries}
+    # the split: every video in one part, every query's videos in its own part
+    assert sorted(PARTS["tuning"] + PARTS["test"]) == sorted(stems) and not set(PARTS["tuning"]) & set(PARTS["test"])
+    assert ann.parts() == ["tuning", "test"] and all(q.relevant <= set(PARTS[q.part]) for q in ann.queries)
+    moments = ann.only(moments=True).queries
+    assert len(moments) == 27 and {v for q in moments for v in q.relevant} == set(LONG)
+    assert abs(duration(tmp_path / "dev" / "long_test.mp4") - 60.0) < 0.2
+    # carphone (a man in a car) is the fourth segment of long_test: 36-48 s, and its frames are there
+    car = [q for q in moments if q.text == "a man with a bow tie sitting in a car" and q.relevant == {"long_test"}]
+    assert [q.moment for q in car] == [(36.0, 48.0)]
+    assert segment_sources(tmp_path / "dev" / "long_test.mp4", [6, 18, 42], tmp_path / "dev") == ["rocket", "coffee",
+                                                                                                   "carphone_pristine"]
     photo = tmp_path / "dev" / "coffee.mp4"
     assert abs(duration(photo) - 6.0) < 0.2
     first, last = _frame_stats(photo)

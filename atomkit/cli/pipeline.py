@@ -62,14 +62,16 @@ def register(sub) -> None:
                    help="annotation format (default: from the file)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     p.add_argument("--devset", action="store_true", help=(
-        "evaluate on atomkit's development set (16 photos from scikit-image as pan/zoom clips + the 4 sample "
-        "videos, 40 hand-written queries; built into the cache on first use)"))
+        "evaluate on atomkit's development set (22 photos from packages as pan/zoom clips, the 4 sample videos and "
+        "2 long videos; 58 whole-video and 27 moment queries written by hand, in a tuning and a test part; built "
+        "into the cache on first use)"))
     p.add_argument("--views", action="store_true", help=(
         "also rank the same clips on their concepts alone, on caption + concepts, and on the baseline: top-5 "
         "labels of a whole-frame encoder pass (needs the video files)"))
-    p.add_argument("--compare-backend", metavar="NAME", help=(
-        "also evaluate with this decode backend (e.g. int8, int4) and report what it loses against --backend, "
-        "with the paper's bound (at most 2.3 R@1 and 1.5 CIDEr points)"))
+    p.add_argument("--compare-backend", metavar="NAME", action="append", help=(
+        "also evaluate with this decode backend (e.g. int8, int4; repeat for several) and report what it loses "
+        "against --backend and against the exact engine (torch) where that is one of them, with the paper's bound "
+        "(at most 2.3 R@1 and 1.5 CIDEr points)"))
     p.add_argument("--compare-quant", metavar="SCHEME",
                    help="the same for a torchao quantization of every module (int8, int4)")
     p.add_argument("--compare-captions", choices=["grounded", "free"],
@@ -112,8 +114,8 @@ def _annotations(args):
         args.paths, args.annotations = args.paths or [str(v) for v in videos], args.annotations or str(ann_file)
     if not args.annotations:
         raise InputError("atomkit eval: give --annotations FILE (or --devset)")
-    if args.compare_backend:  # a wrong name fails now, not after the first evaluation
-        check_backend(args.compare_backend)
+    for name in args.compare_backend or ():  # a wrong name fails now, not after the first evaluation
+        check_backend(name)
     if args.compare_quant:
         _check_scheme(args.compare_quant)
     return load(args.annotations, args.format)
@@ -212,25 +214,24 @@ def _retrieve(args, session, caps, source, annotations, progress):
 
 
 def _eval(args, session, caps, source, annotations, progress):
-    from atomkit.evaluation.quality import ablation, baseline, evaluate, table
+    from atomkit.evaluation.quality import report, table
     from atomkit.pipeline.tasks import Index, index as build_index
 
     idx = source if isinstance(source, Index) else build_index(session, source)
     result = {"model": session.model, "annotations": annotations.source, "format": annotations.format,
-              **evaluate(session, idx, annotations, meteor=not args.no_meteor),
+              **report(session, idx, annotations, views=args.views, meteor=not args.no_meteor),
               "caption_seconds": caps.seconds, "skipped": [s.to_dict() for s in caps.skipped]}
     lines = [table(result)]
-    if args.views:
-        result["views"] = ablation(session, idx.captions, annotations)
-        result["views"]["whole-frame tags (baseline)"] = baseline(session, idx.captions, annotations)
-        lines += [f"ranked on {v:37s} R@1 {r['video']['r1']:.3f} R@5 {r['video']['r5']:.3f} "
-                  f"MdR {r['video']['median_rank']:.1f}" for v, r in result["views"].items()]
     if args.compare_backend or args.compare_quant or args.compare_captions:
-        c = result["compared"] = _compared(args, annotations, result)
-        lines += [f"-- {c['setting']}", table(c["result"]),
-                  f"vs {args.backend}: video R@1 {c['delta']['video_r1_points']:+.1f} points"
-                  + (f", CIDEr {c['delta']['cider_points']:+.1f} points" if c["delta"]["cider_points"] is not None else "")
-                  + f" ({'within' if c['delta']['within_paper_bound'] else 'outside'} the paper's bound)"]
+        result["compared"] = [_compared(args, annotations, result, backend) for backend in args.compare_backend or [None]]
+        _against_exact(args, result)
+        for c in result["compared"]:
+            lines += [f"-- {c['setting']}", table(c["result"])]
+            for against, deltas in ((args.backend, c["delta"]), ("torch, the exact engine", c.get("vs_exact"))):
+                for part, d in (deltas or {}).items():
+                    lines.append(f"vs {against}, {part}: video R@1 {d['video_r1_points']:+.1f} points"
+                                 + (f", CIDEr {d['cider_points']:+.1f} points" if d["cider_points"] is not None else "")
+                                 + f" ({'within' if d['within_paper_bound'] else 'outside'} the paper's bound)")
     if args.out:
         from atomkit.bench.record import with_record
 
@@ -238,13 +239,31 @@ def _eval(args, session, caps, source, annotations, progress):
     return result, lines
 
 
-def _compared(args, annotations, reference: dict) -> dict:
+def _deltas(reference: dict, other: dict) -> dict:
+    """What ``other`` lost against ``reference``: on the whole set, and on each part where the set has parts."""
+    from atomkit.evaluation.quality import delta
+
+    return {"all": delta(reference, other), **{p: delta(reference["parts"][p], r)
+                                               for p, r in other.get("parts", {}).items()}}
+
+
+def _against_exact(args, result: dict) -> None:
+    """Each compared backend against the exact engine (torch), where the exact engine is the main run or one of
+    the compared ones: the paper's bound is about what quantization loses against full precision."""
+    exact = result if args.backend == "torch" else next(
+        (c["result"] for c in result["compared"] if c["backend"] == "torch"), None)
+    for c in result["compared"]:
+        if exact is not None and c["result"] is not exact:
+            c["vs_exact"] = _deltas(exact, c["result"])
+
+
+def _compared(args, annotations, reference: dict, backend: str | None = None) -> dict:
     """``eval --compare-backend/--compare-quant/--compare-captions``: the same videos and queries on a second session."""
-    from atomkit.evaluation.quality import delta, evaluate
+    from atomkit.evaluation.quality import report
     from atomkit.pipeline.tasks import index as build_index
 
     other = copy.copy(args)
-    other.backend = args.compare_backend or args.backend
+    other.backend = backend or args.backend
     other.captions = args.compare_captions or args.captions
     setting = (f"backend {other.backend}" + (f", quant {args.compare_quant}" if args.compare_quant else "")
                + f", {other.captions} captions")
@@ -260,8 +279,9 @@ def _compared(args, annotations, reference: dict) -> dict:
         else:
             caps = session.caption(args.paths)
             idx, seconds = build_index(session, caps), caps.seconds
-        result = evaluate(session, idx, annotations, meteor=not args.no_meteor) | {"caption_seconds": seconds}
-        return {"setting": setting, "result": result, "delta": delta(reference, result), "load": session.load_report()}
+        result = report(session, idx, annotations, meteor=not args.no_meteor) | {"caption_seconds": seconds}
+        return {"setting": setting, "backend": other.backend, "result": result, "delta": _deltas(reference, result),
+                "load": session.load_report()}
 
 
 def _assemble(args, session, caps, source, annotations, progress):

@@ -2,13 +2,14 @@
 sentence around that choice is written by the program, so a caption never names an object the encoder did
 not report and never carries a probability or an id.
 
-    "<Subject>[ (a kind of <broader word>)][, or perhaps <other concept>[, <other> or <other>]]."
+    "<Subject>[ (a kind of <broader word>)][ with <seen>[, <seen> and <seen>]][, or perhaps <other>[, <other> or <other>]]."
 
 * ``<Subject>``: one of the clip's top concepts, the one that maximises the decoder's mean log-probability
   of the phrase after "The clip mainly shows" (it sees all the concepts, most likely first, with no
   numbers) plus the log of the classifier's probability: the decoder can promote a plausible subject over
   a likelier but odd class, never pick something outside the list;
 * ``<broader word>``: the most specific broader word of the subject (``atomkit.models.concepts``), when it has one;
+* ``with <seen>``: the detector's objects among the others (boxes of people and COCO objects, there together);
 * ``<other>``: the next concepts in the classifier's order, at most ``MAX_OTHERS``, each at least
   ``MIN_SHARE`` of the subject's probability, and fewer where the caption would pass its token budget.
 
@@ -24,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from atomkit.models.concepts import broader, head, with_article
+from atomkit.models.concepts import broader, detector_labels, head, with_article
 
 MAX_CANDIDATES = 5
 MAX_OTHERS = 4
@@ -64,10 +65,19 @@ def render(subject: str, concepts, max_others: int = MAX_OTHERS) -> str:
     if wider and wider[0].lower() != head(subject):  # "a bow tie" needs no "(a kind of tie)"
         text += f" (a kind of {wider[0]})"
     p0 = cands.get(subject, 0.0)
-    others = [with_article(n) for n, p in cands.items() if n != subject and p >= MIN_SHARE * p0][:max_others]
-    if others:
-        text += ", or perhaps " + (others[0] if len(others) == 1 else ", ".join(others[:-1]) + " or " + others[-1])
+    others = [n for n, p in cands.items() if n != subject and p >= MIN_SHARE * p0][:max_others]
+    seen = detector_labels()
+    together = [with_article(n) for n in others if n.lower() in seen]  # the detector's boxes: there at once
+    guesses = [with_article(n) for n in others if n.lower() not in seen]  # the classifier's: one of them, perhaps
+    if together:
+        text += " with " + _listed(together, "and")
+    if guesses:
+        text += ", or perhaps " + _listed(guesses, "or")
     return text[0].upper() + text[1:] + "."
+
+
+def _listed(items: list[str], last: str) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {last} " + items[-1]
 
 
 def _options(decoder, cands) -> list[list[int]]:

@@ -144,7 +144,8 @@ def export_encoder(encoder, out_dir, *, name: str, quant: str = "none", frames: 
                    quant=quant, inputs={"x": x}, run_eager=outputs(qenc), run_fp32=outputs(encoder),
                    extra={"frames": frames, "size": size, "mean": list(encoder.mean), "std": list(encoder.std),
                           "feature_dim": int(encoder.feature_dim), "top_concepts": int(encoder.top_concepts),
-                          "labels": "imagenet" if encoder.labels is not None else None})
+                          "labels": "imagenet" if encoder.labels is not None else None,
+                          "detector": getattr(encoder.detector, "name", None)})
 
 
 # -- embedder ----------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class PteEncoder(VideoEncoder):
         if like is not None:
             self.mean, self.std = like.mean, like.std
             self.feature_dim, self.labels, self.top_concepts = like.feature_dim, like.labels, like.top_concepts
+            self.detector = like.detector
         else:  # everything the host side needs is in the sidecar
             meta = self.meta
             missing = [k for k in ("mean", "std", "feature_dim") if k not in meta]
@@ -85,6 +86,10 @@ class PteEncoder(VideoEncoder):
             self.mean, self.std, self.feature_dim = tuple(meta["mean"]), tuple(meta["std"]), int(meta["feature_dim"])
             self.labels = imagenet_labels() if meta.get("labels") == "imagenet" else None
             self.top_concepts = int(meta.get("top_concepts", 5))
+            if meta.get("detector"):  # the host-side detector the eager encoder had (OpenCV, from its package)
+                from atomkit.models import detector
+
+                self.detector = detector.load()
         self.frames = int(self.meta.get("frames", 6))
         self.size = self.meta.get("size")
         # encode() asks the parameters for their device: one empty CPU parameter answers it.

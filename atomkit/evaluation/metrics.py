@@ -1,4 +1,5 @@
-"""Agreement between two runs of a pipeline (e.g. fp32 vs int8): captions and retrieval rankings.
+"""Agreement between two runs of a pipeline (e.g. fp32 vs int8): captions and retrieval rankings; and the ranking
+metrics of ``atomkit eval`` (the rank of the first relevant item, R@k).
 
 Captions are scored with pycocoevalcap (BLEU-4, CIDEr, optionally METEOR), each reference caption
 being the single reference of its clip, after PTB tokenization with the Stanford tokenizer jar that
@@ -9,12 +10,17 @@ from __future__ import annotations
 
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atomkit.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 _PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
 
@@ -155,3 +161,21 @@ def rank_agreement(ref_order: list[str], test_order: list[str], k: int) -> dict:
         score = sum((1 if shared[i] < shared[j] else -1) for i in range(m) for j in range(i + 1, m))
         tau = score / (m * (m - 1) / 2)
     return {"top1": top1, "topk_overlap": overlap, "kendall_tau": tau, "shared": m, "k": k}
+
+
+# -- ranking ---------------------------------------------------------------------------------------------------
+def rank_of_first_relevant(scores: torch.Tensor, relevant: torch.Tensor) -> int:
+    """1 + items scoring above the best relevant item + irrelevant items tied with it (pessimistic ties)."""
+    if not bool(relevant.any()):
+        raise InputError("no relevant item to rank")
+    best = scores[relevant].max()
+    return int((scores > best).sum()) + int(((scores == best) & ~relevant).sum()) + 1
+
+
+def recall_table(ranks: list[int]) -> dict:
+    """R@1/5/10 (shares of queries whose first relevant item ranks within k), median and mean rank."""
+    n = len(ranks)
+    if n == 0:
+        return {"n": 0, "r1": None, "r5": None, "r10": None, "median_rank": None, "mean_rank": None}
+    return {"n": n, **{f"r{k}": sum(r <= k for r in ranks) / n for k in (1, 5, 10)},
+            "median_rank": float(statistics.median(ranks)), "mean_rank": sum(ranks) / n}

@@ -11,7 +11,7 @@ datasets' references describe whole videos).
 """
 from __future__ import annotations
 
-import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,24 +19,8 @@ import torch
 from atomkit.evaluation.annotations import Annotations
 from atomkit.errors import InputError
 from atomkit.models.concepts import grounding_table
-from atomkit.evaluation.metrics import caption_scores
-
-
-def rank_of_first_relevant(scores: torch.Tensor, relevant: torch.Tensor) -> int:
-    """1 + items scoring above the best relevant item + irrelevant items tied with it (pessimistic ties)."""
-    if not bool(relevant.any()):
-        raise InputError("no relevant item to rank")
-    best = scores[relevant].max()
-    return int((scores > best).sum()) + int(((scores == best) & ~relevant).sum()) + 1
-
-
-def recall_table(ranks: list[int]) -> dict:
-    """R@1/5/10 (shares of queries whose first relevant item ranks within k), median and mean rank."""
-    n = len(ranks)
-    if n == 0:
-        return {"n": 0, "r1": None, "r5": None, "r10": None, "median_rank": None, "mean_rank": None}
-    return {"n": n, **{f"r{k}": sum(r <= k for r in ranks) / n for k in (1, 5, 10)},
-            "median_rank": float(statistics.median(ranks)), "mean_rank": sum(ranks) / n}
+from atomkit.models.encoder import Encoded
+from atomkit.evaluation.metrics import caption_scores, rank_of_first_relevant, recall_table  # noqa: F401 (API)
 
 
 def evaluate(session, index, annotations: Annotations, *, captions: bool = True, meteor: bool = True) -> dict:
@@ -104,11 +88,28 @@ def table(result: dict) -> str:
     g = result.get("grounding")
     if g and g["object_words"]:
         rows.append(f"grounding: {g['grounded_share']:.3f} of {g['object_words']} object words name a concept or a "
-                    f"broader word; {g['captions_with_invented_object']} of {g['captions']} captions name something "
-                    f"else, {g['captions_with_number']} contain a number")
+                    f"broader word; of {g['captions']} captions {g['captions_with_invented_object']} name something "
+                    f"else, {g['captions_with_unsupported_word']} add a word nothing seen supports, "
+                    f"{g['captions_with_number']} contain a number; {g['captions_grounded']} pass every check")
     if result["dropped_queries"]:
         rows.append(f"({result['dropped_queries']} queries dropped: none of their videos is indexed)")
+    rows += _extra_rows(result)
+    for part, r in (result.get("parts") or {}).items():
+        rows.append(f"-- {part} part: {r['queries']} queries, {r['videos']} videos: video R@1 {r['video']['r1']:.3f} "
+                    f"R@5 {r['video']['r5']:.3f} MnR {r['video']['mean_rank']:.2f}")
+        rows += ["  " + line for line in _extra_rows(r)]
     return "\n".join(rows)
+
+
+def _extra_rows(result: dict) -> list[str]:
+    rows = [f"ranked on {v:37s} R@1 {r['video']['r1']:.3f} R@5 {r['video']['r5']:.3f} MdR {r['video']['median_rank']:.1f}"
+            for v, r in (result.get("views") or {}).items()]
+    m = result.get("moments")
+    if m:
+        rows.append(f"moments ({m['queries']} queries): clip R@1 {m['clip']['r1']:.3f} R@5 {m['clip']['r5']:.3f} "
+                    f"(right clip: tIoU >= {m['right_iou']}), top clip in the right video {m['top_clip_in_right_video']:.3f}, "
+                    f"mean tIoU of the video's best clip {m['mean_tiou_best_clip']:.3f}")
+    return rows
 
 
 # the paper's bound on what quantization may cost (ATOM, Tables 1-2): R@1 in points of percent, CIDEr in points
@@ -211,22 +212,84 @@ def ablation(session, captions, annotations: Annotations, views=(*VIEWS, *VECTOR
     return out
 
 
-def whole_frame_tags(session, captions) -> dict[str, str]:
-    """The baseline of issue 14: each clip's frames resized whole to the encoder's input (no crop), the
-    encoder's top-5 ImageNet labels as the clip's text. {clip id: text}."""
+def whole_frame_tags(session, captions) -> tuple[dict[str, list], dict[str, list] | None]:
+    """Each clip's frames resized whole to the encoder's input (no crop): the classifier's concepts alone, and, for
+    an encoder with a detector, both sources' ({clip id: concepts}, {clip id: concepts} or None)."""
     from atomkit.media.video import sample_frames
+    from atomkit.models.detector import merge
 
-    out = {}
+    alone, both = {}, {}
     for c in captions.clips:
         frames = sample_frames(c.clip, session.window, fit="whole")
         with session.use("encoder") as enc:
-            out[c.id] = _concept_text(enc.encode(frames).concepts[:5])
-    return out
+            concepts = enc.encode(frames, detect=False).concepts
+            alone[c.id] = concepts
+            if enc.detector is not None:
+                both[c.id] = merge(enc.detector.concepts(frames), concepts, enc.top_concepts)
+    return alone, both or None
+
+
+BASELINE = "whole-frame tags (baseline)"  # the classifier's top-5 ImageNet labels as plain text
+BASELINE_DETECTOR = "whole-frame tags + detector"  # the top 5 of the classifier's and the detector's concepts
+NO_DETECTOR = "caption + concepts + concept vector, no detector"  # what retrieve ranks, made without the detector
 
 
 def baseline(session, captions, annotations: Annotations) -> dict:
-    """Retrieval ranked on ``whole_frame_tags`` (the same clips, the same embedder)."""
-    tags = whole_frame_tags(session, captions)
-    r = evaluate(session, _text_index(session, captions, [tags[c.id] for c in captions.clips]), annotations,
-                 captions=False)
-    return {"video": r["video"], "clip": r["clip"], "tags": tags}
+    """Retrieval of the same clips ranked on plain tags (``BASELINE``; ``BASELINE_DETECTOR``) and, for an encoder
+    with a detector, on what ``retrieve`` ranks when the captions and concepts are made without it (``NO_DETECTOR``):
+    the detector's contribution. {view: result}."""
+    from atomkit.pipeline.tasks import CaptionedClip, Index
+    from atomkit.retrieval.ranking import clip_vectors
+
+    alone, both = whole_frame_tags(session, captions)
+    out = {}
+    for name, concepts in ((BASELINE, alone), (BASELINE_DETECTOR, both)):
+        if concepts is not None:
+            tags = {k: _concept_text(v[:5]) for k, v in concepts.items()}
+            r = evaluate(session, _text_index(session, captions, [tags[c.id] for c in captions.clips]), annotations,
+                         captions=False)
+            out[name] = {"video": r["video"], "clip": r["clip"], "tags": tags}
+    if both is not None:
+        encs = [Encoded(torch.zeros(0), alone[c.id]) for c in captions.clips]
+        with session.use("decoder") as dec:
+            texts = dec.captions(encs, session.decode)
+        clips = [CaptionedClip(c.clip, t, alone[c.id]) for c, t in zip(captions.clips, texts)]
+        with session.use("embedder") as emb:
+            idx = Index(replace(captions, clips=clips), clip_vectors(emb, clips))
+        r = evaluate(session, idx, annotations, captions=False)
+        out[NO_DETECTOR] = {"video": r["video"], "clip": r["clip"], "grounding": r["grounding"]}
+    return out
+
+
+def subset(index, stems: set[str]):
+    """The same index with only the clips of the videos ``stems``."""
+    from atomkit.pipeline.tasks import Index
+
+    keep = [i for i, c in enumerate(index.captions.clips) if Path(c.clip.video).stem in stems]
+    return Index(replace(index.captions, clips=[index.captions.clips[i] for i in keep]), index.vectors[keep], index.space)
+
+
+def report(session, index, annotations: Annotations, *, views: bool = False, meteor: bool = True,
+           by_part: bool = True) -> dict:
+    """Everything ``atomkit eval`` reports on one index: retrieval of the whole-video queries (``evaluate``), the
+    views and baselines (``views=True``), the moment queries (``atomkit.evaluation.moments``) over the clips of
+    their long videos, and the same for each part of a set that has parts (``tuning``, ``test``), each over the
+    videos of its own queries."""
+    from atomkit.evaluation.moments import evaluate_moments
+
+    moments = annotations.only(moments=True)
+    whole = annotations.only(moments=False) if moments.queries else annotations
+    result = evaluate(session, index, whole, meteor=meteor)
+    if views:
+        result["views"] = ablation(session, index.captions, whole) | baseline(session, index.captions, whole)
+    if moments.queries:
+        result["moments"] = evaluate_moments(session, subset(index, {v for q in moments.queries for v in q.relevant}),
+                                             moments)
+    if by_part and annotations.parts():
+        result["parts"] = {}
+        for part in annotations.parts():
+            mine = annotations.only(part=part)
+            stems = {v for q in mine.queries for v in q.relevant}
+            result["parts"][part] = report(session, subset(index, stems), mine, views=views, meteor=meteor,
+                                           by_part=False)
+    return result

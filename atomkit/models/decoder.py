@@ -209,7 +209,18 @@ class TextDecoder(nn.Module):
             prompt = dict(embeds=[self.prefix_embeds(t, e.features)[0] for t, e in zip(texts, encs)])
         rows = self.generate_batch(**prompt, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
                                    backend=cfg.backend)
-        return [first_sentence_line(self.decode_ids(r)) for r in rows]
+        out = [first_sentence_line(self.decode_ids(r)) for r in rows]
+        if self.projector is None:  # a free caption that claims more than the encoder saw takes the grounded form
+            from atomkit.decode.grounded import captions as grounded_captions
+            from atomkit.models.concepts import grounding
+
+            bad = [i for i, (t, e) in enumerate(zip(out, encs)) if e.concepts and not grounding(t, e.concepts)["grounded"]]
+            self.caption_fallbacks = getattr(self, "caption_fallbacks", 0) + len(bad)
+            if bad:
+                fixed = grounded_captions(self, [encs[i].concepts for i in bad], cfg.backend, cfg.max_new_tokens)
+                for i, text in zip(bad, fixed):
+                    out[i] = text
+        return out
 
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[torch.Tensor] | None = None, *,

@@ -41,6 +41,7 @@ class VideoEncoder(nn.Module):
     labels: list[str] | None = None  # when set, forward returns (features, probs) and concepts are made
     top_concepts: int = 10  # kept per clip: captions choose among the first 5, ranking weighs all (atomkit.retrieval.ranking)
     channels_last: bool = False  # encode() hands forward NHWC-strided frames (faster for CNNs on CPU)
+    detector = None  # an ``atomkit.models.detector.Detector``: people and objects join the concepts (default spec)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (1, 3, T, H, W) -> normalised float (T, 3, H, W)."""
@@ -52,8 +53,9 @@ class VideoEncoder(nn.Module):
         return (x - mean) / std
 
     @torch.inference_mode()
-    def encode(self, frames: torch.Tensor) -> Encoded:
-        """Encode one clip's frames; runs on the device of the module's parameters."""
+    def encode(self, frames: torch.Tensor, *, detect: bool = True) -> Encoded:
+        """Encode one clip's frames; runs on the device of the module's parameters. ``detect=False``: the
+        classifier's concepts alone, without the detector's (the tags-only baseline of ``atomkit eval``)."""
         device = next(self.parameters()).device
         x = self.preprocess(frames).to(device)
         if self.channels_last:
@@ -65,6 +67,10 @@ class VideoEncoder(nn.Module):
             probs = out[1].float().mean(0)
             values, idx = probs.topk(self.top_concepts)
             concepts = [(self.labels[i], round(float(v), 4)) for v, i in zip(values, idx.tolist())]
+            if self.detector is not None and detect:  # on the host, beside the classifier (OpenCV, not a torch module)
+                from atomkit.models.detector import merge
+
+                concepts = merge(self.detector.concepts(frames), concepts, self.top_concepts)
         return Encoded(features=feats.float().cpu(), concepts=concepts)
 
 

@@ -129,7 +129,11 @@ def _random_lm(config) -> TextDecoder:
 
 # -- default: real weights from registry packages ------------------------------------------------
 def _default_encoder(opts: LoadOptions) -> VideoEncoder:
-    return efficientnet_lite0(pretrained=True, cache=opts.cache)  # its weight_files: the folded copy
+    from atomkit.models import detector
+
+    enc = efficientnet_lite0(pretrained=True, cache=opts.cache)  # its weight_files: the folded copy
+    enc.detector = detector.load()  # people and everyday objects (COCO) beside the ImageNet classes
+    return enc
 
 
 def llama_from_safetensors(folder: Path):

@@ -280,8 +280,9 @@ def write_script(session, prompt: str, hits: Sequence[Hit]) -> Script:
 
 
 def grounded_narration(script: Script, hits: Sequence[Hit]) -> Script:
-    """A narration line is shown in the reel: one that names an object its clip's encoder did not report, or
-    carries a number, is replaced by the clip's caption, and the replacement is listed in ``problems``."""
+    """A narration line is shown in the reel: one that names an object its clip's encoder did not report, adds a
+    word nothing it reported supports (``atomkit.models.concepts.grounding``), or carries a number, is replaced
+    by the clip's caption, and the replacement is listed in ``problems``."""
     from dataclasses import replace
 
     from atomkit.models.concepts import grounding
@@ -294,9 +295,10 @@ def grounded_narration(script: Script, hits: Sequence[Hit]) -> Script:
             entries.append(e)
             continue
         g = grounding(e.narration, clip.concepts)
-        if g["invented"] or g["number"]:
+        if not g["grounded"]:
             why = (f"names {', '.join(g['invented'])}, which its clip's encoder did not report" if g["invented"]
-                   else "has a number")
+                   else f"says {', '.join(g['unsupported'])}, which nothing its clip's encoder reported supports"
+                   if g["unsupported"] else "has a number")
             script.problems.append(f"narration for {e.clip_id} {why}: its caption is used instead")
             e = replace(e, narration=clip.caption)
         entries.append(e)
