@@ -219,6 +219,7 @@ def _eval(args, session, caps, source, annotations, progress):
 
     idx = source if isinstance(source, Index) else build_index(session, source)
     result = {"model": session.model, "annotations": annotations.source, "format": annotations.format,
+              **({"protocol": annotations.protocol} if annotations.protocol else {}),
               **report(session, idx, annotations, views=args.views, meteor=not args.no_meteor),
               "caption_seconds": caps.seconds, "skipped": [s.to_dict() for s in caps.skipped]}
     lines = [table(result)]

@@ -44,6 +44,7 @@ class Annotations:
     references: dict[str, list[str]] = field(default_factory=dict)  # video stem -> reference captions
     format: str = ""
     source: str = ""
+    protocol: dict | None = None  # a set's own statement of which part choices are made on (atomkit json)
 
     def videos(self) -> set[str]:
         return set(self.references) | {v for q in self.queries for v in q.relevant}
@@ -53,7 +54,7 @@ class Annotations:
         usually holds a subset of a dataset's videos."""
         qs = [replace(q, relevant=q.relevant & stems) for q in self.queries if q.relevant & stems]
         refs = {k: v for k, v in self.references.items() if k in stems}
-        return Annotations(qs, refs, self.format, self.source)
+        return Annotations(qs, refs, self.format, self.source, self.protocol)
 
     def parts(self) -> list[str]:
         """The parts its queries name, in order of first appearance ([] for a set without parts)."""
@@ -63,7 +64,7 @@ class Annotations:
         """The queries of one part, and/or only those with (``moments=True``) or without a moment."""
         qs = [q for q in self.queries if (part is None or q.part == part)
               and (moments is None or (q.moment is not None) == moments)]
-        return Annotations(qs, self.references, self.format, self.source)
+        return Annotations(qs, self.references, self.format, self.source, self.protocol)
 
 
 def _stem(name: str) -> str:
@@ -201,6 +202,8 @@ def load_atomkit(path: Path) -> Annotations:
         if part is not None and (not isinstance(part, str) or not part.strip()):
             raise InputError(f"{path}: query {n} ({text.strip()[:40]!r}) has 'part' {part!r}; a part is a name")
         ann.queries.append(Query(" ".join(text.split()), {_stem(v) for v in rel}, _moment(path, n, text, q, rel), part))
+    if isinstance(data.get("protocol"), dict):
+        ann.protocol = data["protocol"]
     for vid, refs in (data.get("captions") or {}).items():
         ann.references[_stem(vid)] = [refs] if isinstance(refs, str) else list(refs)
     return ann

@@ -75,8 +75,11 @@ LONG: dict[str, list[tuple[str, float]]] = {
     "long_test": [("rocket", 12.0), ("coffee", 12.0), ("grace_hopper", 12.0), ("carphone_pristine", 12.0),
                   ("flower", 12.0)],
 }
+PROTOCOL = {"tuned_on": "tuning", "untouched": "test",
+            "rule": "choices are made on the tuning part only; the test part is reported, and a change that helps the "
+                    "tuning part but not the test part is reported as such"}
 SECONDS, FPS, SIZE = 6.0, 10, (320, 240)
-VERSION = 3  # 3: tuning/test parts, 6 more photos, more queries per sample video, 2 long videos with moments
+VERSION = 4  # 3: tuning and test parts, 28 videos, moments; 4: the protocol in queries.json
 
 
 def _photo(name: str) -> np.ndarray:
@@ -223,7 +226,7 @@ def build(folder: str | Path) -> tuple[list[Path], Path]:
         shutil.copy(v, folder / v.name)
     for name in LONG:
         write_video(_segments(name)[0], folder / f"{name}.mp4")
-    ann.write_text(json.dumps({"name": "atomkit-devset", "version": VERSION, "parts": PARTS, "queries": queries()},
-                              indent=1))
+    ann.write_text(json.dumps({"name": "atomkit-devset", "version": VERSION, "protocol": PROTOCOL, "parts": PARTS,
+                               "queries": queries()}, indent=1))
     stamp.write_text(str(VERSION))
     return videos, ann
