@@ -32,7 +32,7 @@ def main() -> None:
     from atomkit.media.video import clips, sample_frames
 
     videos, ann_file = devset.build(cache_dir() / "devset")
-    ann = load(ann_file)
+    ann = load(ann_file).only(moments=False)  # whole-video queries (the moments need their long videos' clips apart)
     session = Session("default")
     cut = [c for v in videos for c in clips(v, session.window)]
     rows, skipped = [], []

@@ -78,8 +78,8 @@ LONG: dict[str, list[tuple[str, float]]] = {
 PROTOCOL = {"tuned_on": "tuning", "untouched": "test",
             "rule": "choices are made on the tuning part only; the test part is reported, and a change that helps the "
                     "tuning part but not the test part is reported as such"}
-SECONDS, FPS, SIZE = 6.0, 10, (320, 240)
-VERSION = 4  # 3: tuning and test parts, 28 videos, moments; 4: the protocol in queries.json
+SECONDS, FPS, SIZE = 6.0, 10, (384, 288)  # 4:3; its chroma planes' rows are whole multiples of 64 bytes (below)
+VERSION = 5  # 3: tuning and test parts, 28 videos, moments; 4: the protocol; 5: 384x288, the same bytes every build
 
 
 def _photo(name: str) -> np.ndarray:
@@ -137,19 +137,38 @@ def video_frames(path: Path, *, seconds: float, fps: int = FPS, size=SIZE):
 
 
 def write_video(frames, path: Path, *, fps: int = FPS, size=SIZE) -> Path:
-    """PIL frames -> H.264 (PyAV), published by a rename when complete."""
+    """PIL frames -> H.264 (PyAV), published by a rename when complete. The set must be the same bytes every time
+    it is built: the frames go to x264 (one thread) as YUV 4:2:0 converted here (``yuv420``), at a size whose chroma
+    rows fill whole 64-byte lines. At 320x240 (chroma rows of 160 bytes) x264's output depended on what the memory
+    around the frame held before (measured: the same frames gave other bytes after unrelated allocations)."""
     import av
 
     tmp = path.with_name(path.name + ".tmp.mp4")
     with av.open(str(tmp), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "20"}
+        stream.options = {"preset": "veryfast", "crf": "20", "threads": "1"}
         for frame in frames:
-            out.mux(stream.encode(av.VideoFrame.from_image(frame)))
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(yuv420(np.asarray(frame.convert("RGB"))),
+                                                             format="yuv420p")))
         out.mux(stream.encode(None))
     tmp.replace(path)
     return path
+
+
+def yuv420(rgb: np.ndarray) -> np.ndarray:
+    """RGB (H, W, 3) uint8 -> planar YUV 4:2:0, BT.601 limited range, as one (H * 3 / 2, W) array: Y, then U and V
+    each averaged over 2x2 blocks."""
+    x = rgb.astype(np.float64)
+    y = 16 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255
+    u = 128 + (-37.797 * x[..., 0] - 74.203 * x[..., 1] + 112.0 * x[..., 2]) / 255
+    v = 128 + (112.0 * x[..., 0] - 93.786 * x[..., 1] - 18.214 * x[..., 2]) / 255
+    h, w = y.shape
+
+    def half(c):
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    planes = [y.ravel(), half(u).ravel(), half(v).ravel()]
+    return np.clip(np.rint(np.concatenate(planes)), 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
 
 
 def ken_burns(image: np.ndarray, path: Path, *, seconds: float = SECONDS, fps: int = FPS, size=SIZE) -> Path:
