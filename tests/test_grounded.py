@@ -63,7 +63,8 @@ def test_every_content_word_a_caption_adds_must_be_supported():
 def test_render_joins_what_the_detector_saw_with_with():
     seen = [("person", 0.72), ("tie", 0.55), ("bow tie", 0.4), ("chair", 0.3), ("Windsor tie", 0.1)]
     assert grounded.render("person", seen) == "A person with a tie and a chair, or perhaps a bow tie or a Windsor tie."
-    assert grounded.render("bow tie", seen, max_others=2) == "A bow tie with a person and a tie."
+    assert grounded.render("bow tie", seen, max_others=2) == "A person with a bow tie and a tie."  # people lead
+    assert grounded.render("tie", [("tie", 0.6), ("car", 0.5)]) == "A tie with a car."
     assert grounded.render("two people", [("two people", 0.8), ("car", 0.5)]) == "Two people with a car."
     for subject in ("person", "bow tie", "two people"):
         assert grounding(grounded.render(subject, seen + [("two people", 0.1)]), seen + [("two people", 0.1)])["grounded"]

@@ -9,7 +9,9 @@ not report and never carries a probability or an id.
   numbers) plus the log of the classifier's probability: the decoder can promote a plausible subject over
   a likelier but odd class, never pick something outside the list;
 * ``<broader word>``: the most specific broader word of the subject (``atomkit.models.concepts``), when it has one;
-* ``with <seen>``: the detector's objects among the others (boxes of people and COCO objects, there together);
+* ``with <seen>``: the detector's objects among the others (boxes of people and COCO objects, there together); where
+  people are among them, they lead the sentence and the subject joins the others ("A person with a bow tie and a
+  chair");
 * ``<other>``: the next concepts in the classifier's order, at most ``MAX_OTHERS``, each at least
   ``MIN_SHARE`` of the subject's probability, and fewer where the caption would pass its token budget.
 
@@ -26,6 +28,7 @@ from typing import Sequence
 import torch
 
 from atomkit.models.concepts import broader, detector_labels, head, with_article
+from atomkit.models.detector import PEOPLE_LABELS
 
 MAX_CANDIDATES = 5
 MAX_OTHERS = 4
@@ -69,6 +72,10 @@ def render(subject: str, concepts, max_others: int = MAX_OTHERS) -> str:
     seen = detector_labels()
     together = [with_article(n) for n in others if n.lower() in seen]  # the detector's boxes: there at once
     guesses = [with_article(n) for n in others if n.lower() not in seen]  # the classifier's: one of them, perhaps
+    people = next((n for n in others if n.lower() in PEOPLE_LABELS), None)
+    if people is not None and subject.lower() not in PEOPLE_LABELS:  # "a person with a bow tie", not the reverse
+        together = [text] + [t for t in together if t != with_article(people)]
+        text = with_article(people)
     if together:
         text += " with " + _listed(together, "and")
     if guesses:
