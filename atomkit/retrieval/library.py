@@ -104,10 +104,12 @@ def config_of(session) -> dict:
     from atomkit.version import __version__
     from atomkit.retrieval.ranking import RANKING
 
+    from atomkit.models.detector import CONCEPTS
+
     return {"model": session.model, "quant": session.quant, "random_weights": session.random_weights,
             "programs": sorted(session.programs) if session.programs else None,
             "decode": asdict(session.decode), "window": asdict(session.window), "atomkit": __version__,
-            "ranking": RANKING}
+            "ranking": RANKING, "concepts": CONCEPTS}
 
 
 def _stored(path: str | Path) -> str | bytes:
