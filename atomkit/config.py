@@ -24,6 +24,9 @@ def check_backend(name: str) -> str:
     return name
 
 
+CAPTION_MODES = ("grounded", "free", "raw")
+
+
 @dataclass(frozen=True)
 class WindowConfig:
     """How a video is cut into clips and what each clip is sampled to."""
@@ -58,14 +61,16 @@ class DecodeConfig:
     script_num_beams: int = 1  # greedy for the script: JSON is long and beam search is slow
     backend: str = "auto"  # decode engine (atomkit.decode.engine.BACKENDS): auto = engine.CPU_DEFAULT (int4) on a CPU, the
     # exact fp32 `torch` on CUDA, `hf` where no stepper runs; "torch" is the exact reference (--exact)
-    captions: str = "grounded"  # concept-bridge captions: "grounded" (atomkit.decode.grounded) or "free" (the paper's beam search)
+    # concept-bridge captions: "grounded" (atomkit.decode.grounded); "free" (the paper's beam search, a caption that fails
+    # the grounding check takes the grounded form); "raw" (the paper's beam search as it comes, unchecked)
+    captions: str = "grounded"
 
     def __post_init__(self):
         for name in ("max_new_tokens", "num_beams", "caption_batch", "script_max_new_tokens", "script_num_beams"):
             if getattr(self, name) < 1:
                 raise InputError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.captions not in ("grounded", "free"):
-            raise InputError(f"DecodeConfig.captions must be 'grounded' or 'free', got {self.captions!r}")
+        if self.captions not in CAPTION_MODES:
+            raise InputError(f"DecodeConfig.captions must be one of {', '.join(CAPTION_MODES)}, got {self.captions!r}")
         check_backend(self.backend)
 
 

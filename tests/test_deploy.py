@@ -62,10 +62,30 @@ def test_open_program_needs_no_eager_model(fp32_programs):
         open_program(out / "nothing.pte")
 
 
-@pytest.mark.parametrize("captions", ["grounded", "free"])
+def test_an_encoder_program_whose_sidecar_names_the_detector_runs_it_on_the_host(fp32_programs, two_videos, tmp_path):
+    """The default encoder's program: its sidecar records the detector (OpenCV, not in the program), and the host runs
+    it next to the program. Here the tiny encoder's program with the sidecar field set: the man in the car is seen."""
+    import shutil
+
+    from atomkit.config import WindowConfig
+    from atomkit.media.video import clips, sample_frames
+
+    out, _ = fp32_programs
+    shutil.copy(out / "encoder.pte", tmp_path / "encoder.pte")
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["detector"] is None  # tiny-default has none
+    (tmp_path / "encoder.json").write_text(json.dumps({**meta, "detector": "ssd-mobilenet-v2-coco"}))
+    enc = open_program(tmp_path / "encoder.pte")
+    car = next(v for v in two_videos if v.stem == "carphone_pristine")
+    frames = sample_frames(clips(car, WindowConfig())[0])
+    assert enc.detector is not None and "person" in dict(enc.encode(frames).concepts)
+    assert "person" not in dict(open_program(out / "encoder.pte").encode(frames).concepts)
+
+
+@pytest.mark.parametrize("captions", ["grounded", "raw"])
 def test_session_on_programs_captions_like_eager(fp32_programs, two_videos, captions):
     """fp32 programs, greedy: the same captions as the eager session on the exact engine (the same quantization:
-    none), grounded (the program scores the subjects) and free (the program writes the tokens); the two clips'
+    none), grounded (the program scores the subjects) and raw free captions (the program writes the tokens); the two clips'
     captions differ."""
     out, _ = fp32_programs
     decode = DecodeConfig(max_new_tokens=6, num_beams=1, captions=captions)
@@ -82,7 +102,7 @@ def test_session_on_programs_captions_like_eager(fp32_programs, two_videos, capt
 def test_session_on_programs_beam4_captions_like_eager(fp32_programs, two_videos):
     """Free captions with beam 4 on the decoder program (its rows are the beams): the exact eager engine's captions."""
     out, _ = fp32_programs
-    decode = DecodeConfig(max_new_tokens=6, num_beams=4, captions="free")
+    decode = DecodeConfig(max_new_tokens=6, num_beams=4, captions="raw")
     with Session(MODEL, decode=exact(decode)) as eager, Session(MODEL, decode=decode, programs=out) as pte:
         a, b = caption(eager, two_videos), caption(pte, two_videos)
         assert [c.caption for c in a.clips] == [c.caption for c in b.clips]

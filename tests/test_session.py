@@ -82,9 +82,9 @@ def test_32_threads_x_8_queries_equal_sequential(tiny_captions):
 
 
 def test_concurrent_captions_equal_sequential(samples):
-    """Four threads caption four different videos at once (free captions: the decoder's own tokens), twice
+    """Four threads caption four different videos at once (raw free captions: the decoder's own tokens), twice
     over; each gets the caption its video gets alone, and the four captions differ."""
-    decode = atomkit.DecodeConfig(max_new_tokens=6, num_beams=2, captions="free")
+    decode = atomkit.DecodeConfig(max_new_tokens=6, num_beams=2, captions="raw")
     videos = [samples[n] for n in sorted(samples)]
     with atomkit.Session("tiny-default", device="cpu", decode=decode) as s:
         alone = {v: [(c.id, c.caption) for c in s.caption([v]).clips] for v in videos}

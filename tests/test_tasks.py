@@ -29,7 +29,7 @@ def test_caption_all_sample_clips(tiny_captions, samples):
 
 def test_tiny_captions_differ_per_clip(tiny_session, tiny_captions):
     """What makes the comparisons of captions in these tests able to fail: every sample clip has its own caption,
-    grounded (the real encoder's concepts differ) and free (the tiny LM's greedy tokens follow its prompt)."""
+    grounded (the real encoder's concepts differ) and raw free decoding (the tiny LM's greedy tokens follow its prompt)."""
     from dataclasses import replace
 
     grounded = [c.caption for c in tiny_captions.clips]
@@ -37,7 +37,7 @@ def test_tiny_captions_differ_per_clip(tiny_session, tiny_captions):
     assert len({c.concepts[0][0] for c in tiny_captions.clips}) == 4
     default = tiny_session.decode
     try:
-        tiny_session.decode = replace(default, captions="free")
+        tiny_session.decode = replace(default, captions="raw")
         free = [c.caption for c in tiny_session.caption(atomkit.sample_videos()).clips]
     finally:
         tiny_session.decode = default

@@ -11,7 +11,7 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from atomkit.config import DecodeConfig, WindowConfig
+from atomkit.config import CAPTION_MODES, DecodeConfig, WindowConfig
 from atomkit.retrieval.library import default_path
 
 _D = {f.name: f.default for f in fields(DecodeConfig)}
@@ -36,9 +36,10 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
                                                    help="caption length limit (paper: 23; default: %(default)s)")),
     "beams": (("--beams",), dict(type=int, default=_D["num_beams"],
                                  help="beam width for captions (paper: 4; default: %(default)s)")),
-    "captions": (("--captions",), dict(choices=["grounded", "free"], default=_D["captions"], help=(
+    "captions": (("--captions",), dict(choices=list(CAPTION_MODES), default=_D["captions"], help=(
         "grounded: the decoder picks the subject among the encoder's concepts and the sentence names nothing else "
-        "(default); free: the paper's free beam search over the concept prompt"))),
+        "(default); free: the paper's free beam search over the concept prompt, a caption that claims more than the "
+        "encoder saw taking the grounded form; raw: the paper's free beam search, unchecked"))),
     "caption-batch": (("--caption-batch",), dict(type=int, default=_D["caption_batch"], metavar="N", help=(
         "clips whose captions are decoded together as one batch (default: %(default)s)"))),
     "script-tokens": (("--script-tokens",), dict(type=int, default=_D["script_max_new_tokens"],

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from atomkit.cli.options import add, add_session, check_out_dir, check_positive, command, session_from
+from atomkit.config import CAPTION_MODES
 from atomkit.io import count, json_text, write_json_atomic
 
 _LIBRARY_PATHS = " (with --db: optional, default the whole library)"
@@ -74,8 +75,8 @@ def register(sub) -> None:
         "(at most 2.3 R@1 and 1.5 CIDEr points)"))
     p.add_argument("--compare-quant", metavar="SCHEME",
                    help="the same for a torchao quantization of every module (int8, int4)")
-    p.add_argument("--compare-captions", choices=["grounded", "free"],
-                   help="the same with the other caption mode (e.g. free: the paper's beam search)")
+    p.add_argument("--compare-captions", choices=list(CAPTION_MODES),
+                   help="the same with another caption mode (e.g. raw: the paper's beam search, unchecked)")
     add_session(p)
 
 

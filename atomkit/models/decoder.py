@@ -210,7 +210,7 @@ class TextDecoder(nn.Module):
         rows = self.generate_batch(**prompt, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
                                    backend=cfg.backend)
         out = [first_sentence_line(self.decode_ids(r)) for r in rows]
-        if self.projector is None:  # a free caption that claims more than the encoder saw takes the grounded form
+        if self.projector is None and cfg.captions == "free":  # one that claims more than was seen: the grounded form
             from atomkit.decode.grounded import captions as grounded_captions
             from atomkit.models.concepts import grounding
 

@@ -87,6 +87,7 @@ class Detector:
         if not hasattr(cv2.dnn, "readNetFromTensorflow"):
             raise AtomkitError(f"OpenCV {cv2.__version__} cannot read TensorFlow graphs (5.x dropped "
                                "readNetFromTensorflow); atomkit pins opencv-python-headless<5: run `make setup`")
+        cv2.setNumThreads(torch.get_num_threads())  # OpenCV's pool no wider than torch's (a Ray actor's share of cores)
         self.graph = graph
         self.net = cv2.dnn.readNetFromTensorflow(str(graph), str(config))
         self.bytes = graph.stat().st_size
