@@ -181,6 +181,27 @@ def test_cli_eval_msrvtt_format_on_the_tiny_model(tmp_path, samples, capsys):
     assert "unknown decode backend 'int3'" in capsys.readouterr().err
 
 
+def test_cli_eval_compares_several_backends_against_the_main_run_and_the_exact_engine(tmp_path, samples, capsys):
+    from atomkit.cli import main
+
+    ann = load_json(tmp_path, {"queries": [{"q": "a man in a car", "relevant": ["carphone_pristine"], "part": "test"},
+                                           {"q": "a cartoon", "relevant": ["bigbuckbunny"], "part": "tuning"}]})
+    args = ["eval", str(samples["bigbuckbunny.mp4"]), str(samples["carphone_pristine.mp4"]), "--annotations", ann.source,
+            "--models", "tiny-default", "--device", "cpu", "--max-new-tokens", "3", "--beams", "1", "--no-meteor",
+            "--json", "--compare-backend", "torch", "--compare-backend", "int8"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [c["backend"] for c in out["compared"]] == ["torch", "int8"] and list(out["parts"]) == ["test", "tuning"]
+    for c in out["compared"]:
+        assert set(c["delta"]) == {"all", "test", "tuning"}  # against the main run (auto), whole set and each part
+        got = c["result"]["video"]["r1"] - out["video"]["r1"]
+        assert c["delta"]["all"]["video_r1_points"] == pytest.approx(100 * got)
+    torch_run, int8_run = out["compared"]
+    assert "vs_exact" not in torch_run and set(int8_run["vs_exact"]) == {"all", "test", "tuning"}
+    assert int8_run["vs_exact"]["test"]["video_r1_points"] == pytest.approx(
+        100 * (int8_run["result"]["parts"]["test"]["video"]["r1"] - torch_run["result"]["parts"]["test"]["video"]["r1"]))
+
+
 @pytest.mark.integration
 def test_eval_on_the_samples_with_the_default_models(real_session, samples, tmp_path):
     """Queries written by hand for the four sample videos (checked by watching them)."""

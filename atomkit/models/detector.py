@@ -131,7 +131,8 @@ def concepts_from_boxes(per_frame: list[list[tuple[int, float, tuple]]]) -> list
     counts: dict[int, list[int]] = {}
     for i, boxes in enumerate(per_frame):
         for cls, score, _ in boxes:
-            best.setdefault(cls, [0.0] * n)[i] = max(best.setdefault(cls, [0.0] * n)[i], score)
+            row = best.setdefault(cls, [0.0] * n)
+            row[i] = max(row[i], score)
         for cls in {c for c, _, _ in boxes}:
             counts.setdefault(cls, [0] * n)[i] = sum(1 for c, s, _ in boxes if c == cls and s >= COUNT_MIN)
     out = []
