@@ -69,6 +69,9 @@ def test_the_default_encoder_reports_people_and_can_leave_them_out(samples):
     added = [c for c in withdet if c[0] in detector.labels()]  # person, tie, ...: the classifier's fill the rest
     assert {"person", "tie"} <= {c[0] for c in added}
     assert [c for c in withdet if c not in added] == without[:len(without) - len(added)]
+    from atomkit.pipeline.session import weight_files
+
+    assert weight_files(enc)[-1].name == "frozen_inference_graph.pb"  # the read floor of a load counts its bytes
     assert copy.deepcopy(enc.detector) is enc.detector  # a quantized copy of the encoder shares the read-only net
     again = pickle.loads(pickle.dumps(enc.detector))  # a Ray worker loads it again from the package
     assert again.concepts(frames) == enc.detector.concepts(frames)

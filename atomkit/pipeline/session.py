@@ -50,9 +50,11 @@ def module_bytes(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def weight_files(module, backend: str | None = None) -> list[Path]:
-    """The weight files a loaded module was read from (``module.weight_files``, set by its loader) and, for a
-    decoder, the engine store file its ``backend`` was read from."""
+    """The weight files a loaded module was read from (``module.weight_files``, set by its loader), an encoder's
+    detector graph and, for a decoder, the engine store file its ``backend`` was read from."""
     files = [Path(f) for f in getattr(module, "weight_files", ())]
+    if getattr(module, "detector", None) is not None:
+        files.append(Path(module.detector.graph))
     if backend is not None and hasattr(module, "engine"):
         stored = getattr(getattr(module.engine(backend), "stepper", None), "loaded_from", None)
         files += [Path(stored)] if stored else []
