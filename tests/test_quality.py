@@ -147,6 +147,13 @@ def test_moments_score_the_right_clip_of_the_right_video(tiny_session, tmp_path)
     assert r["queries"] == 1 and r["moments"]["queries"] == 3 and list(r["parts"]) == ["test"]
     assert r["moments"]["clip"] == r["parts"]["test"]["moments"]["clip"] == m["clip"]  # ranked over walk's clips only
     assert r["video"]["r1"] == 1.0  # the whole-video query: walk or other, over all six clips
+    # DiDeMo: every query has a moment; the video level scores them too, and a part with no indexed video is left out
+    didemo = load_json(tmp_path, {"queries": [
+        {"q": "a dog running on sand", "relevant": ["walk"], "moment": [22, 30], "part": "test"},
+        {"q": "a car on a road", "relevant": ["walk"], "moment": [12, 22], "part": "test"},
+        {"q": "a cat", "relevant": ["elsewhere"], "moment": [0, 5], "part": "tuning"}]})
+    d = report(tiny_session, idx, didemo)
+    assert d["queries"] == 2 and d["dropped_queries"] == 1 and d["moments"]["queries"] == 2 and list(d["parts"]) == ["test"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"queries": [{"q": "x", "relevant": ["a", "b"], "moment": [1, 2]}]}))
     with pytest.raises(InputError, match="has a moment, so 'relevant' names its one video"):

@@ -278,18 +278,20 @@ def report(session, index, annotations: Annotations, *, views: bool = False, met
     from atomkit.evaluation.moments import evaluate_moments
 
     moments = annotations.only(moments=True)
-    whole = annotations.only(moments=False) if moments.queries else annotations
+    whole = annotations.only(moments=False)
+    if not whole.queries:  # every query has a moment (DiDeMo): the video level scores them all as well
+        whole = annotations
     result = evaluate(session, index, whole, meteor=meteor)
     if views:
         result["views"] = ablation(session, index.captions, whole) | baseline(session, index.captions, whole)
-    if moments.queries:
-        result["moments"] = evaluate_moments(session, subset(index, {v for q in moments.queries for v in q.relevant}),
-                                             moments)
+    long = subset(index, {v for q in moments.queries for v in q.relevant})
+    if long.captions.clips:
+        result["moments"] = evaluate_moments(session, long, moments)
     if by_part and annotations.parts():
         result["parts"] = {}
         for part in annotations.parts():
             mine = annotations.only(part=part)
-            stems = {v for q in mine.queries for v in q.relevant}
-            result["parts"][part] = report(session, subset(index, stems), mine, views=views, meteor=meteor,
-                                           by_part=False)
+            videos = subset(index, {v for q in mine.queries for v in q.relevant})
+            if videos.captions.clips:  # a part none of whose videos was indexed is left out
+                result["parts"][part] = report(session, videos, mine, views=views, meteor=meteor, by_part=False)
     return result
