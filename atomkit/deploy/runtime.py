@@ -49,6 +49,22 @@ def _program(path) -> tuple:
     return load_method(path), read_sidecar(path)
 
 
+def in_chunks(method, x: torch.Tensor, frames: int, lock: threading.Lock) -> tuple[torch.Tensor, ...]:
+    """A program of a fixed frame count over any number of frames: ``frames`` at a time, the last chunk padded with
+    copies of its last frame whose outputs are dropped (frames are independent), one call at a time (``lock``);
+    each output concatenated over the chunks."""
+    outs = []
+    for start in range(0, x.shape[0], frames):
+        chunk = x[start:start + frames]
+        real = chunk.shape[0]
+        if real < frames:
+            chunk = torch.cat([chunk, chunk[-1:].expand(frames - real, *chunk.shape[1:])])
+        with lock:
+            res = method.execute([chunk.contiguous()])
+        outs.append([r[:real] for r in res])
+    return tuple(torch.cat([o[i] for o in outs]) for i in range(len(outs[0])))
+
+
 MODULE_CLASSES = {}  # filled below: module name -> wrapper class
 
 
@@ -99,16 +115,7 @@ class PteEncoder(VideoEncoder):
         x = x.float().contiguous().cpu()
         if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
             raise InputError(f"{self.path.name} was exported for {self.size}x{self.size} frames, got {tuple(x.shape)}")
-        n, outs = x.shape[0], []
-        for start in range(0, n, self.frames):
-            chunk = x[start:start + self.frames]
-            real = chunk.shape[0]
-            if real < self.frames:  # pad with copies of the last frame, drop their outputs
-                chunk = torch.cat([chunk, chunk[-1:].expand(self.frames - real, *chunk.shape[1:])])
-            with self._lock:
-                res = self._method.execute([chunk.contiguous()])
-            outs.append([r[:real] for r in res])
-        cat = tuple(torch.cat([o[i] for o in outs]) for i in range(len(outs[0])))
+        cat = in_chunks(self._method, x, self.frames, self._lock)
         return cat if len(cat) > 1 else cat[0]
 
 
@@ -424,16 +431,7 @@ class PteRetriever(nn.Module):
     @torch.inference_mode()
     def frame_vectors(self, frames: torch.Tensor) -> torch.Tensor:
         """Unit vectors (T, D) of a clip's frames, from the image program."""
-        x = self.preprocess(frames).contiguous()
-        n, rows = x.shape[0], []
-        for start in range(0, n, self.frames):  # the program takes ``frames`` at a time: pad the last chunk
-            chunk = x[start:start + self.frames]
-            real = chunk.shape[0]
-            if real < self.frames:
-                chunk = torch.cat([chunk, chunk[-1:].expand(self.frames - real, -1, -1, -1)])
-            with self._lock:
-                rows.append(self._image.execute([chunk.contiguous()])[0][:real])
-        return torch.cat(rows).float()
+        return in_chunks(self._image, self.preprocess(frames).contiguous(), self.frames, self._lock)[0].float()
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:

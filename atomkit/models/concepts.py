@@ -63,6 +63,7 @@ def is_plural(noun: str) -> bool:
     return noun.lower() in PEOPLE_LABELS and noun.lower() != "person"
 
 
+@lru_cache(maxsize=1)
 def detector_labels() -> frozenset[str]:
     return frozenset(detector_label_list())
 
