@@ -3,25 +3,45 @@
     >>> import atomkit
     >>> with atomkit.Session("default") as s:                 # doctest: +SKIP
     ...     reel = s.assemble(atomkit.sample_videos(), "make a highlight reel", "out/")
+
+Names are imported on first use (PEP 562), so ``import atomkit`` and the command line's thin paths (a call
+answered by ``atomkit serve``) do not pay for torch; ``atomkit.Session`` loads it.
 """
-from atomkit import io
-from atomkit.config import DecodeConfig, WindowConfig
-from atomkit.errors import (AssemblyError, AtomkitError, InputError, ModelNotFound, OutputError, PipelineError,
-                            ScriptError, SessionClosed, UnknownBackend, UnknownModel, VideoError)
-from atomkit.media.video import Clip, VideoInfo, clips, probe, sample_frames
-from atomkit.media.scan import sample_videos
-from atomkit.models.registry import available_models, get_spec
-from atomkit.pipeline.executor import PipelinedExecutor, SequentialExecutor
-from atomkit.pipeline.session import Session
-from atomkit.pipeline.tasks import (Assembly, CaptionedClip, Captions, Hit, Index, Skipped, assemble, caption, index,
-                                    retrieve)
-from atomkit.retrieval.library import Library, LibraryError
+from __future__ import annotations
+
+import importlib
+
 from atomkit.version import __version__
 
-__all__ = [
-    "AssemblyError", "Assembly", "AtomkitError", "CaptionedClip", "Captions", "Clip", "DecodeConfig", "Hit", "Index",
-    "InputError", "Library", "LibraryError", "ModelNotFound", "OutputError", "PipelineError", "PipelinedExecutor",
-    "ScriptError", "SequentialExecutor", "Session", "SessionClosed", "Skipped", "UnknownBackend", "UnknownModel",
-    "VideoError", "VideoInfo", "WindowConfig", "__version__", "assemble", "available_models", "caption", "clips",
-    "get_spec", "index", "io", "probe", "retrieve", "sample_frames", "sample_videos",
-]
+_WHERE = {
+    "atomkit.config": ("DecodeConfig", "WindowConfig"),
+    "atomkit.errors": ("AssemblyError", "AtomkitError", "InputError", "ModelNotFound", "OutputError", "PipelineError",
+                       "ScriptError", "SessionClosed", "UnknownBackend", "UnknownModel", "VideoError"),
+    "atomkit.media.video": ("Clip", "VideoInfo", "clips", "probe", "sample_frames"),
+    "atomkit.media.scan": ("sample_videos",),
+    "atomkit.models.registry": ("available_models", "get_spec"),
+    "atomkit.pipeline.executor": ("PipelinedExecutor", "SequentialExecutor"),
+    "atomkit.pipeline.session": ("Session",),
+    "atomkit.pipeline.tasks": ("Assembly", "CaptionedClip", "Captions", "Hit", "Index", "Skipped", "assemble",
+                               "caption", "index", "retrieve"),
+    "atomkit.retrieval.library": ("Library", "LibraryError"),
+    "atomkit.serve.client": ("connect",),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = sorted([*_MODULE_OF, "__version__", "io"])
+
+
+def __getattr__(name: str):
+    if name == "io":
+        return importlib.import_module("atomkit.io")
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'atomkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from atomkit.errors import InputError, UnknownBackend
 
+EXECUTORS = ("auto", "sequential", "pipelined", "pipelined-disjoint", "prefetch")  # executor names (atomkit.pipeline.executor)
+
 # The decode engine's backends (atomkit.decode.engine.BACKENDS says what each is; it checks it has these, in order)
 BACKEND_NAMES = ("hf", "torch", "fused", "compiled", "bf16", "int8", "int4", "int4-compiled")
 

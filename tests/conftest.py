@@ -14,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a service the developer runs (`atomkit serve`) never answers the tests' commands; tests/test_serve.py starts its own
+os.environ["ATOMKIT_SOCKET"] = "/nonexistent/atomkit-tests/atomkit.sock"
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 import pytest  # noqa: E402

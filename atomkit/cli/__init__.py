@@ -19,12 +19,12 @@ weights you supply (--weights DIR or $ATOMKIT_PAPER_WEIGHTS), or --random-weight
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from atomkit.cli import app, bench, deploy, pipeline
+    from atomkit.cli import app, bench, deploy, pipeline, serve
 
     parser = argparse.ArgumentParser(prog="atomkit", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (pipeline, app, bench, deploy):
+    for module in (pipeline, app, bench, deploy, serve):
         module.register(sub)
     return parser
 
@@ -38,8 +38,18 @@ def _printable_names() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from atomkit.serve.client import forward
+
+    answered = forward(argv)  # a running `atomkit serve` answers with its resident modules (before torch is imported)
+    if answered is not None:
+        return answered
     _printable_names()
-    args = build_parser().parse_args(argv)
+    return run_args(build_parser().parse_args(argv))
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run a parsed command line: an atomkit error is one line on stderr and exit status 2."""
     from atomkit.config import quiet_libraries
     from atomkit.errors import AtomkitError
 

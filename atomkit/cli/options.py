@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -65,6 +66,9 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "out": (("--out",), dict(metavar="DIR", help="write results (JSON, and the reel for assemble) here")),
     "json": (("--json",), dict(action="store_true", help="print the result as JSON on stdout")),
     "quiet": (("-q", "--quiet"), dict(action="store_true", help="no progress bars")),
+    "no-server": (("--no-server",), dict(action="store_true", help=(
+        "run here even when `atomkit serve` is running (by default a running service answers, with its resident "
+        "modules)"))),
     "repeats": (("--repeats",), dict(type=int, default=3, help="timed runs (default: %(default)s)")),
 }
 
@@ -112,14 +116,21 @@ def window_from(args) -> WindowConfig:
     return WindowConfig(**{k: getattr(args, a) for k, a in have.items() if hasattr(args, a)})
 
 
-def session_from(args, **overrides):
-    """The ``Session`` the options describe (nothing is loaded until a module is used)."""
-    from atomkit.pipeline.session import Session
+RESIDENT = threading.local()  # .provider(model, settings): `atomkit serve` lends its resident sessions (per thread)
 
+
+def session_from(args, **overrides):
+    """The ``Session`` the options describe (nothing is loaded until a module is used); inside ``atomkit serve``,
+    its resident session for the same settings, which the command's ``with`` block does not close."""
     settings = dict(device=getattr(args, "device", None), weights=getattr(args, "weights", None),
                     random_weights=getattr(args, "random_weights", False), programs=getattr(args, "programs", None),
                     memory_budget_mib=getattr(args, "memory_budget", None), decode=decode_from(args),
                     window=window_from(args))
+    provider = getattr(RESIDENT, "provider", None)
+    if provider is not None:
+        return provider(args.models, {**settings, **overrides})
+    from atomkit.pipeline.session import Session
+
     return Session(args.models, **{**settings, **overrides})
 
 

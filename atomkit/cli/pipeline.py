@@ -20,6 +20,7 @@ def register(sub) -> None:
         atomkit caption ~/Videos/trip --out out/ --window 6 --stride 3""")
     add(p, "videos", videos=dict(nargs="+", help="video files or folders of videos"))
     add_session(p)
+    add(p, "no-server")
     p = command(sub, "retrieve", "rank clips against a query", run, examples="""
         atomkit retrieve clip1.mp4 clip2.mp4 --query "the dog jumps" -k 3
         atomkit retrieve --db lib.db --query "a man wearing a tie\"""")
@@ -27,6 +28,7 @@ def register(sub) -> None:
         k=dict(help="how many clips to return (default: %(default)s)"))
     p.add_argument("--query", required=True, help='what to find, e.g. "the dog jumps"')
     add_session(p)
+    add(p, "no-server")
     p = command(sub, "assemble", "make a video from the clips that best fit a prompt", run, examples="""
         atomkit assemble ~/Videos/trip --prompt "make a highlight reel" --out out/
         atomkit assemble --db lib.db --prompt "the bikes" --out out/bikes""")
@@ -34,6 +36,7 @@ def register(sub) -> None:
         k=dict(help="how many retrieved clips the script may use (default: %(default)s)"))
     p.add_argument("--prompt", required=True, help='what to make, e.g. "make a highlight reel"')
     add_session(p)
+    add(p, "no-server")
     p = command(sub, "index", "caption new or changed videos into the library (--db); unchanged ones are skipped",
                 run, examples="""
         atomkit index ~/Videos --db lib.db
@@ -52,6 +55,7 @@ def register(sub) -> None:
                    help="CPUs reserved per actor; its torch threads follow (default: 1)")
     r.add_argument("--gpus-per-actor", type=float, default=0, metavar="N", help="GPUs per actor (default: 0, CPU workers)")
     add_session(p)
+    add(p, "no-server")
     p = command(sub, "eval", "score retrieval (R@1/5/10, median/mean rank) and captions (BLEU-4, METEOR, ROUGE-L, "
                 "CIDEr) against an annotation file", run, examples="""
         atomkit eval --devset --views --out out/eval

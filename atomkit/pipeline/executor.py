@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from atomkit.config import EXECUTORS  # the names executor_by_name takes
 from atomkit.errors import PipelineError
 
 Stage = Callable[[Any], Any]
@@ -277,7 +278,6 @@ def prefetch_executor(depth: int = 2, trace: bool = False) -> PipelinedExecutor:
     return PipelinedExecutor(depth=depth, threads=[1, None, None], trace=trace, caller_stages=2)
 
 
-EXECUTORS = ("auto", "sequential", "pipelined", "pipelined-disjoint", "prefetch")  # the names executor_by_name takes
 
 
 def disjoint_threads(cores: int | None = None) -> list[int]:

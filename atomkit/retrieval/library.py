@@ -80,9 +80,9 @@ APPLICATION_ID = 0x61746B31  # "atk1" in PRAGMA application_id: this SQLite file
 _TABLES = {"configs", "videos", "clips", "done"}
 
 
-def default_path() -> Path:
-    """$ATOMKIT_LIBRARY, else ~/.local/share/atomkit/library.db."""
-    env = os.environ.get("ATOMKIT_LIBRARY")
+def default_path(environ: dict | None = None) -> Path:
+    """$ATOMKIT_LIBRARY (of ``environ``, default this process's), else ~/.local/share/atomkit/library.db."""
+    env = (os.environ if environ is None else environ).get("ATOMKIT_LIBRARY")
     return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "atomkit" / "library.db"
 
 
