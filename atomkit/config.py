@@ -8,6 +8,7 @@ from pathlib import Path
 
 from atomkit.errors import InputError, UnknownBackend
 
+PENDING = ""  # the caption of a clip indexed search-first, until its caption lands (atomkit.retrieval.deferred)
 EXECUTORS = ("auto", "sequential", "pipelined", "pipelined-disjoint", "prefetch")  # executor names (atomkit.pipeline.executor)
 
 # The decode engine's backends (atomkit.decode.engine.BACKENDS says what each is; it checks it has these, in order)

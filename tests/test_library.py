@@ -100,7 +100,7 @@ def test_moved_file_keeps_its_clips_and_a_changed_one_is_captioned_again(tiny_se
     os.rename(folder / "bigbuckbunny.mp4", folder / "sub" / "bunny-renamed.mp4")
     moved = update(tiny_session, lib, [folder, folder / "sub"])
     assert moved.captioned == [] and [Path(new).name for _, new in moved.moved] == ["bunny-renamed.mp4"]
-    assert moved.pruned == [] and lib.counts() == {"videos": 2, "unreadable": 0, "clips": 2, "configs": 1}
+    assert moved.pruned == [] and lib.counts() == {"videos": 2, "unreadable": 0, "clips": 2, "configs": 1, "pending": 0}
     assert {c.caption for c in load_index(tiny_session, lib).captions.clips} == before
     shutil.copy(samples["bikes.mp4"], folder / "carphone_pristine.mp4")  # same name, new content
     changed = update(tiny_session, lib, [folder, folder / "sub"])
@@ -282,4 +282,4 @@ def test_a_name_that_is_not_utf8_is_stored_and_read_back_unchanged(tiny_session,
     again = update(tiny_session, lib, [folder])
     assert again.captioned == [] and again.cached == [str(good.resolve())]
     assert [(s.path, s.reason) for s in again.skipped] == [(str(bad.resolve()), first.skipped[0].reason)]
-    assert lib.counts() == {"videos": 2, "unreadable": 1, "clips": 1, "configs": 1}
+    assert lib.counts() == {"videos": 2, "unreadable": 1, "clips": 1, "configs": 1, "pending": 0}

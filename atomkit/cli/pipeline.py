@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from atomkit.cli.options import add, add_session, check_out_dir, check_positive, command, session_from
-from atomkit.config import CAPTION_MODES
+from atomkit.config import CAPTION_MODES, PENDING
 from atomkit.io import count, json_text, write_json_atomic
 
 _LIBRARY_PATHS = " (with --db: optional, default the whole library)"
@@ -44,6 +44,10 @@ def register(sub) -> None:
         atomkit index /mnt/videos --db lib.db --ray HEAD:6379  # a cluster you started (docs/library.md)""")
     add(p, "videos", "db", videos=dict(nargs="+", help="video files or folders of videos"))
     p.add_argument("--no-prune", action="store_true", help="keep stored videos whose files are gone (default: remove them)")
+    p.add_argument("--search-first", action="store_true", help=(
+        "run the encoder over every new video first and store its concepts, so the library answers queries at "
+        "once, then caption the clips (models whose decoder captions from concepts; `atomkit serve` always "
+        "indexes this way and captions in the background)"))
     r = p.add_argument_group("scale-out on Ray (each actor keeps one resident session)")
     r.add_argument("--ray", metavar="ADDRESS", nargs="?", const="local", default=None, help=(
         "caption on a Ray cluster: a local one for this run when no ADDRESS is given (loopback only, token "
@@ -128,11 +132,16 @@ def _annotations(args):
 
 # -- the clips -------------------------------------------------------------------------------------------------
 def _update_library(args, session, lib, progress: bool):
+    from atomkit.cli.options import RESIDENT
     from atomkit.retrieval.indexing import update
 
     prune = not getattr(args, "no_prune", False)
     if getattr(args, "ray", None) is None:
-        return update(session, lib, args.paths, progress=progress, prune=prune)
+        search_first = getattr(args, "search_first", False)
+        report = update(session, lib, args.paths, progress=progress, prune=prune, search_first=search_first)
+        if search_first:
+            _captions_follow(session, lib, progress, getattr(RESIDENT, "follow", None))
+        return report
     from atomkit.retrieval.cluster import RayCaptioner
 
     with RayCaptioner(session, address=None if args.ray == "local" else args.ray, actors=args.actors,
@@ -143,13 +152,35 @@ def _update_library(args, session, lib, progress: bool):
         return update(session, lib, args.paths, progress=progress, prune=prune, captioner=ray_pool)
 
 
+def _captions_follow(session, lib, progress: bool, follow=None) -> None:
+    """The pending captions of a search-first index: in the background of `atomkit serve` (``follow``), else now."""
+    from atomkit.retrieval.deferred import caption_pending
+    from tqdm.auto import tqdm
+
+    if follow is not None:
+        follow(lib.path, session)
+        return
+    n = lib.counts()["pending"]
+    if not n:
+        return
+    with tqdm(total=n, desc="captions", unit="clip", disable=not progress) as bar:
+        caption_pending(session, lib, on_group=lambda done, left: bar.update(done - bar.n))
+
+
 def _from_library(args, session, progress: bool):
     """(captions, index) of the library (indexing the given paths first), or the exit status of ``index``."""
     from atomkit.retrieval.indexing import load_index
     from atomkit.retrieval.library import Library
 
-    # queries never create or write a library; indexing (index, or paths given) opens it for writing
-    with Library(args.db or None, writable=args.command == "index" or bool(args.paths)) as lib:
+    from atomkit.cli.options import RESIDENT
+
+    # queries never create or write a library; indexing (index, or paths given) opens it for writing, and so do
+    # captions still pending from a search-first index when a command needs them (assemble, caption)
+    writable = args.command == "index" or bool(args.paths)
+    if not writable and args.command in ("assemble", "caption"):
+        with Library(args.db or None, writable=False) as lib:
+            writable = lib.counts()["pending"] > 0
+    with Library(args.db or None, writable=writable) as lib:
         report = _update_library(args, session, lib, progress) if args.paths else None
         if report is not None:
             for s in report.skipped:
@@ -165,7 +196,12 @@ def _from_library(args, session, progress: bool):
                   f"{lib.path}: {count(n['clips'], 'clip')} of {count(n['videos'] - n['unreadable'], 'video')}"
                   + (f" ({count(n['unreadable'], 'unreadable file')} recorded)" if n["unreadable"] else ""))
             return 0 if report.captioned or report.cached or not report.skipped else 1
+        if args.command in ("assemble", "caption"):  # they show captions: pending ones are written first
+            _captions_follow(session, lib, progress)
         idx = load_index(session, lib, report.videos if report is not None else None)
+        follow = getattr(RESIDENT, "follow", None)
+        if follow is not None and any(c.caption == PENDING for c in idx.captions.clips):
+            follow(lib.path, session)  # the service captions what a killed run left pending
         if report is not None:  # what the library could not read goes into the result's "skipped" too
             idx.captions.skipped += report.skipped
     return idx.captions, idx
@@ -211,11 +247,24 @@ def _caption(args, session, caps, source, annotations, progress):
 
 def _retrieve(args, session, caps, source, annotations, progress):
     hits = session.retrieve(source, args.query, k=args.k)
+    from atomkit.cli.options import RESIDENT
+
+    if getattr(RESIDENT, "heard", None) is not None and args.db is not None:
+        RESIDENT.heard(args.db, [(str(h.clip.clip.video), h.clip.clip.index) for h in hits])  # captioned first
     result = {"query": args.query, "model": session.model, "hits": [h.to_dict() for h in hits],
               "skipped": [s.to_dict() for s in caps.skipped]}
     if args.out:
         write_json_atomic(Path(args.out) / "retrieval.json", result)
-    return result, [f"{h.rank}. {h.score:.3f}  {h.clip.id:24s} {h.clip.caption}" for h in hits]
+    return result, [f"{h.rank}. {h.score:.3f}  {h.clip.id:24s} {_shown(h.clip)}" for h in hits]
+
+
+def _shown(clip) -> str:
+    """A clip's caption, or what it is ranked on while its caption is pending."""
+    if clip.caption != PENDING:
+        return clip.caption
+    from atomkit.retrieval.ranking import concept_names
+
+    return f"(caption pending) {concept_names(clip.concepts[:5])}"
 
 
 def _eval(args, session, caps, source, annotations, progress):

@@ -43,6 +43,10 @@ def _status_lines(st: dict) -> list[str]:
         mods = ", ".join(f"{m} {v['mib']} MiB, loaded {v['loads']}x{'' if v['resident'] else ' (unloaded)'}"
                          for m, v in s["modules"].items()) or "nothing loaded yet"
         lines.append(f"  {s['model']}: {s['requests']} requests, idle {s['idle_s']:.0f} s; {mods}")
+    for c in st.get("captions", []):
+        state = "captioning" if c["running"] else "done" if not c["pending"] else "stopped"
+        lines.append(f"  captions for {c['library']}: {state}, {c['captioned']} landed, {c['pending']} pending"
+                     + (f" ({c['error']})" if c["error"] else ""))
     return lines
 
 
@@ -113,9 +117,10 @@ def _detach(args, path: Path) -> int:
 _PATH_FIELDS = ("db", "out", "annotations", "weights", "programs")
 
 
-def run_command(argv: list[str], cwd: str, env: dict, borrow) -> int:
+def run_command(argv: list[str], cwd: str, env: dict, service) -> int:
     """One command line of a client, run in the service: the CLI's own parser and command, its paths as the
-    client meant them, and ``session_from`` lending the service's resident session (``borrow``)."""
+    client meant them, ``session_from`` lending the service's resident session; ``index`` is search-first (where
+    the model's decoder captions from concepts) and its captions follow in the service's background."""
     from atomkit.cli import build_parser, run_args
 
     try:
@@ -123,11 +128,19 @@ def run_command(argv: list[str], cwd: str, env: dict, borrow) -> int:
     except SystemExit as e:  # argparse printed its usage to this client's stderr
         return e.code if isinstance(e.code, int) else 2
     _absolute(args, cwd, env)
-    RESIDENT.provider = borrow
+    if args.command == "index" and args.ray is None:
+        from atomkit.models.registry import get_spec
+        from atomkit.errors import UnknownModel
+
+        try:
+            args.search_first = args.search_first or get_spec(args.models).concept_captions
+        except UnknownModel:
+            pass  # the command says so itself
+    RESIDENT.provider, RESIDENT.follow, RESIDENT.heard = service.borrow, service.follow, service.heard
     try:
         return run_args(args)
     finally:
-        RESIDENT.provider = None
+        RESIDENT.provider = RESIDENT.follow = RESIDENT.heard = None
 
 
 def _absolute(args, cwd: str, env: dict) -> None:

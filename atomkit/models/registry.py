@@ -50,6 +50,9 @@ class ModelSpec:
     window: dict | None = None  # WindowConfig fields this model samples its clips with (frames, size), unless set
     repo: str | None = None  # the Hugging Face repository its weights come from (`atomkit fetch NAME`)
     retriever: Callable[[LoadOptions], torch.nn.Module] | None = None  # a dual encoder that ranks the clips
+    # its decoder captions from the encoder's concepts alone (the concept bridge): an index can store the concepts
+    # first and caption later without reading the video again (atomkit.retrieval.deferred)
+    concept_captions: bool = False
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -354,7 +357,8 @@ def _dual_spec(name: str, tower: "dual.Tower", description: str, base: str = "de
     arch = {**(captioner.arch or {}), "retriever": lambda o: dual.architecture(tower)}
     return ModelSpec(name, description, captioner.encoder, captioner.decoder, captioner.embedder, arch=arch,
                      test_only=captioner.test_only, window=captioner.window,
-                     repo=None if tower is dual.TINY else tower.repo, retriever=retriever)
+                     repo=None if tower is dual.TINY else tower.repo, retriever=retriever,
+                     concept_captions=captioner.concept_captions)
 
 
 _SPECS = {
@@ -362,7 +366,8 @@ _SPECS = {
     for s in [
         ModelSpec("default", "EfficientNet-Lite0 concepts -> SmolLM2-135M-Instruct captions; all-MiniLM-L6-v2 "
                   "(real weights from registry packages)", _default_encoder, _default_decoder, _minilm,
-                  arch={"encoder": _lite0_arch, "decoder": _smollm2_arch, "embedder": _minilm_arch}),
+                  arch={"encoder": _lite0_arch, "decoder": _smollm2_arch, "embedder": _minilm_arch},
+                  concept_captions=True),
         ModelSpec("atom-paper", "the paper's CLIP ViT-L/14 -> projector -> Llama-3.2-1B; all-MiniLM-L6-v2 "
                   f"(weights you supply: --weights DIR or ${W.PAPER_WEIGHTS_ENV}; or --random-weights)",
                   _paper_encoder, _paper_decoder, _minilm,
@@ -374,7 +379,7 @@ _SPECS = {
         ModelSpec("tiny-default", "EfficientNet-Lite0 (real weights) -> 2-layer Llama with random weights whose "
                   "captions differ per clip (unit tests only: its text is noise)",
                   _tiny_default_encoder, _tiny_decoder, _minilm, arch={"encoder": _lite0_arch, "embedder": _minilm_arch},
-                  test_only=True),
+                  test_only=True, concept_captions=True),
         ModelSpec("tiny-paper", "2-layer ViT -> projector -> 2-layer Llama, random weights (unit tests only)",
                   _tiny_paper_encoder, _tiny_paper_decoder, _minilm, arch={"embedder": _minilm_arch}, test_only=True),
         _smolvlm_spec("tiny-smolvlm2", smolvlm.TINY, "SmolVLM2's architecture, tiny, random weights written in its "

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atomkit.media.stitch import stitch
+from atomkit.config import PENDING
 from atomkit.errors import InputError, VideoError
 from atomkit.pipeline.executor import auto_executor
 from atomkit.io import output_set, sha256_file, write_json_atomic
@@ -46,7 +47,7 @@ class CaptionedClip:
         return self.clip.id
 
     def to_dict(self) -> dict:
-        return {**self.clip.to_dict(), "caption": self.caption,
+        return {**self.clip.to_dict(), "caption": self.caption, "captioned": self.caption != PENDING,
                 "concepts": [{"label": c, "p": p} for c, p in self.concepts]}
 
 
@@ -124,7 +125,7 @@ def _batches(items: list, size: int) -> list[list]:
 
 def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bool = False,
             on_progress: Callable[[int, int], None] | None = None,
-            cancel: threading.Event | None = None) -> Captions:
+            cancel: threading.Event | None = None, decode: bool = True) -> Captions:
     """Cut every video into clips and caption each with the session's encoder and decoder.
 
     The executor's stages (decode frames, encode, caption) run on groups of ``session.decode.caption_batch``
@@ -135,6 +136,8 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
     ``on_progress(done, total)`` is called with clip counts as groups finish (``(0, total)`` once the videos
     are cut). When ``cancel`` is set, captioning stops after the group in flight and the clips done so far
     are returned with ``cancelled=True``.
+
+    ``decode=False``: the encoder's part only (search-first indexing); every caption is ``PENDING`` (empty).
     """
     t0 = time.perf_counter()
     videos, problems = find_videos(paths)
@@ -175,9 +178,12 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
             w.frames = None
         return group
 
-    def decode(group: list[_Work]) -> list[_Work]:
+    def decode_stage(group: list[_Work]) -> list[_Work]:
         ok = [w for w in group if w.error is None]
-        if ok:
+        if not decode:
+            for w in ok:
+                w.caption = PENDING
+        elif ok:
             with session.use("decoder") as dec:
                 for w, text in zip(ok, dec.captions([w.encoded for w in ok], session.decode)):
                     w.caption = text
@@ -190,7 +196,7 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
     if on_progress:
         on_progress(0, len(todo))
     try:
-        for group in executor.map(_batches(todo, session.decode.caption_batch), [load, encode, decode]):
+        for group in executor.map(_batches(todo, session.decode.caption_batch), [load, encode, decode_stage]):
             bar.update(len(group))
             finished += len(group)
             if on_progress:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from atomkit.config import PENDING
 from atomkit.io import count
 from atomkit.retrieval.library import Library, LibraryError, config_of, fingerprint
 from atomkit.pipeline.tasks import CaptionedClip, Captions, Index, Skipped, caption, index
@@ -37,6 +38,7 @@ class IndexReport:
     failed: list[Skipped] = field(default_factory=list)  # work that failed (a worker died): not stored, retried next run
     pruned: list[str] = field(default_factory=list)  # stored videos whose files are gone (removed)
     clips_new: int = 0
+    pending: int = 0  # clips stored with their concepts, captions to follow (search-first)
     videos: list[Path] = field(default_factory=list)  # every readable-looking video file found under the paths
     not_videos: int = 0  # files under the folders that are not videos (by suffix)
     cancelled: bool = False
@@ -47,11 +49,14 @@ class IndexReport:
         return {"captioned": self.captioned, "cached": self.cached, "moved": [list(m) for m in self.moved],
                 "skipped": [s.to_dict() for s in self.skipped],
                 "failed": [s.to_dict() for s in self.failed], "pruned": self.pruned, "clips_new": self.clips_new,
+                "pending": self.pending,
                 "not_videos": self.not_videos, "cancelled": self.cancelled, "seconds": round(self.seconds, 3),
                 "workers": self.workers}
 
     def summary(self) -> str:
-        parts = [f"captioned {count(len(self.captioned), 'video')} ({count(self.clips_new, 'clip')})" if self.captioned
+        verb = "indexed" if self.pending else "captioned"
+        parts = [f"{verb} {count(len(self.captioned), 'video')} ({count(self.clips_new, 'clip')}"
+                 + (f", {self.pending} captions to follow" if self.pending else "") + ")" if self.captioned
                  else "nothing to caption", f"{count(len(self.cached), 'video')} already in the library"]
         if self.moved:
             parts.append(f"{len(self.moved)} moved or renamed (clips kept)")
@@ -72,16 +77,25 @@ def _under(path: Path, roots: list[Path]) -> bool:
 
 def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool = False, prune: bool = True,
            on_progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
-           captioner=None) -> IndexReport:
+           captioner=None, search_first: bool = False) -> IndexReport:
     """Bring the library up to date with ``paths`` (files and folders) for the session's configuration.
 
     The videos to caption go to ``captioner`` (default: ``LocalCaptioner(session)``, this process; a
     ``atomkit.retrieval.cluster.RayCaptioner`` spreads them over a Ray cluster); results are stored as they arrive.
 
     Stored videos under a scanned folder whose files no longer exist are removed when ``prune`` (their
-    clips with them); a moved file is found again first. Progress counts videos (done / to do)."""
+    clips with them); a moved file is found again first. Progress counts videos (done / to do).
+
+    ``search_first``: run the encoder only and store the clips with their concepts, captions pending
+    (``atomkit.retrieval.deferred``: searchable at once, ``caption_pending`` lands the captions)."""
     if not lib.writable:
         raise LibraryError(f"{lib.path} was opened for reading: open it with Library(path) to index into it")
+    if search_first:
+        from atomkit.retrieval.deferred import supported
+
+        if captioner is not None or not supported(session):
+            raise ValueError(f"search-first indexing needs a local run of a model whose decoder captions from concepts "
+                             f"({session.model} {'does not' if not supported(session) else 'does, but not on Ray'})")
     t0 = time.perf_counter()
     report = IndexReport()
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
@@ -123,7 +137,7 @@ def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool
         todo.append((path, st.st_size, st.st_mtime_ns, fp))
 
     items = {path: (size, mtime_ns, fp) for path, size, mtime_ns, fp in todo}
-    runner = captioner or LocalCaptioner(session)
+    runner = captioner or LocalCaptioner(session, decode=not search_first)
     bar = tqdm(total=len(todo), desc=f"indexing ({runner.name})", unit="video", disable=not progress)
     if on_progress:
         on_progress(0, len(todo))
@@ -167,10 +181,10 @@ class VideoResult:
     worker: str = "local"
 
 
-def caption_video(session, path: Path) -> VideoResult:
+def caption_video(session, path: Path, decode: bool = True) -> VideoResult:
     """Caption one video and embed its clips (``atomkit.retrieval.ranking``) with the session's resident modules (a
-    worker's unit of work)."""
-    caps = caption(session, [path])
+    worker's unit of work); ``decode=False``: its concepts only, captions pending."""
+    caps = caption(session, [path], decode=decode)
     if not caps.clips:
         return VideoResult(error="; ".join(s.reason for s in caps.skipped) or "no clip could be captioned")
     vectors = index(session, caps).vectors.numpy().astype(np.float32)  # what retrieval ranks on
@@ -184,14 +198,14 @@ class LocalCaptioner:
 
     name = "local"
 
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, session, decode: bool = True):
+        self.session, self.decode = session, decode
 
     def run(self, paths: list[Path], cancel: threading.Event | None = None) -> Iterator[tuple[Path, VideoResult]]:
         for path in paths:
             if cancel is not None and cancel.is_set():
                 return
-            yield path, caption_video(self.session, path)
+            yield path, caption_video(self.session, path, self.decode)
 
 
 def _store(lib: Library, cfg: int, path: Path, size: int, mtime_ns: int, fp: str, result: VideoResult,
@@ -208,6 +222,7 @@ def _store(lib: Library, cfg: int, path: Path, size: int, mtime_ns: int, fp: str
                   clips=result.rows)
     report.captioned.append(str(path))
     report.clips_new += len(result.rows)
+    report.pending += sum(1 for r in result.rows if r[3] == PENDING)
     report.skipped += result.skipped
 
 

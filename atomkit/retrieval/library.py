@@ -8,7 +8,8 @@ Tables (schema version in ``PRAGMA user_version``):
 * ``configs``: the settings that produce captions (model, quantization, decoding, windows, atomkit version),
   stored as JSON under their hash: clips made under another configuration are never mixed in;
 * ``clips``: the windows of a video under one configuration: bounds, caption, concepts and the caption's
-  embedding (float32 BLOB, unit length).
+  embedding (float32 BLOB, unit length). A clip indexed search-first has the caption ``PENDING`` (empty) and the
+  embedding of its concepts alone until ``set_caption`` lands its caption (``atomkit.retrieval.deferred``).
 
 Every change goes through ``with lib.transaction():`` (``BEGIN IMMEDIATE``), and a video's clips are written in
 one transaction, so a killed indexer leaves whole videos or none. WAL mode lets readers query while an indexer
@@ -30,6 +31,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from atomkit.config import PENDING
 from atomkit.errors import AtomkitError
 
 SCHEMA_VERSION = 1
@@ -457,7 +459,24 @@ class Library:
         return [(_path(p), i, a, b, cap, [tuple(x) for x in json.loads(con)], np.frombuffer(vec, dtype=np.float32))
                 for p, i, a, b, cap, con, vec in rows]
 
+    def pending(self, config_id: int) -> list[tuple]:
+        """(clip id, video path, idx, concepts) of the clips of a configuration still waiting for their caption."""
+        rows = self._db.execute("SELECT c.id, v.path, c.idx, c.concepts FROM clips c JOIN videos v ON v.id = c.video_id "
+                                "WHERE c.config_id=? AND c.caption=? ORDER BY v.path, c.idx", (config_id, PENDING)).fetchall()
+        return [(i, _path(p), idx, [tuple(x) for x in json.loads(con)]) for i, p, idx, con in rows]
+
+    def set_caption(self, clip_id: int, caption: str, embedding: np.ndarray | None) -> bool:
+        """Land one clip's caption (and its new embedding; None keeps the stored one) in its own transaction;
+        False when the clip is gone or was captioned meanwhile (its video indexed again)."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM clips WHERE id=? AND caption=?", (clip_id, PENDING)).fetchone() is None:
+                return False
+            vec = None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes()
+            db.execute("UPDATE clips SET caption=?, embedding=COALESCE(?, embedding) WHERE id=?", (caption, vec, clip_id))
+            return True
+
     def counts(self) -> dict[str, int]:
         one = lambda q: self._db.execute(q).fetchone()[0]  # noqa: E731
         return {"videos": one("SELECT COUNT(*) FROM videos"), "unreadable": one("SELECT COUNT(*) FROM videos WHERE error IS NOT NULL"),
-                "clips": one("SELECT COUNT(*) FROM clips"), "configs": one("SELECT COUNT(*) FROM configs")}
+                "clips": one("SELECT COUNT(*) FROM clips"), "configs": one("SELECT COUNT(*) FROM configs"),
+                "pending": one("SELECT COUNT(*) FROM clips WHERE caption=''")}

@@ -9,7 +9,8 @@ sure it is of each). A clip's retrieval vector is the unit sum of three unit vec
   of "a photo of a <class>" over the clip's concepts, so a class the encoder is sure of weighs more.
 
 A query can so match the words of the caption or a class the encoder half-saw. A clip without concepts
-(visual-prefix models) is ranked on its caption alone. Measured on the development set in
+(visual-prefix models) is ranked on its caption alone; a clip not captioned yet (``PENDING``, search-first
+indexing) on its concepts alone, until its caption lands. Measured on the development set in
 ``results/quality-default.json`` ("views": each part alone, and the baseline).
 
 Class embeddings are computed once per embedder and kept with it (they are the same for every clip).
@@ -61,7 +62,10 @@ def clip_vectors(emb, clips) -> torch.Tensor:
     """(N, D) unit retrieval vectors of captioned clips (``CaptionedClip``s): caption + names + concept vector."""
     if not clips:
         return emb.embed([])
+    from atomkit.config import PENDING
+
     caps = F.normalize(emb.embed([c.caption for c in clips]), dim=-1)
+    caps[[i for i, c in enumerate(clips) if c.caption == PENDING]] = 0  # not captioned yet: its concepts alone
     seen = [i for i, c in enumerate(clips) if c.concepts]
     if not seen:
         return caps

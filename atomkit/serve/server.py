@@ -92,8 +92,9 @@ class Service:
     """The resident sessions and the socket that serves them (``run()`` blocks until ``stop()``)."""
 
     def __init__(self, runner, path: str | Path | None = None, idle_unload_s: float = IDLE_UNLOAD_S, log=None):
-        """``runner(argv, cwd, env, borrow) -> exit status`` runs one command line with ``borrow(model, settings)``
-        lending resident sessions (the CLI's ``atomkit.cli.serve.run_command``)."""
+        """``runner(argv, cwd, env, service) -> exit status`` runs one command line with the service's ``borrow``
+        (resident sessions), ``follow`` (captions in the background) and ``heard`` (what queries ranked high):
+        the CLI's ``atomkit.cli.serve.run_command``."""
         if not idle_unload_s > 0:
             from atomkit.errors import InputError
 
@@ -113,6 +114,8 @@ class Service:
         self._threads: set[threading.Thread] = set()
         self._listener: socket.socket | None = None
         self._env = {k: os.environ.get(k) for k in ENV_KEYS}
+        self.followers: dict[tuple, object] = {}  # (library, settings) -> atomkit.retrieval.deferred.Follower
+        self.recent: dict[str, list] = {}  # library -> (video, window) of the clips recent queries ranked high
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -175,6 +178,8 @@ class Service:
         deadline = time.monotonic() + 30
         for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
+        for f in list(self.followers.values()):
+            f.stop(timeout=60)  # after the group in flight: its captions land, the rest stay pending
         for r in self.residents.values():
             if r.session is not None:
                 r.session.close()
@@ -203,6 +208,36 @@ class Service:
             with self._lock:
                 r.in_flight -= 1
                 r.last_used = time.monotonic()
+
+    def _resident_of(self, session) -> _Resident:
+        return next(r for r in self.residents.values() if r.session is session)
+
+    def follow(self, db, session) -> None:
+        """Caption the library's pending clips in the background with this resident session (once per library
+        and settings at a time); the session counts as busy meanwhile, so it is not unloaded."""
+        from atomkit.retrieval.deferred import Follower
+
+        r = self._resident_of(session)
+        key = (str(Path(db).resolve()), r.key)
+
+        def done():
+            with self._lock:
+                r.in_flight -= 1
+                r.last_used = time.monotonic()
+
+        with self._lock:
+            running = self.followers.get(key)
+            if (running is not None and running.running) or self._stopping.is_set():
+                return
+            r.in_flight += 1
+            self.followers[key] = Follower(session, key[0], prefer=lambda: set(self.recent.get(key[0], ())),
+                                           log=self.log, on_done=done).start()
+
+    def heard(self, db, clips: list[tuple[str, int]]) -> None:
+        """A query ranked these (video, window) clips high: their captions go first."""
+        key = str(Path(db).resolve())
+        with self._lock:
+            self.recent[key] = (list(clips) + self.recent.get(key, []))[:50]
 
     def _unload_idle(self) -> None:
         while not self._stopping.wait(min(1.0, self.idle_unload_s / 4)):
@@ -241,7 +276,8 @@ class Service:
                             for m, v in report.items()}})
         return {"pid": os.getpid(), "version": __version__, "socket": str(self.path),
                 "uptime_s": round(time.time() - self.started, 1), "idle_unload_s": self.idle_unload_s,
-                "requests": self.requests, "unloads": self.unloads, "rss_mib": _rss_mib(), "sessions": sessions}
+                "requests": self.requests, "unloads": self.unloads, "rss_mib": _rss_mib(), "sessions": sessions,
+                "captions": [f.status() for f in list(self.followers.values())]}
 
     # -- requests --------------------------------------------------------------------------------------------
     def _handle(self, conn: socket.socket) -> None:
@@ -301,7 +337,7 @@ class Service:
     def _command(self, client: _Client, argv: list[str], cwd: str, env: dict) -> int:
         self._local.client = client
         try:
-            return self.runner(argv, cwd, env, self.borrow)
+            return self.runner(argv, cwd, env, self)
         finally:
             self._local.client = None
 
