@@ -1,6 +1,6 @@
-"""Search-first indexing and the captions that follow (atomkit.retrieval.deferred), with tiny-default: the real
-EfficientNet-Lite0 concepts and a random 2-layer LM whose captions differ from clip to clip, so a caption that
-landed on the wrong clip, in another batch or not at all shows."""
+"""Search-first indexing (a glance at each clip) and the full pass that follows (atomkit.retrieval.deferred), with
+tiny-default: the real EfficientNet-Lite0 concepts and a random 2-layer LM whose captions differ from clip to clip,
+so a caption that landed on the wrong clip, in another batch or not at all shows."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +28,7 @@ def one_pass(short_session, samples, tmp_path_factory):
     with Library(path) as lib:
         update(short_session, lib, [samples["carphone_pristine.mp4"], samples["bikes.mp4"]])
         rows = lib.clips(lib.config_id(config_of(short_session)))
-    return {(str(p), i): (cap, vec) for p, i, _, _, cap, _, vec in rows}
+    return {(str(p), i): (cap, vec, con) for p, i, _, _, cap, con, vec in rows}
 
 
 def test_search_first_is_searchable_before_any_caption(short_session, samples, tmp_path, one_pass):
@@ -42,10 +42,12 @@ def test_search_first_is_searchable_before_any_caption(short_session, samples, t
         # ranked on the concepts alone: the carphone man's tie, not the bikes
         assert hits[0].clip.clip.video.name == "carphone_pristine.mp4"
         assert hits[0].to_dict()["captioned"] is False
-        # the stored vector is the concepts' alone; the one-pass vector of the same clip also carries its caption
+        # a first look: one frame's concepts, whose vector is not the full pass's (six frames, and the caption)
+        first = idx.captions.clips[0]
         vec = idx.vectors[0].numpy()
         assert abs(np.linalg.norm(vec) - 1) < 1e-5
-        assert not np.allclose(vec, one_pass[(str(idx.captions.clips[0].clip.video), 0)][1], atol=1e-3)
+        assert not np.allclose(vec, one_pass[(str(first.clip.video), 0)][1], atol=1e-3)
+        assert first.concepts != one_pass[(str(first.clip.video), 0)][2]
 
 
 def test_captions_that_land_later_are_the_one_pass_captions(short_session, samples, tmp_path, one_pass):
@@ -57,11 +59,11 @@ def test_captions_that_land_later_are_the_one_pass_captions(short_session, sampl
         landed = caption_pending(short_session, lib)
         assert landed == len(one_pass) and lib.counts()["pending"] == 0
         rows = lib.clips(cfg)
-    got = {(str(p), i): (cap, vec) for p, i, _, _, cap, _, vec in rows}
+    got = {(str(p), i): (cap, vec, con) for p, i, _, _, cap, con, vec in rows}
     assert got.keys() == one_pass.keys()
-    assert len({cap for cap, _ in got.values()}) > len(got) // 2  # the tiny LM writes a caption of its own per clip
-    for key, (cap, vec) in got.items():
-        assert cap == one_pass[key][0], key
+    assert len({cap for cap, *_ in got.values()}) > len(got) // 2  # the tiny LM writes a caption of its own per clip
+    for key, (cap, vec, con) in got.items():
+        assert cap == one_pass[key][0] and con == one_pass[key][2], key
         np.testing.assert_allclose(vec, one_pass[key][1], atol=1e-5)
 
 
@@ -69,10 +71,10 @@ def test_a_clip_a_query_ranked_high_is_captioned_first(short_session, samples, t
     bikes = str(samples["bikes.mp4"].resolve())
     with Library(tmp_path / "lib.db") as lib:
         update(short_session, lib, [samples["carphone_pristine.mp4"], samples["bikes.mp4"]], search_first=True)
-        before = {(str(p), i) for _, p, i, _ in lib.pending(lib.config_id(config_of(short_session)))}
+        before = {(str(p), i) for _, p, i, *_ in lib.pending(lib.config_id(config_of(short_session)))}
         asked = []
         n = caption_pending(short_session, lib, prefer=lambda: asked.append(1) or {(bikes, 5)}, limit=1)
-        after = {(str(p), i) for _, p, i, _ in lib.pending(lib.config_id(config_of(short_session)))}
+        after = {(str(p), i) for _, p, i, *_ in lib.pending(lib.config_id(config_of(short_session)))}
     # the group of window 5 of the bikes (windows 4-7) landed, nothing else; carphone sorts first in the library
     assert sorted(before - after) == [(bikes, i) for i in range(4, 8)] and n == 4 and asked
 
@@ -81,13 +83,14 @@ def test_a_clip_indexed_again_meanwhile_is_not_overwritten(short_session, sample
     with Library(tmp_path / "lib.db") as lib:
         update(short_session, lib, [samples["carphone_pristine.mp4"]], search_first=True)
         clip_id = lib.pending(lib.config_id(config_of(short_session)))[0][0]
-        assert lib.set_caption(clip_id, "first", None) is True
-        assert lib.set_caption(clip_id, "second", None) is False  # only a pending caption is written
-        assert lib.set_caption(10**9, "gone", None) is False
+        vec = np.zeros(384, dtype=np.float32)
+        assert lib.set_clip(clip_id, "first", [], vec) is True
+        assert lib.set_clip(clip_id, "second", [], vec) is False  # only a pending clip is written
+        assert lib.set_clip(10**9, "gone", [], vec) is False
 
 
 def test_search_first_needs_a_decoder_that_reads_concepts(samples, tmp_path):
     with atomkit.Session("tiny-paper", device="cpu") as s, Library(tmp_path / "lib.db") as lib:
-        with pytest.raises(ValueError, match="captions from concepts"):
+        with pytest.raises(ValueError, match="names concepts"):
             update(s, lib, [samples["carphone_pristine.mp4"]], search_first=True)
         assert lib.counts()["videos"] == 0

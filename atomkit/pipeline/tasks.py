@@ -125,7 +125,7 @@ def _batches(items: list, size: int) -> list[list]:
 
 def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bool = False,
             on_progress: Callable[[int, int], None] | None = None,
-            cancel: threading.Event | None = None, decode: bool = True) -> Captions:
+            cancel: threading.Event | None = None, glance: bool = False) -> Captions:
     """Cut every video into clips and caption each with the session's encoder and decoder.
 
     The executor's stages (decode frames, encode, caption) run on groups of ``session.decode.caption_batch``
@@ -137,7 +137,8 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
     are cut). When ``cancel`` is set, captioning stops after the group in flight and the clips done so far
     are returned with ``cancelled=True``.
 
-    ``decode=False``: the encoder's part only (search-first indexing); every caption is ``PENDING`` (empty).
+    ``glance=True``: a first look for search-first indexing: one frame a clip (the middle one) through the encoder
+    (without the detector) and the retriever, no decoder; every caption is ``PENDING`` (empty).
     """
     t0 = time.perf_counter()
     videos, problems = find_videos(paths)
@@ -153,12 +154,24 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
         if names[Path(v)] != Path(v).stem:
             cut = [replace(c, uid=f"{names[Path(v)]}#{c.index:02d}") for c in cut]
         todo.extend(cut)
+    return caption_clips(session, todo, skipped=skipped, executor=executor, progress=progress, on_progress=on_progress,
+                         cancel=cancel, glance=glance, t0=t0)
+
+
+def caption_clips(session, todo: list[Clip], *, skipped: list[Skipped] | None = None, executor=None,
+                  progress: bool = False, on_progress: Callable[[int, int], None] | None = None,
+                  cancel: threading.Event | None = None, glance: bool = False, t0: float | None = None) -> Captions:
+    """``caption``'s work on clips already cut (the captions that follow a search-first index caption the
+    pending clips of a library this way, in the groups ``caption`` makes of a video's clips)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    skipped = [] if skipped is None else skipped
+    window = replace(session.window, frames=1) if glance else session.window
 
     def load(group: list[Clip]) -> list[_Work]:
         work = []
         for clip in group:
             try:
-                work.append(_Work(clip, frames=sample_frames(clip, session.window)))
+                work.append(_Work(clip, frames=sample_frames(clip, window)))
             except VideoError as e:
                 work.append(_Work(clip, error=e))
         return work
@@ -167,7 +180,7 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
         ok = [w for w in group if w.error is None]
         with session.use("encoder") as enc:
             for w in ok:
-                w.encoded = enc.encode(w.frames)
+                w.encoded = enc.encode(w.frames, detect=not glance)
                 w.encoded.times = [t - w.clip.start_s for t in frame_times(w.clip, w.frames.shape[2])]  # the clip's clock
                 w.encoded.duration_s = w.clip.duration_s
         if session.spec.retriever is not None and ok:  # a dual encoder ranks: one pooled vector per clip
@@ -180,7 +193,7 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
 
     def decode_stage(group: list[_Work]) -> list[_Work]:
         ok = [w for w in group if w.error is None]
-        if not decode:
+        if glance:
             for w in ok:
                 w.caption = PENDING
         elif ok:

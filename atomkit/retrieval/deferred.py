@@ -1,17 +1,18 @@
-"""Captions that follow the index: search-first indexing, then the decoder where the queries point.
+"""Captions that follow the index: a first look makes a library searchable at once, the full pass follows.
 
-``update(session, lib, paths, search_first=True)`` runs only the frames and the encoder over new videos and stores
-each clip with its concepts, the caption ``PENDING`` and the embedding of its concepts alone (a dual-encoder
-spec: its retriever's vector, which is final), so the library answers queries once the encoder has passed.
-``caption_pending`` then captions the waiting clips from their stored concepts (no video is read again) and lands
-each clip's caption, with its fused embedding, in a transaction of its own: a process killed in between loses
-only the group in flight, and the next run carries on with what is still pending.
+``update(session, lib, paths, search_first=True)`` gives each new clip a **glance**: one frame (the middle one)
+through the encoder's classifier and, where the spec has one, its retriever, no detector and no decoder. The clips
+are stored with those concepts, the caption ``PENDING`` and the embedding of the concepts alone (a dual-encoder
+spec: the retriever's vector of that frame), so the library answers queries after about a tenth of the work.
+``caption_pending`` then gives the waiting clips the **full pass** (six frames, classifier and detector, decoder,
+embedding: exactly what a one-pass index does) and lands each clip, caption, concepts and embedding, in a
+transaction of its own: a process killed in between loses only the group in flight, and the next run carries
+on with what is still pending.
 
-Only specs whose decoder captions from the concepts alone (``ModelSpec.concept_captions``: the concept bridge)
-index search-first; the others caption in one pass. Groups are a video's clips in caption batches (windows
-0-3, 4-7, ...), the grouping the one-pass index uses, so a caption that lands later is the caption a one-pass
-index writes (tests/test_serve.py compares them). Order: a group holding a clip that a recent query ranked
-high goes first (``prefer``), then the library's order.
+Groups are a video's clips in caption batches (windows 0-3, 4-7, ...), the grouping the one-pass index uses, so
+what lands is what a one-pass index writes (the tests compare them). Order: a group holding a clip that a recent
+query ranked high goes first (``prefer``), then the library's order. Specs whose encoder names no concepts
+(visual-prefix models) have nothing to search on after a glance; they index in one pass.
 """
 from __future__ import annotations
 
@@ -21,18 +22,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from atomkit.retrieval.library import Library, config_of
 
 
 def supported(session) -> bool:
-    """Whether the session's captions can follow its index (its decoder reads concepts, not frames)."""
+    """Whether a glance gives the session something to search on (its encoder names concepts)."""
     return bool(session.spec.concept_captions)
 
 
 def groups(lib: Library, config_id: int, batch: int) -> list[list[tuple]]:
-    """The pending clips as caption groups: (clip id, video path, idx, concepts) rows, a video's windows in
+    """The pending clips as caption groups: (clip id, video path, idx, start, end) rows, a video's windows in
     batches of ``batch`` by window number."""
     out: dict[tuple, list] = {}
     for row in lib.pending(config_id):
@@ -43,37 +43,34 @@ def groups(lib: Library, config_id: int, batch: int) -> list[list[tuple]]:
 def caption_pending(session, lib: Library, *, prefer: Callable[[], set] | None = None,
                     cancel: threading.Event | None = None, limit: int | None = None,
                     on_group: Callable[[int, int], None] | None = None) -> int:
-    """Caption the library's pending clips of the session's configuration; the number captioned.
+    """Give the library's pending clips of the session's configuration their full pass; the number landed.
 
-    ``prefer()`` gives (video path, window) pairs to caption first (asked before every group, so new queries
-    count at once); ``cancel`` stops after the group in flight; ``limit`` stops after that many clips;
-    ``on_group(captioned so far, still pending)`` follows each group."""
-    from atomkit.models.encoder import Encoded
+    ``prefer()`` gives (video path, window) pairs to do first (asked before every group, so new queries count
+    at once); ``cancel`` stops after the group in flight; ``limit`` stops after that many clips;
+    ``on_group(landed so far, still pending)`` follows each group. A clip whose frames cannot be read now stays
+    pending (reported by the caller's next run)."""
     from atomkit.media.video import Clip
-    from atomkit.pipeline.tasks import CaptionedClip
-    from atomkit.retrieval.ranking import clip_vectors
+    from atomkit.pipeline.tasks import caption_clips, index
 
     cfg = lib.config_id(config_of(session))
     if cfg is None:
         return 0
-    done = 0
+    done, failed = 0, set()
     while not (cancel is not None and cancel.is_set()) and (limit is None or done < limit):
-        todo = groups(lib, cfg, session.decode.caption_batch)
+        todo = [g for g in groups(lib, cfg, session.decode.caption_batch) if not failed.issuperset(r[0] for r in g)]
         if not todo:
             break
         wanted = prefer() if prefer else set()
-        group = next((g for g in todo if any((str(p), i) in wanted for _, p, i, _ in g)), todo[0])
-        encs = [Encoded(torch.zeros(0), list(concepts)) for *_, concepts in group]
-        with session.use("decoder") as dec:
-            texts = dec.captions(encs, session.decode)
-        if session.spec.retriever is not None:  # it ranks on the retriever's vectors, stored with the concepts
-            vectors = [None] * len(group)
-        else:
-            clips = [CaptionedClip(Clip(Path(p), i, 0.0, 0.0), t, list(c)) for (_, p, i, c), t in zip(group, texts)]
-            with session.use("embedder") as emb:
-                vectors = list(clip_vectors(emb, clips).numpy().astype(np.float32))
-        for (clip_id, *_), text, vec in zip(group, texts, vectors):
-            done += lib.set_caption(clip_id, text, vec)  # one transaction per clip
+        group = next((g for g in todo if any((str(r[1]), r[2]) in wanted for r in g)), todo[0])
+        by_clip = {(str(p), i): cid for cid, p, i, _, _ in group}
+        caps = caption_clips(session, [Clip(Path(p), i, a, b) for _, p, i, a, b in group])
+        vectors = index(session, caps).vectors.numpy().astype(np.float32) if caps.clips else []
+        landed = set()
+        for c, vec in zip(caps.clips, vectors):
+            cid = by_clip[(str(c.clip.video), c.clip.index)]
+            done += lib.set_clip(cid, c.caption, [list(x) for x in c.concepts], vec)  # one transaction per clip
+            landed.add(cid)
+        failed |= {cid for cid, *_ in group} - landed
         if on_group:
             on_group(done, sum(map(len, todo)) - len(group))
     return done

@@ -86,15 +86,15 @@ def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool
     Stored videos under a scanned folder whose files no longer exist are removed when ``prune`` (their
     clips with them); a moved file is found again first. Progress counts videos (done / to do).
 
-    ``search_first``: run the encoder only and store the clips with their concepts, captions pending
-    (``atomkit.retrieval.deferred``: searchable at once, ``caption_pending`` lands the captions)."""
+    ``search_first``: a first look at each clip (one frame, no decoder) is stored, captions pending
+    (``atomkit.retrieval.deferred``: searchable at once; ``caption_pending`` lands the full pass)."""
     if not lib.writable:
         raise LibraryError(f"{lib.path} was opened for reading: open it with Library(path) to index into it")
     if search_first:
         from atomkit.retrieval.deferred import supported
 
         if captioner is not None or not supported(session):
-            raise ValueError(f"search-first indexing needs a local run of a model whose decoder captions from concepts "
+            raise ValueError(f"search-first indexing needs a local run of a model whose encoder names concepts "
                              f"({session.model} {'does not' if not supported(session) else 'does, but not on Ray'})")
     t0 = time.perf_counter()
     report = IndexReport()
@@ -137,7 +137,7 @@ def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool
         todo.append((path, st.st_size, st.st_mtime_ns, fp))
 
     items = {path: (size, mtime_ns, fp) for path, size, mtime_ns, fp in todo}
-    runner = captioner or LocalCaptioner(session, decode=not search_first)
+    runner = captioner or LocalCaptioner(session, glance=search_first)
     bar = tqdm(total=len(todo), desc=f"indexing ({runner.name})", unit="video", disable=not progress)
     if on_progress:
         on_progress(0, len(todo))
@@ -181,10 +181,10 @@ class VideoResult:
     worker: str = "local"
 
 
-def caption_video(session, path: Path, decode: bool = True) -> VideoResult:
+def caption_video(session, path: Path, glance: bool = False) -> VideoResult:
     """Caption one video and embed its clips (``atomkit.retrieval.ranking``) with the session's resident modules (a
-    worker's unit of work); ``decode=False``: its concepts only, captions pending."""
-    caps = caption(session, [path], decode=decode)
+    worker's unit of work); ``glance``: a first look at each clip, captions pending (``atomkit.retrieval.deferred``)."""
+    caps = caption(session, [path], glance=glance)
     if not caps.clips:
         return VideoResult(error="; ".join(s.reason for s in caps.skipped) or "no clip could be captioned")
     vectors = index(session, caps).vectors.numpy().astype(np.float32)  # what retrieval ranks on
@@ -198,14 +198,14 @@ class LocalCaptioner:
 
     name = "local"
 
-    def __init__(self, session, decode: bool = True):
-        self.session, self.decode = session, decode
+    def __init__(self, session, glance: bool = False):
+        self.session, self.glance = session, glance
 
     def run(self, paths: list[Path], cancel: threading.Event | None = None) -> Iterator[tuple[Path, VideoResult]]:
         for path in paths:
             if cancel is not None and cancel.is_set():
                 return
-            yield path, caption_video(self.session, path, self.decode)
+            yield path, caption_video(self.session, path, self.glance)
 
 
 def _store(lib: Library, cfg: int, path: Path, size: int, mtime_ns: int, fp: str, result: VideoResult,

@@ -8,8 +8,8 @@ Tables (schema version in ``PRAGMA user_version``):
 * ``configs``: the settings that produce captions (model, quantization, decoding, windows, atomkit version),
   stored as JSON under their hash: clips made under another configuration are never mixed in;
 * ``clips``: the windows of a video under one configuration: bounds, caption, concepts and the caption's
-  embedding (float32 BLOB, unit length). A clip indexed search-first has the caption ``PENDING`` (empty) and the
-  embedding of its concepts alone until ``set_caption`` lands its caption (``atomkit.retrieval.deferred``).
+  embedding (float32 BLOB, unit length). A clip indexed search-first has the caption ``PENDING`` (empty) and
+  the concepts and embedding of a first look until ``set_clip`` lands the full pass (``atomkit.retrieval.deferred``).
 
 Every change goes through ``with lib.transaction():`` (``BEGIN IMMEDIATE``), and a video's clips are written in
 one transaction, so a killed indexer leaves whole videos or none. WAL mode lets readers query while an indexer
@@ -460,19 +460,20 @@ class Library:
                 for p, i, a, b, cap, con, vec in rows]
 
     def pending(self, config_id: int) -> list[tuple]:
-        """(clip id, video path, idx, concepts) of the clips of a configuration still waiting for their caption."""
-        rows = self._db.execute("SELECT c.id, v.path, c.idx, c.concepts FROM clips c JOIN videos v ON v.id = c.video_id "
-                                "WHERE c.config_id=? AND c.caption=? ORDER BY v.path, c.idx", (config_id, PENDING)).fetchall()
-        return [(i, _path(p), idx, [tuple(x) for x in json.loads(con)]) for i, p, idx, con in rows]
+        """(clip id, video path, idx, start, end) of the clips of a configuration still waiting for their caption."""
+        rows = self._db.execute("SELECT c.id, v.path, c.idx, c.start_s, c.end_s FROM clips c JOIN videos v ON "
+                                "v.id = c.video_id WHERE c.config_id=? AND c.caption=? ORDER BY v.path, c.idx",
+                                (config_id, PENDING)).fetchall()
+        return [(i, _path(p), idx, a, b) for i, p, idx, a, b in rows]
 
-    def set_caption(self, clip_id: int, caption: str, embedding: np.ndarray | None) -> bool:
-        """Land one clip's caption (and its new embedding; None keeps the stored one) in its own transaction;
-        False when the clip is gone or was captioned meanwhile (its video indexed again)."""
+    def set_clip(self, clip_id: int, caption: str, concepts: list, embedding: np.ndarray) -> bool:
+        """Land one pending clip's caption, concepts and embedding in its own transaction; False when the clip is
+        gone or no longer pending (its video indexed again meanwhile)."""
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM clips WHERE id=? AND caption=?", (clip_id, PENDING)).fetchone() is None:
                 return False
-            vec = None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes()
-            db.execute("UPDATE clips SET caption=?, embedding=COALESCE(?, embedding) WHERE id=?", (caption, vec, clip_id))
+            db.execute("UPDATE clips SET caption=?, concepts=?, embedding=? WHERE id=?",
+                       (caption, json.dumps(concepts), np.asarray(embedding, dtype=np.float32).tobytes(), clip_id))
             return True
 
     def counts(self) -> dict[str, int]:
