@@ -83,6 +83,21 @@ def register(sub) -> None:
     p.add_argument("--no-ray", action="store_true", help="skip the throughput runs")
     p.add_argument("--out", metavar="FILE.json", default="results/library.json", help="where the JSON goes")
 
+    p = command(sub, "bench-serve", "atomkit serve measured: CLI query latency with and without it, an hour of video "
+                "searchable and captioned, memory while idle (JSON)", bench_serve, description="Builds an hour of "
+                "video from the development set's sources (once, into the cache), indexes it in one pass without the "
+                "service and search-first through a fresh service, then times `atomkit retrieve` as whole processes "
+                "with and without the service and reads the service's memory after its modules unloaded.",
+                examples="atomkit bench-serve --out results/serve.json")
+    p.add_argument("--minutes", type=int, default=60, help="one-minute videos in the synthetic library (default: 60)")
+    p.add_argument("--queries", type=int, default=50, help="CLI queries through the service (default: %(default)s)")
+    p.add_argument("--local-queries", type=int, default=10,
+                   help="CLI queries with --no-server, each loading torch and the embedder (default: %(default)s)")
+    p.add_argument("--idle-unload", type=float, default=20.0, metavar="SECONDS",
+                   help="the service's idle unload for the memory reading (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE.json", default="results/serve.json", help="where the JSON goes")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+
 
 def bench(args) -> int:
     from atomkit.bench.record import with_record
@@ -170,5 +185,25 @@ def bench_library(args) -> int:
               f"{r['image_size']} px, + {r['embed_clip_s']['frames_s'] * 1e3:.0f} ms decoding them), a query "
               f"{r['query']['p50_ms']:.1f} ms (p50); index {r['clips_per_s']['retrieval_only']:.2f} clips/s "
               f"retrieval-only against {r['clips_per_s']['captioning']:.2f} captioning; {r['resident_mib']} MiB")
+    print(f"wrote {path}")
+    return 0
+
+
+def bench_serve(args) -> int:
+    from atomkit.bench.record import with_record
+    from atomkit.bench.serve import HOUR_VERSION, run
+    from atomkit.config import cache_dir
+
+    check_positive(minutes=args.minutes, queries=args.queries, local_queries=args.local_queries)
+    result = run(cache_dir() / f"hour-v{HOUR_VERSION}", minutes=args.minutes, served_queries=args.queries,
+                 local_queries=args.local_queries, idle_s=args.idle_unload, progress=not args.quiet)
+    path = write_json_atomic(Path(args.out), with_record(result))
+    h, one, svc, q, m = (result[k] for k in ("hour", "one_pass", "service", "cli_query_latency", "memory_mib"))
+    print(f"{h['clips']} clips ({h['minutes']} min): one pass {one['all_captioned_s']:.0f} s to searchable and "
+          f"captioned; through the service searchable in {svc['searchable_s']:.0f} s, all captioned in "
+          f"{svc['all_captioned_s']:.0f} s ({svc['all_captioned_vs_one_pass']:.2f}x)")
+    print(f"`atomkit retrieve` p50 {q['with_service']['p50_ms']:.0f} ms (p99 {q['with_service']['p99_ms']:.0f}) with "
+          f"the service, {q['without_service']['p50_ms']:.0f} ms without; service memory {m['resident']} MiB resident, "
+          f"{m['idle_after_unload']} MiB after idle unload")
     print(f"wrote {path}")
     return 0

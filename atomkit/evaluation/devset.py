@@ -136,18 +136,19 @@ def video_frames(path: Path, *, seconds: float, fps: int = FPS, size=SIZE):
         yield canvas
 
 
-def write_video(frames, path: Path, *, fps: int = FPS, size=SIZE) -> Path:
+def write_video(frames, path: Path, *, fps: int = FPS, size=SIZE, gop: int | None = None) -> Path:
     """PIL frames -> H.264 (PyAV), published by a rename when complete. The set must be the same bytes every time
     it is built: the frames go to x264 (one thread) as YUV 4:2:0 converted here (``yuv420``), at a size whose chroma
     rows fill whole 64-byte lines. At 320x240 (chroma rows of 160 bytes) x264's output depended on what the memory
-    around the frame held before (measured: the same frames gave other bytes after unrelated allocations)."""
+    around the frame held before (measured: the same frames gave other bytes after unrelated allocations).
+    ``gop``: a keyframe every that many frames (x264's default: 250)."""
     import av
 
     tmp = path.with_name(path.name + ".tmp.mp4")
     with av.open(str(tmp), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "20", "threads": "1"}
+        stream.options = {"preset": "veryfast", "crf": "20", "threads": "1", **({"g": str(gop)} if gop else {})}
         for frame in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(yuv420(np.asarray(frame.convert("RGB"))),
                                                              format="yuv420p")))

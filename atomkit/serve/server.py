@@ -253,6 +253,7 @@ class Service:
                 try:
                     for m in loaded:
                         r.session.unload(m, collect=m == loaded[-1])
+                    _trim_heap()  # a long-lived process: what the modules held goes back to the system
                     self.unloads += 1
                     print(f"atomkit serve: unloaded {', '.join(loaded)} of {r.session.model} after "
                           f"{now - r.last_used:.0f} s idle", file=self.log, flush=True)
@@ -352,6 +353,15 @@ def _answers(path: Path) -> bool:
         return False
     finally:
         s.close()
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_mib() -> float | None:
