@@ -17,7 +17,6 @@ import json
 import os
 import socket
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from atomkit.serve.protocol import ENV_KEYS, FORWARDED, ServiceError, check_path, receive, send, socket_path
@@ -99,12 +98,15 @@ def _relay(sock: socket.socket, path: Path, out=None, err=None) -> int:
             return 2
 
 
-@dataclass
 class Completed:
-    """One command the service ran: its exit status and what it wrote."""
-    returncode: int
-    stdout: str
-    stderr: str
+    """One command the service ran: its exit status and what it wrote (a plain class: the CLI's thin path imports
+    this module, and ``dataclasses`` alone would cost it ~8 ms)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+    def __repr__(self) -> str:
+        return f"Completed(returncode={self.returncode}, stdout={len(self.stdout)} chars, stderr={len(self.stderr)} chars)"
 
     def json(self):
         if self.returncode != 0:
