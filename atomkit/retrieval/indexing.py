@@ -233,7 +233,7 @@ def load_index(session, lib: Library, videos: Iterable[str | Path] | None = None
     cfg = lib.config_id(config_of(session))
     wanted = None if videos is None else [Path(v).resolve() for v in videos]
     rows = lib.clips(cfg, wanted) if cfg is not None else []
-    ids = unique_ids([p for p, *_ in rows])
+    ids = unique_ids(list(dict.fromkeys(p for p, *_ in rows)))
     clips = [CaptionedClip(Clip(p, i, a, b, uid=f"{ids[p]}#{i:02d}"), cap, [(str(lbl), float(pr)) for lbl, pr in con])
              for p, i, a, b, cap, con, _ in rows]
     vectors = torch.from_numpy(np.stack([r[6] for r in rows])) if rows else torch.zeros(0, 0)

@@ -456,7 +456,8 @@ class Library:
         if videos is not None:
             wanted = {_stored(p) for p in videos}
             rows = [r for r in rows if r[0] in wanted]
-        return [(_path(p), i, a, b, cap, [tuple(x) for x in json.loads(con)], np.frombuffer(vec, dtype=np.float32))
+        paths = {p: _path(p) for p in dict.fromkeys(r[0] for r in rows)}  # one Path per video, not per clip
+        return [(paths[p], i, a, b, cap, [tuple(x) for x in json.loads(con)], np.frombuffer(vec, dtype=np.float32))
                 for p, i, a, b, cap, con, vec in rows]
 
     def pending(self, config_id: int) -> list[tuple]:
