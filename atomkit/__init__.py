@@ -10,8 +10,9 @@ answered by ``atomkit serve``) do not pay for torch; ``atomkit.Session`` loads i
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
-from atomkit.version import __version__
+from atomkit.version import __version__ as __version__  # re-exported
 
 _WHERE = {
     "atomkit.config": ("DecodeConfig", "WindowConfig"),
@@ -37,6 +38,8 @@ def __getattr__(name: str):
         return importlib.import_module("atomkit.io")
     module = _MODULE_OF.get(name)
     if module is None:
+        if importlib.util.find_spec(f"atomkit.{name}") is not None:  # a subpackage: atomkit.retrieval.library, ...
+            return importlib.import_module(f"atomkit.{name}")
         raise AttributeError(f"module 'atomkit' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
