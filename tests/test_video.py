@@ -464,3 +464,22 @@ def test_rotation_tag_turns_frames_thumbnails_and_previews_upright(rotation, tmp
         first = next(c.decode(video=0))
         assert (first.width, first.height) == (48, round(48 * shown[1] / shown[0] / 2) * 2)
         assert _white_side(first.to_ndarray(format="rgb24")) == side
+
+
+def test_a_glance_is_one_frame_inside_the_clip_at_or_before_its_middle(samples):
+    """The glance's frame (search-first indexing) is a frame of the clip no later than its middle: compared with
+    every frame ``sample_frames`` can give between the clip's start and its middle."""
+    import numpy as np
+
+    from atomkit.config import WindowConfig
+    from atomkit.media.video import clips, frame_times, glance_frame, sample_frames
+
+    clip = clips(samples["bikes.mp4"], WindowConfig(length_s=4.0, stride_s=2.0))[1]
+    got = glance_frame(clip)
+    assert got.shape == (1, 3, 1, 224, 224) and str(got.dtype) == "torch.uint8"
+    dense = sample_frames(clip, WindowConfig(length_s=4.0, stride_s=2.0, frames=40))  # every ~0.1 s of the clip
+    times = frame_times(clip, 40)
+    before = [i for i, t in enumerate(times) if t <= (clip.start_s + clip.end_s) / 2 + 0.05]
+    diffs = [float((dense[0, :, i].float() - got[0, :, 0].float()).abs().mean()) for i in range(40)]
+    best = int(np.argmin(diffs))
+    assert diffs[best] < 1.0 and best in before, (best, diffs[best])

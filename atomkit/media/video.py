@@ -326,6 +326,32 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str | 
     return torch.from_numpy(array).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
 
 
+def glance_frame(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str | None = None) -> torch.Tensor:
+    """One frame for a first look at a clip (search-first indexing): the keyframe at or before the clip's middle
+    where it lies inside the clip, so nothing past it is decoded (phone cameras write a keyframe about every
+    second); else the middle frame as ``sample_frames`` finds it. Shape ``(1, 3, 1, size, size)``, as
+    ``sample_frames`` with one frame."""
+    fit = cfg.fit if fit is None else fit
+    convert = (lambda f: _to_square_rgb(f, cfg.size)) if fit == "crop" else (lambda f: _display_rgb(f, cfg.size, cfg.size))
+    path, middle, picked = Path(clip.video), (clip.start_s + clip.end_s) / 2, None
+    _check_file(path)
+    try:
+        with av.open(str(path)) as container:
+            if container.streams.video:
+                stream = container.streams.video[0]  # one frame: no frame threads (they buffer frames first)
+                tb = stream.time_base or Fraction(1, av.time_base)
+                t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+                container.seek(int((middle + t0) / tb), stream=stream, backward=True)
+                frame = next(container.decode(stream), None)
+                if frame is not None and frame.time is not None and clip.start_s - _EPS <= frame.time - t0 <= middle + _EPS:
+                    picked = convert(frame)
+    except (*_AV_ERRORS, StopIteration):
+        picked = None
+    if picked is None:
+        return sample_frames(clip, WindowConfig(**{**cfg.__dict__, "frames": 1}), fit=fit)
+    return torch.from_numpy(picked[None]).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+
+
 def _frames_at(path: Path, targets: list[float], convert: Callable, what: str) -> list:
     """``convert(frame)`` of the frame shown at each target time: seek to the keyframe before the first
     target, or decode from the start where the seek fails or lands past it. Raises VideoError naming ``what``."""

@@ -20,7 +20,7 @@ from atomkit.pipeline.executor import auto_executor
 from atomkit.io import output_set, sha256_file, write_json_atomic
 from atomkit.decode.script import SCRIPT_ANSWER_PREFIX, Script, parse_script, script_messages
 from atomkit.decode.structured import script_json
-from atomkit.media.video import Clip, clips as cut_clips, frame_times, sample_frames
+from atomkit.media.video import Clip, clips as cut_clips, frame_times, glance_frame, sample_frames
 from atomkit.media.scan import find_videos, unique_ids
 
 
@@ -137,7 +137,7 @@ def caption(session, paths: Iterable[str | Path], *, executor=None, progress: bo
     are cut). When ``cancel`` is set, captioning stops after the group in flight and the clips done so far
     are returned with ``cancelled=True``.
 
-    ``glance=True``: a first look for search-first indexing: one frame a clip (the middle one) through the encoder
+    ``glance=True``: a first look for search-first indexing: one frame a clip (``glance_frame``) through the encoder
     (without the detector) and the retriever, no decoder; every caption is ``PENDING`` (empty).
     """
     t0 = time.perf_counter()
@@ -166,12 +166,13 @@ def caption_clips(session, todo: list[Clip], *, skipped: list[Skipped] | None = 
     t0 = time.perf_counter() if t0 is None else t0
     skipped = [] if skipped is None else skipped
     window = replace(session.window, frames=1) if glance else session.window
+    read = glance_frame if glance else sample_frames
 
     def load(group: list[Clip]) -> list[_Work]:
         work = []
         for clip in group:
             try:
-                work.append(_Work(clip, frames=sample_frames(clip, window)))
+                work.append(_Work(clip, frames=read(clip, window)))
             except VideoError as e:
                 work.append(_Work(clip, error=e))
         return work

@@ -1,6 +1,7 @@
 """Captions that follow the index: a first look makes a library searchable at once, the full pass follows.
 
-``update(session, lib, paths, search_first=True)`` gives each new clip a **glance**: one frame (the middle one)
+``update(session, lib, paths, search_first=True)`` gives each new clip a **glance**: one frame (the keyframe nearest
+before the middle, ``atomkit.media.video.glance_frame``)
 through the encoder's classifier and, where the spec has one, its retriever, no detector and no decoder. The clips
 are stored with those concepts, the caption ``PENDING`` and the embedding of the concepts alone (a dual-encoder
 spec: the retriever's vector of that frame), so the library answers queries after about a tenth of the work.
