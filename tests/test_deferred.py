@@ -94,3 +94,20 @@ def test_search_first_needs_a_decoder_that_reads_concepts(samples, tmp_path):
         with pytest.raises(ValueError, match="names concepts"):
             update(s, lib, [samples["carphone_pristine.mp4"]], search_first=True)
         assert lib.counts()["videos"] == 0
+
+
+def test_a_plain_index_run_finishes_what_a_search_first_run_left_pending(short_session, samples, tmp_path, one_pass):
+    """A killed service leaves glances behind; `atomkit index` without the service gives them their full pass."""
+    from atomkit.cli import main
+
+    videos = [samples["carphone_pristine.mp4"], samples["bikes.mp4"]]
+    with Library(tmp_path / "lib.db") as lib:
+        update(short_session, lib, videos, search_first=True)
+        assert lib.counts()["pending"] == len(one_pass)
+    assert main(["index", *map(str, videos), "--db", str(tmp_path / "lib.db"), "--models", "tiny-default", "-q",
+                 "--device", "cpu", "--backend", "torch", "--max-new-tokens", "6", "--beams", "2",
+                 "--window", "2", "--stride", "1"]) == 0
+    with Library(tmp_path / "lib.db") as lib:
+        assert lib.counts()["pending"] == 0
+        rows = lib.clips(lib.config_id(config_of(short_session)))
+    assert {(str(p), i): cap for p, i, _, _, cap, _, _ in rows} == {k: v[0] for k, v in one_pass.items()}

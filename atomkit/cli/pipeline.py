@@ -45,9 +45,9 @@ def register(sub) -> None:
     add(p, "videos", "db", videos=dict(nargs="+", help="video files or folders of videos"))
     p.add_argument("--no-prune", action="store_true", help="keep stored videos whose files are gone (default: remove them)")
     p.add_argument("--search-first", action="store_true", help=(
-        "run the encoder over every new video first and store its concepts, so the library answers queries at "
-        "once, then caption the clips (models whose decoder captions from concepts; `atomkit serve` always "
-        "indexes this way and captions in the background)"))
+        "give every new clip a one-frame glance first and store its concepts, so the library answers queries "
+        "within seconds, then the full pass (models whose encoder names concepts; `atomkit serve` always indexes "
+        "this way and does the full pass in the background)"))
     r = p.add_argument_group("scale-out on Ray (each actor keeps one resident session)")
     r.add_argument("--ray", metavar="ADDRESS", nargs="?", const="local", default=None, help=(
         "caption on a Ray cluster: a local one for this run when no ADDRESS is given (loopback only, token "
@@ -137,10 +137,11 @@ def _update_library(args, session, lib, progress: bool):
 
     prune = not getattr(args, "no_prune", False)
     if getattr(args, "ray", None) is None:
-        search_first = getattr(args, "search_first", False)
-        report = update(session, lib, args.paths, progress=progress, prune=prune, search_first=search_first)
-        if search_first:
-            _captions_follow(session, lib, progress, getattr(RESIDENT, "follow", None))
+        report = update(session, lib, args.paths, progress=progress, prune=prune,
+                        search_first=getattr(args, "search_first", False))
+        # pending clips (this run's glances, or what a killed service left) get their full pass: in the
+        # service's background, else now
+        _captions_follow(session, lib, progress, getattr(RESIDENT, "follow", None))
         return report
     from atomkit.retrieval.cluster import RayCaptioner
 
@@ -155,13 +156,15 @@ def _update_library(args, session, lib, progress: bool):
 def _captions_follow(session, lib, progress: bool, follow=None) -> None:
     """The pending captions of a search-first index: in the background of `atomkit serve` (``follow``), else now."""
     from atomkit.retrieval.deferred import caption_pending
+    from atomkit.retrieval.library import config_of
     from tqdm.auto import tqdm
 
+    cfg = lib.config_id(config_of(session)) if lib.counts()["pending"] else None
+    n = len(lib.pending(cfg)) if cfg is not None else 0
+    if not n:
+        return
     if follow is not None:
         follow(lib.path, session)
-        return
-    n = lib.counts()["pending"]
-    if not n:
         return
     with tqdm(total=n, desc="captions", unit="clip", disable=not progress) as bar:
         caption_pending(session, lib, on_group=lambda done, left: bar.update(done - bar.n))
