@@ -164,7 +164,7 @@ def test_index_records_the_unreadable_and_retrieve_reads_the_library(corpus, tmp
     probed_unreadable = [p for p, e in _names(folder, manifest, UNREADABLE).items()
                          if Path(p).is_file() and not p.endswith(".m4a")]  # scan reports the others itself
     assert result["counts"] == {"videos": len(captioned) + len(probed_unreadable),
-                                "unreadable": len(probed_unreadable), "clips": len(captioned), "configs": 1}
+                                "unreadable": len(probed_unreadable), "clips": len(captioned), "configs": 1, "pending": 0}
 
     code, out, err = _run(["retrieve", str(folder), "--db", str(db), "--query", "a red picture", "-k", "3",
                            "--json", *TINY], capsysbinary)

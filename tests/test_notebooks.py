@@ -106,7 +106,7 @@ def test_06_library(tmp_path):
     out = run("06_library.ipynb", tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] is True and summary["model"] == "default"
-    assert summary["counts"] == {"videos": 3, "unreadable": 0, "clips": 3, "configs": 1}
+    assert summary["counts"] == {"videos": 3, "unreadable": 0, "clips": 3, "configs": 1, "pending": 0}
     ray = summary["ray"]
     assert ray["workers"]["backend"] == "ray" and ray["workers"]["actors"] == 1
     assert [Path(p).name for p in ray["captioned"]] == ["carphone_pristine.mp4"]

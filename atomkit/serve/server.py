@@ -253,8 +253,8 @@ class Service:
                 try:
                     for m in loaded:
                         r.session.unload(m, collect=m == loaded[-1])
-                    _trim_heap()  # a long-lived process: what the modules held goes back to the system
                     self.unloads += 1
+                    _trim_heap()  # a long-lived process: what the modules held goes back to the system
                     print(f"atomkit serve: unloaded {', '.join(loaded)} of {r.session.model} after "
                           f"{now - r.last_used:.0f} s idle", file=self.log, flush=True)
                 finally:
