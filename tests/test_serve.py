@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from atomkit.cli import main
-from atomkit.serve.client import connect
+from atomkit.serve.client import connect, start
 from atomkit.serve.protocol import ServiceError
 
 pytestmark = pytest.mark.integration
@@ -33,18 +33,8 @@ IDLE_S = 3.0
 def _start(folder: Path, idle: float = IDLE_S) -> SimpleNamespace:
     sock = folder / "s.sock"  # short: a Unix socket path has at most 107 bytes
     env = {**os.environ, "ATOMKIT_SOCKET": str(sock)}
-    log = open(folder / "serve.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "atomkit.cli", "serve", "--idle-unload", str(idle)], env=env,
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client = connect(sock, timeout=10)
-            break
-        except ServiceError:
-            assert proc.poll() is None and time.monotonic() < deadline, (folder / "serve.log").read_text()
-            time.sleep(0.1)
-    return SimpleNamespace(sock=sock, env=env, proc=proc, client=client, folder=folder, log=log)
+    proc, client = start(sock, idle, folder / "serve.log", env=env)
+    return SimpleNamespace(sock=sock, env=env, proc=proc, client=client, folder=folder)
 
 
 def _stop(svc) -> None:
@@ -55,7 +45,6 @@ def _stop(svc) -> None:
         except (ServiceError, OSError, subprocess.TimeoutExpired):
             svc.proc.kill()
             svc.proc.wait(10)
-    svc.log.close()
 
 
 def cli(svc, *args, timeout=300, check=True) -> subprocess.CompletedProcess:
@@ -304,7 +293,6 @@ def test_a_killed_service_loses_no_committed_caption_and_resumes(samples, tmp_pa
             time.sleep(0.02)
         svc.proc.send_signal(signal.SIGKILL)
         svc.proc.wait(10)
-        svc.log.close()
         left = _pending(lib)
         assert 0 < left < total, "the service finished before it was killed: give it more clips"
         with sqlite3.connect(lib) as c:

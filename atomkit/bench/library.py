@@ -25,7 +25,8 @@ from atomkit.retrieval.indexing import load_index, update
 from atomkit.retrieval.library import Library, config_of
 
 
-def _percentiles(samples: list[float]) -> dict:
+def percentiles(samples: list[float]) -> dict:
+    """p50 and p99 in ms of timings in seconds (numpy's interpolated percentiles), with the samples."""
     a = np.asarray(samples)
     return {"p50_ms": float(np.percentile(a, 50) * 1e3), "p99_ms": float(np.percentile(a, 99) * 1e3),
             "n": len(samples), "samples_ms": [round(s * 1e3, 4) for s in samples]}
@@ -50,7 +51,7 @@ def synthetic_search(n: int, dim: int, *, repeats: int = 200, k: int = 5, seed: 
     exact = _rank(vectors, queries[0], k)  # the same answer as a brute-force numpy pass
     check = np.argsort(-(vectors.numpy() @ queries[0].numpy()))[:k].tolist()
     return {"clips": n, "dim": dim, "synthetic_embeddings": True, "k": k, "agrees_with_numpy": exact == check,
-            **_percentiles(times)}
+            **percentiles(times)}
 
 
 def _copies(paths, folder: Path, copies: int) -> int:
@@ -145,7 +146,7 @@ def retriever_costs(session, paths, queries: list[str], repeats: int = 3) -> dic
     f, e, c = float(np.median(frames_s)), float(np.median(embed_s)), float(np.median(caption_s))
     return {"clips": n, "frames_per_clip": session.window.frames, "image_size": ret.image_size,
             "dim": int(vectors[0].shape[0]) if vectors else None,
-            "embed_clip_s": {"median": e / n, "frames_s": f / n}, "query": _percentiles(query_s),
+            "embed_clip_s": {"median": e / n, "frames_s": f / n}, "query": percentiles(query_s),
             "resident_mib": round(module_bytes(ret)[1] / 2**20, 1),
             "clips_per_s": {"retrieval_only": n / (f + e), "captioning": n / c},
             "note": "retrieval_only: frames decoded + the image tower; captioning: session.caption (frames, encoder, "
@@ -193,8 +194,8 @@ def run(session, paths, *, db: Path | None = None, queries: list[str] | None = N
             "first_index_s": first_s, "rerun_s": {"median": rerun, "samples": reruns},
             "speedup": first_s / rerun if rerun > 0 else None,
             "first_index": first.to_dict() | {"videos": [str(v) for v in first.videos]},
-            "query_on_library": {"open_and_load_index": _percentiles(open_load),
-                                 "embed_query_and_rank": _percentiles(rank_only), "queries": queries,
+            "query_on_library": {"open_and_load_index": percentiles(open_load),
+                                 "embed_query_and_rank": percentiles(rank_only), "queries": queries,
                                  "modules_loaded_by_queries": ("the retriever (its text tower ranks)" if session.spec.retriever
                                                                else "embedder only")
                                  + " (the session already held every module)"},

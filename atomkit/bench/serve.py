@@ -13,15 +13,17 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from atomkit.bench.library import percentiles
 
 HOUR_VERSION = 1
 SEGMENTS, SEGMENT_S, GOP = 5, 12.0, 10
@@ -84,34 +86,19 @@ def _cli(args: list, env: dict, timeout: float = 3600) -> tuple[float, subproces
     return time.perf_counter() - t0, out
 
 
-def _percentiles(seconds: list[float]) -> dict:
-    ms = sorted(s * 1e3 for s in seconds)
-    p99 = ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))]
-    return {"n": len(ms), "p50_ms": round(statistics.median(ms), 1), "p99_ms": round(p99, 1),
-            "min_ms": round(ms[0], 1), "max_ms": round(ms[-1], 1)}
+def _latency(seconds: list[float]) -> dict:
+    return {**percentiles(seconds), "min_ms": round(min(seconds) * 1e3, 1), "max_ms": round(max(seconds) * 1e3, 1)}
 
 
 class _Service:
     """A service process on its own socket, stopped (and its socket removed) at exit."""
 
     def __init__(self, folder: Path, idle_s: float):
-        from atomkit.serve.client import connect
-        from atomkit.serve.protocol import ServiceError
+        from atomkit.serve.client import start
 
         self.sock = folder / "s.sock"
         self.env = {**os.environ, "ATOMKIT_SOCKET": str(self.sock)}
-        self.log = open(folder / "serve.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "atomkit.cli", "serve", "--idle-unload", str(idle_s)],
-                                     env=self.env, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                self.client = connect(self.sock, timeout=30)
-                return
-            except ServiceError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the service did not start: {(folder / 'serve.log').read_text()[-2000:]}")
-                time.sleep(0.1)
+        self.proc, self.client = start(self.sock, idle_s, folder / "serve.log", env=self.env, timeout=120)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -120,7 +107,6 @@ class _Service:
                 self.proc.wait(120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        self.log.close()
 
 
 QUERIES = ["a man wearing a tie", "a cat's face", "a rocket at night", "old coins", "a cup of coffee",
@@ -137,7 +123,7 @@ def run(hour_dir: Path, *, minutes: int = 60, served_queries: int = 50, local_qu
 
     say(f"indexing {len(videos)} videos in one pass (no service) ...")
     t_one, out = _cli(["index", *videos, "--db", one_pass, "-q", "--no-server", "--json"], env)
-    clips = int(__import__("json").loads(out.stdout)["counts"]["clips"])
+    clips = int(json.loads(out.stdout)["counts"]["clips"])
 
     svc = _Service(work, idle_s)
     try:
@@ -171,7 +157,7 @@ def run(hour_dir: Path, *, minutes: int = 60, served_queries: int = 50, local_qu
                      "clips_per_s": round(clips / t_one, 2)},
         "service": {"searchable_s": round(t_first, 1), "pending_when_searchable": left_at_first,
                     "all_captioned_s": round(t_all, 1), "all_captioned_vs_one_pass": round(t_all / t_one, 3)},
-        "cli_query_latency": {"with_service": _percentiles(with_service), "without_service": _percentiles(without),
+        "cli_query_latency": {"with_service": _latency(with_service), "without_service": _latency(without),
                               "library_clips": clips},
         "memory_mib": {"resident": resident["rss_mib"], "modules_resident": resident["sessions"][0]["resident_mib"],
                        "idle_after_unload": idle["rss_mib"],

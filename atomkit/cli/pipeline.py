@@ -177,10 +177,10 @@ def _from_library(args, session, progress: bool):
 
     from atomkit.cli.options import RESIDENT
 
-    # queries never create or write a library; indexing (index, or paths given) opens it for writing, and so do
-    # captions still pending from a search-first index when a command needs them (assemble, caption)
+    # queries never create or write a library; indexing (index, or paths given) opens it for writing, and so does
+    # assemble when clips are still pending from a search-first index (its script needs their captions)
     writable = args.command == "index" or bool(args.paths)
-    if not writable and args.command in ("assemble", "caption"):
+    if not writable and args.command == "assemble":
         with Library(args.db or None, writable=False) as lib:
             writable = lib.counts()["pending"] > 0
     with Library(args.db or None, writable=writable) as lib:
@@ -199,7 +199,7 @@ def _from_library(args, session, progress: bool):
                   f"{lib.path}: {count(n['clips'], 'clip')} of {count(n['videos'] - n['unreadable'], 'video')}"
                   + (f" ({count(n['unreadable'], 'unreadable file')} recorded)" if n["unreadable"] else ""))
             return 0 if report.captioned or report.cached or not report.skipped else 1
-        if args.command in ("assemble", "caption"):  # they show captions: pending ones are written first
+        if args.command == "assemble" and lib.writable:  # its script needs captions: pending ones are written first
             _captions_follow(session, lib, progress)
         idx = load_index(session, lib, report.videos if report is not None else None)
         follow = getattr(RESIDENT, "follow", None)

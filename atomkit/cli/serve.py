@@ -4,9 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from atomkit.cli.options import RESIDENT, command
@@ -83,36 +81,21 @@ def serve(args) -> int:
 
 def _detach(args, path: Path) -> int:
     """Start ``atomkit serve`` as its own session in the background, its output in a log beside the socket."""
-    from atomkit.serve.client import Client
-    from atomkit.serve.protocol import ServiceError
-    from atomkit.serve.server import _answers
+    from atomkit.serve.client import start
+    from atomkit.serve.protocol import ServiceError, answers
 
-    if _answers(path):
+    if answers(path):
         print(f"atomkit serve: already running at {path} (`atomkit serve --status`)", file=sys.stderr)
         return 1
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = path.with_suffix(".log")
-    cmd = [sys.executable, "-m", "atomkit.cli", "serve", "--socket", str(path), "--idle-unload", str(args.idle_unload)]
-    with open(log, "ab") as out:
-        os.chmod(log, 0o600)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            print(f"atomkit serve: the service exited with status {proc.returncode}:\n  " + "\n  ".join(tail),
-                  file=sys.stderr)
-            return 1
-        try:
-            st = Client(path, timeout=5).status()
-        except ServiceError:
-            time.sleep(0.1)
-            continue
-        print(f"atomkit serve: running in the background (pid {st['pid']}) at {path}; log {log}")
-        return 0
-    proc.terminate()
-    print(f"atomkit serve: the service did not answer within {START_TIMEOUT_S} s (log {log})", file=sys.stderr)
-    return 1
+    try:
+        _, client = start(path, args.idle_unload, log, new_session=True, timeout=START_TIMEOUT_S)
+    except ServiceError as e:
+        print(f"atomkit serve: {e}", file=sys.stderr)
+        return 1
+    print(f"atomkit serve: running in the background (pid {client.status()['pid']}) at {path}; log {log}")
+    return 0
 
 
 _PATH_FIELDS = ("db", "out", "annotations", "weights", "programs")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -253,13 +253,25 @@ def _to_square_rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
     return rgb[top:top + size, left:left + size]
 
 
+def _clock(stream) -> tuple[Fraction, float]:
+    """A stream's time base and its start time in seconds (frame times count from there)."""
+    tb = stream.time_base or Fraction(1, av.time_base)
+    return tb, float(stream.start_time * tb) if stream.start_time is not None else 0.0
+
+
+def _converter(fit: str, size: int) -> Callable:
+    """A frame -> RGB array of ``size`` x ``size``: the whole frame resized, or (``crop``) a centre crop."""
+    if fit not in ("crop", "whole"):
+        raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
+    return (lambda f: _to_square_rgb(f, size)) if fit == "crop" else (lambda f: _display_rgb(f, size, size))
+
+
 def _pick_frames(container, targets: list[float], convert: Callable, seek: bool) -> list | None:
     """``convert(frame)`` of the frame shown at each of ``targets`` (s from stream start); None if seeking went
     wrong."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    tb = stream.time_base or Fraction(1, av.time_base)
-    t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+    tb, t0 = _clock(stream)
     fps = float(stream.average_rate or stream.guessed_rate or 25)  # only if frames lack pts
     if seek:
         try:
@@ -315,11 +327,7 @@ def sample_frames(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str | 
     Raises:
         VideoError: The file cannot be opened or decoded, or no frame decodes in the clip.
     """
-    fit = cfg.fit if fit is None else fit
-    if fit not in ("crop", "whole"):
-        raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
-    size = cfg.size
-    convert = (lambda f: _to_square_rgb(f, size)) if fit == "crop" else (lambda f: _display_rgb(f, size, size))
+    convert = _converter(cfg.fit if fit is None else fit, cfg.size)
     picked = _frames_at(Path(clip.video), frame_times(clip, cfg.frames), convert,
                         f"clip {clip.start_s:.3f}-{clip.end_s:.3f} s")
     array = np.stack(picked)  # (T, H, W, 3)
@@ -331,16 +339,14 @@ def glance_frame(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str | N
     where it lies inside the clip, so nothing past it is decoded (phone cameras write a keyframe about every
     second); else the middle frame as ``sample_frames`` finds it. Shape ``(1, 3, 1, size, size)``, as
     ``sample_frames`` with one frame."""
-    fit = cfg.fit if fit is None else fit
-    convert = (lambda f: _to_square_rgb(f, cfg.size)) if fit == "crop" else (lambda f: _display_rgb(f, cfg.size, cfg.size))
+    convert = _converter(cfg.fit if fit is None else fit, cfg.size)
     path, middle, picked = Path(clip.video), (clip.start_s + clip.end_s) / 2, None
     _check_file(path)
     try:
         with av.open(str(path)) as container:
             if container.streams.video:
                 stream = container.streams.video[0]  # one frame: no frame threads (they buffer frames first)
-                tb = stream.time_base or Fraction(1, av.time_base)
-                t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+                tb, t0 = _clock(stream)
                 container.seek(int((middle + t0) / tb), stream=stream, backward=True)
                 frame = next(container.decode(stream), None)
                 if frame is not None and frame.time is not None and clip.start_s - _EPS <= frame.time - t0 <= middle + _EPS:
@@ -348,7 +354,7 @@ def glance_frame(clip: Clip, cfg: WindowConfig = WindowConfig(), *, fit: str | N
     except (*_AV_ERRORS, StopIteration):
         picked = None
     if picked is None:
-        return sample_frames(clip, WindowConfig(**{**cfg.__dict__, "frames": 1}), fit=fit)
+        return sample_frames(clip, replace(cfg, frames=1), fit=fit)
     return torch.from_numpy(picked[None]).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
 
 

@@ -478,7 +478,7 @@ class Library:
             return True
 
     def counts(self) -> dict[str, int]:
-        one = lambda q: self._db.execute(q).fetchone()[0]  # noqa: E731
+        one = lambda q, *a: self._db.execute(q, a).fetchone()[0]  # noqa: E731
         return {"videos": one("SELECT COUNT(*) FROM videos"), "unreadable": one("SELECT COUNT(*) FROM videos WHERE error IS NOT NULL"),
                 "clips": one("SELECT COUNT(*) FROM clips"), "configs": one("SELECT COUNT(*) FROM configs"),
-                "pending": one("SELECT COUNT(*) FROM clips WHERE caption=''")}
+                "pending": one("SELECT COUNT(*) FROM clips WHERE caption=?", PENDING)}

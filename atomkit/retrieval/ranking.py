@@ -64,8 +64,10 @@ def clip_vectors(emb, clips) -> torch.Tensor:
         return emb.embed([])
     from atomkit.config import PENDING
 
-    caps = F.normalize(emb.embed([c.caption for c in clips]), dim=-1)
-    caps[[i for i, c in enumerate(clips) if c.caption == PENDING]] = 0  # not captioned yet: its concepts alone
+    captioned = [i for i, c in enumerate(clips) if c.caption != PENDING]  # the others: their concepts alone
+    caps = torch.zeros(len(clips), emb.dim)
+    if captioned:
+        caps[captioned] = F.normalize(emb.embed([clips[i].caption for i in captioned]), dim=-1)
     seen = [i for i, c in enumerate(clips) if c.concepts]
     if not seen:
         return caps

@@ -19,22 +19,10 @@ import socket
 import sys
 from pathlib import Path
 
-from atomkit.serve.protocol import ENV_KEYS, FORWARDED, ServiceError, check_path, receive, send, socket_path
+from atomkit.serve.protocol import ENV_KEYS, FORWARDED, ServiceError, connect as _open, receive, send, socket_path
 
 _ENV_SENT = ("ATOMKIT_LIBRARY", *ENV_KEYS)
 _LOCAL_FLAGS = {"--no-server", "-h", "--help", "--ray"}  # a command line with one of these runs here
-
-
-def _open(path: Path, timeout: float | None) -> socket.socket:
-    check_path(path)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(path))
-    except OSError:
-        s.close()
-        raise
-    return s
 
 
 def _run_request(argv: list[str], cwd: str | None = None) -> dict:
@@ -194,6 +182,34 @@ def _flags(options: dict) -> list[str]:
         elif value not in (False, None):
             out += [flag, str(value)]
     return out
+
+
+def start(path: Path, idle_unload_s: float, log: Path, *, env: dict | None = None, new_session: bool = False,
+          timeout: float = 60.0):
+    """Start ``atomkit serve`` at ``path`` as a child process, its output appended to ``log`` (owner-only), and wait
+    until it answers: (the process, a ``Client``). A ``ServiceError`` with the log's last lines when it exits first
+    or does not answer within ``timeout`` seconds (then it is terminated). ``new_session``: detached from this
+    terminal's process group (``atomkit serve --detach``)."""
+    import subprocess
+    import time
+
+    cmd = [sys.executable, "-m", "atomkit.cli", "serve", "--socket", str(path), "--idle-unload", str(idle_unload_s)]
+    with open(log, "ab") as out:
+        os.chmod(log, 0o600)
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=new_session)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            tail = Path(log).read_text(errors="replace").strip().splitlines()[-5:]
+            raise ServiceError(f"the service exited with status {proc.returncode}:\n  " + "\n  ".join(tail))
+        try:
+            return proc, Client(path, timeout=10)
+        except ServiceError:
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise ServiceError(f"the service did not answer within {timeout:g} s (log {log})") from None
+            time.sleep(0.1)
 
 
 def connect(path: str | Path | None = None, timeout: float | None = None) -> Client:

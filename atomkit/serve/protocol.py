@@ -55,6 +55,28 @@ def check_path(path: Path) -> None:
                            "set ATOMKIT_SOCKET to a shorter path")
 
 
+def connect(path: Path, timeout: float | None) -> socket.socket:
+    """A connected socket to the service at ``path`` (OSError when nothing listens there)."""
+    check_path(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def answers(path: Path) -> bool:
+    """Whether a service listens at ``path`` (a socket file left by a killed one does not)."""
+    try:
+        connect(path, timeout=2).close()
+        return True
+    except (OSError, ServiceError):
+        return False
+
+
 def send(sock: socket.socket, message: dict) -> None:
     data = json.dumps(message, ensure_ascii=False).encode()
     sock.sendall(_HEADER.pack(len(data)) + data)

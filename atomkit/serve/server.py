@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from atomkit.serve.protocol import (ENV_KEYS, FORWARDED, MAX_REQUEST, RequestError, ServiceError, check_path,
-                                    peer_uid, receive, send, socket_path)
+from atomkit.serve.protocol import (ENV_KEYS, FORWARDED, MAX_REQUEST, RequestError, ServiceError, answers,
+                                    check_path, peer_uid, receive, send, socket_path)
 from atomkit.version import __version__
 
 IDLE_UNLOAD_S = 300.0  # Immich's default model TTL
@@ -125,7 +125,7 @@ class Service:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(folder, 0o700)
         if self.path.exists() or self.path.is_symlink():
-            if _answers(self.path):
+            if answers(self.path):
                 raise ServiceError(f"a service is already running at {self.path} (`atomkit serve --status`)")
             self.path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -341,18 +341,6 @@ class Service:
             return self.runner(argv, cwd, env, self)
         finally:
             self._local.client = None
-
-
-def _answers(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def _trim_heap() -> None:
