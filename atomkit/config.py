@@ -10,6 +10,9 @@ from atomkit.errors import InputError, UnknownBackend
 
 PENDING = ""  # the caption of a clip indexed search-first, until its caption lands (atomkit.retrieval.deferred)
 EXECUTORS = ("auto", "sequential", "pipelined", "pipelined-disjoint", "prefetch")  # executor names (atomkit.pipeline.executor)
+# what `atomkit bench --executor` takes (atomkit.bench.reuse): an executor by name, or "measured", chosen by the
+# run's overlap measurement
+BENCH_EXECUTORS = ("measured", *EXECUTORS)
 
 # The decode engine's backends (atomkit.decode.engine.BACKENDS says what each is; it checks it has these, in order)
 BACKEND_NAMES = ("hf", "torch", "fused", "compiled", "bf16", "int8", "int4", "int4-compiled")

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import torch
 
-from atomkit.config import DecodeConfig
+from atomkit.config import BENCH_EXECUTORS, DecodeConfig
 from atomkit.errors import AtomkitError
-from atomkit.pipeline.executor import EXECUTORS, PipelinedExecutor, SequentialExecutor, disjoint_threads, executor_by_name
+from atomkit.pipeline.executor import PipelinedExecutor, SequentialExecutor, disjoint_threads, executor_by_name
 from atomkit.deploy.loads import drop_page_cache
 from atomkit.bench.host import GcTimer, cpu_steal_s, cpu_summary, host_info, load_floors
 from atomkit.bench.memory import MemoryMonitor, release_memory, trim_heap
@@ -161,9 +161,6 @@ def run_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorde
     return {"startup": startup, "shutdown": rec.unloads[-1], "retrieval": retrieval, "assembly": assembly}
 
 
-# what ``benchmark(executor=...)`` and `atomkit bench --executor` take: an executor by name (``executor.EXECUTORS``)
-# or "measured", chosen by this run's overlap measurement (``measured_choice``)
-BENCH_EXECUTORS = ("measured", *EXECUTORS)
 
 
 def run_no_reuse(model: dict, videos, prompts: Sequence[str], k: int, rec: _Recorder) -> dict:

@@ -10,9 +10,7 @@ from atomkit.io import write_json_atomic
 
 
 def register(sub) -> None:
-    from atomkit.config import EXECUTORS
-
-    BENCH_EXECUTORS = ("measured", *EXECUTORS)  # atomkit.bench.reuse's
+    from atomkit.config import BENCH_EXECUTORS
     p = command(sub, "bench", "ATOM reuse + pipelining vs the sequential reload baseline (JSON, table, plot)", bench,
                 description="Runs both paths on the same videos and prompts in one process and writes components, "
                 "end-to-end times, overlap efficiency, memory and device info as JSON, prints a table in the paper's "

@@ -7,7 +7,7 @@ import copy
 import sys
 from pathlib import Path
 
-from atomkit.cli.options import add, add_session, check_out_dir, check_positive, command, session_from
+from atomkit.cli.options import RESIDENT, add, add_session, check_out_dir, check_positive, command, session_from
 from atomkit.config import CAPTION_MODES, PENDING
 from atomkit.io import count, json_text, write_json_atomic
 
@@ -132,7 +132,6 @@ def _annotations(args):
 
 # -- the clips -------------------------------------------------------------------------------------------------
 def _update_library(args, session, lib, progress: bool):
-    from atomkit.cli.options import RESIDENT
     from atomkit.retrieval.indexing import update
 
     prune = not getattr(args, "no_prune", False)
@@ -155,12 +154,10 @@ def _update_library(args, session, lib, progress: bool):
 
 def _captions_follow(session, lib, progress: bool, follow=None) -> None:
     """The pending captions of a search-first index: in the background of `atomkit serve` (``follow``), else now."""
-    from atomkit.retrieval.deferred import caption_pending
-    from atomkit.retrieval.library import config_of
+    from atomkit.retrieval.deferred import caption_pending, pending_count
     from tqdm.auto import tqdm
 
-    cfg = lib.config_id(config_of(session)) if lib.counts()["pending"] else None
-    n = len(lib.pending(cfg)) if cfg is not None else 0
+    n = pending_count(session, lib) if lib.counts()["pending"] else 0
     if not n:
         return
     if follow is not None:
@@ -174,8 +171,6 @@ def _from_library(args, session, progress: bool):
     """(captions, index) of the library (indexing the given paths first), or the exit status of ``index``."""
     from atomkit.retrieval.indexing import load_index
     from atomkit.retrieval.library import Library
-
-    from atomkit.cli.options import RESIDENT
 
     # queries never create or write a library; indexing (index, or paths given) opens it for writing, and so does
     # assemble when clips are still pending from a search-first index (its script needs their captions)
@@ -250,8 +245,6 @@ def _caption(args, session, caps, source, annotations, progress):
 
 def _retrieve(args, session, caps, source, annotations, progress):
     hits = session.retrieve(source, args.query, k=args.k)
-    from atomkit.cli.options import RESIDENT
-
     if getattr(RESIDENT, "heard", None) is not None and args.db is not None:
         RESIDENT.heard(args.db, [(str(h.clip.clip.video), h.clip.clip.index) for h in hits])  # captioned first
     result = {"query": args.query, "model": session.model, "hits": [h.to_dict() for h in hits],

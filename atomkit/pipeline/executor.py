@@ -278,8 +278,6 @@ def prefetch_executor(depth: int = 2, trace: bool = False) -> PipelinedExecutor:
     return PipelinedExecutor(depth=depth, threads=[1, None, None], trace=trace, caller_stages=2)
 
 
-
-
 def disjoint_threads(cores: int | None = None) -> list[int]:
     """Per-stage torch threads [frames, encode, decode] that put encoder and decoder on disjoint cores."""
     import os

@@ -32,6 +32,12 @@ def supported(session) -> bool:
     return bool(session.spec.concept_captions)
 
 
+def pending_count(session, lib: Library) -> int:
+    """How many of the library's clips of the session's configuration still wait for their caption."""
+    cfg = lib.config_id(config_of(session))
+    return len(lib.pending(cfg)) if cfg is not None else 0
+
+
 def groups(lib: Library, config_id: int, batch: int) -> list[list[tuple]]:
     """The pending clips as caption groups: (clip id, video path, idx, start, end) rows, a video's windows in
     batches of ``batch`` by window number."""
@@ -103,8 +109,7 @@ class Follower:
             with Library(self.db) as lib:
                 self.captioned = caption_pending(self.session, lib, prefer=self.prefer, cancel=self.cancel,
                                                  on_group=note)
-                cfg = lib.config_id(config_of(self.session))
-                self.pending = len(lib.pending(cfg)) if cfg is not None else 0
+                self.pending = pending_count(self.session, lib)
         except Exception as e:  # reported in the status; the clips stay pending for the next run
             self.error = f"{type(e).__name__}: {e}"
             if self.log:

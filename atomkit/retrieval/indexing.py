@@ -93,10 +93,10 @@ def update(session, lib: Library, paths: Iterable[str | Path], *, progress: bool
     if search_first:
         from atomkit.retrieval.deferred import supported
 
-        names = supported(session)
-        if captioner is not None or not names:
+        names_concepts = supported(session)
+        if captioner is not None or not names_concepts:
             raise ValueError(f"search-first indexing needs a local run of a model whose encoder names concepts "
-                             f"({session.model} {'does, but not on Ray' if names else 'does not'})")
+                             f"({session.model} {'does, but not on Ray' if names_concepts else 'does not'})")
     t0 = time.perf_counter()
     report = IndexReport()
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]

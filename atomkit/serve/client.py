@@ -25,9 +25,16 @@ _ENV_SENT = ("ATOMKIT_LIBRARY", *ENV_KEYS)
 _LOCAL_FLAGS = {"--no-server", "-h", "--help", "--ray"}  # a command line with one of these runs here
 
 
-def _run_request(argv: list[str], cwd: str | None = None) -> dict:
-    return {"op": "run", "argv": list(argv), "cwd": os.path.abspath(cwd or os.getcwd()),
-            "env": {k: os.environ[k] for k in _ENV_SENT if k in os.environ}}
+def _begin_run(sock: socket.socket, argv: list[str], cwd: str | None = None) -> tuple[dict | None, str | None]:
+    """Send one command line; (the service's info, None) when it runs it, else (None, why not: its decline or
+    error, None when it sent nothing)."""
+    send(sock, {"op": "run", "argv": list(argv), "cwd": os.path.abspath(cwd or os.getcwd()),
+                "env": {k: os.environ[k] for k in _ENV_SENT if k in os.environ}})
+    first = receive(sock)
+    if first is None or "service" not in first:
+        first = first or {}
+        return None, first.get("decline") or first.get("error")
+    return first["service"], None
 
 
 def forward(argv: list[str]) -> int | None:
@@ -44,18 +51,15 @@ def forward(argv: list[str]) -> int | None:
         return None
     with sock:
         try:
-            send(sock, _run_request(argv))
-            first = receive(sock)
+            info, why = _begin_run(sock, argv)
             sock.settimeout(None)  # a command may run for long; progress frames arrive meanwhile
         except (OSError, ServiceError):
             return None
-        if first is None or "decline" in first or "error" in first:
-            why = first and (first.get("decline") or first.get("error"))
+        if info is None:
             if why:
                 print(f"atomkit: the service at {path} did not take this command ({why}); running it here",
                       file=sys.stderr)
             return None
-        info = first.get("service", {})
         print(f"atomkit: answered by the service at {path} (pid {info.get('pid')}; --no-server runs it here)",
               file=sys.stderr, flush=True)
         return _relay(sock, path)
@@ -152,11 +156,9 @@ class Client:
         """Run one command line (``["retrieve", "--db", "lib.db", "--query", "..."]``) on the service."""
         out, err = _Buffer(), _Buffer()
         with _open(self.path, self.timeout) as sock:
-            send(sock, _run_request(argv, cwd))
-            first = receive(sock)
-            if first is None or "service" not in first:
-                why = (first or {}).get("decline") or (first or {}).get("error") or "no reply"
-                raise ServiceError(f"the service did not run {argv[0]!r}: {why}")
+            info, why = _begin_run(sock, argv, cwd)
+            if info is None:
+                raise ServiceError(f"the service did not run {argv[0]!r}: {why or 'no reply'}")
             code = _relay(sock, self.path, out, err)
         return Completed(code, out.text(), err.text())
 
